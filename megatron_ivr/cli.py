@@ -1,0 +1,157 @@
+"""The ``megatron-ivr`` command.
+
+Every subcommand takes ``--config FILE`` (YAML, with ``defaults:``) and trailing dotted
+overrides such as ``trainer.lr=1e-6``. Subcommands whose component has not landed yet say
+so and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+NOT_YET = {
+    "train": "the Megatron-Core RL trainer (GRPO/DAPO, VICRA, IVR-R1) is not implemented yet",
+    "convert": "the Hugging Face <-> Megatron converters are not implemented yet",
+    "launch": "the nemo-run launchers (local, Slurm, Docker) are not implemented yet",
+}
+
+
+def _config(args):
+    from megatron_ivr.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def cmd_config_show(args) -> int:
+    from megatron_ivr.config import dump_config
+
+    print(dump_config(_config(args)), end="")
+    return 0
+
+
+def cmd_data_synth(args) -> int:
+    from megatron_ivr.data.synthetic import generate_dataset
+
+    cfg = _config(args)
+
+    def progress(split, done, total):
+        if done == total or done % 256 == 0:
+            print(f"synth {split}: {done}/{total}", flush=True)
+
+    manifest = generate_dataset(cfg.synthetic, template=cfg.reward.template, progress=progress)
+    out = Path(cfg.synthetic.output_dir)
+    print(f"wrote {out}: families per split {manifest['families']}, "
+          f"{manifest['rereasoning_examples']} re-reasoning examples")
+    return 0
+
+
+def cmd_data_inspect(args) -> int:
+    from megatron_ivr.data import read_dataset
+
+    dataset = read_dataset(args.path, max_bad_fraction=1.0)
+    print(f"{args.path}: {len(dataset.samples)} good, {len(dataset.bad)} bad")
+    for bad in dataset.bad:
+        print(f"  bad {bad.id}: {bad.reason}")
+    return 0
+
+
+def cmd_model_tiny(args) -> int:
+    from megatron_ivr.data.synthetic.generate import synthetic_corpus
+    from megatron_ivr.models.tiny import make_tiny_model
+    from megatron_ivr.models.tokenizer import qwen_vocabulary_tokenizer, train_bpe_tokenizer
+
+    cfg = _config(args)
+    cfg.tiny_model.validate()
+    if cfg.tiny_model.tokenizer == "bpe":
+        tokenizer = train_bpe_tokenizer(synthetic_corpus(cfg.synthetic), cfg.tiny_model.vocab_size)
+    else:
+        tokenizer = qwen_vocabulary_tokenizer()
+    for family in cfg.tiny_model.families:
+        path = make_tiny_model(family, cfg.tiny_model, tokenizer, Path(cfg.tiny_model.output_dir) / f"{family}_tiny",
+                               cfg.data.min_pixels, cfg.data.max_pixels)
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from megatron_ivr.evaluation import evaluate
+
+    cfg = _config(args)
+    summary = evaluate(cfg, progress=lambda line: print(line, flush=True))
+    prefix = f"eval/{cfg.eval.split}"
+    print(f"{prefix}: accuracy={summary[prefix + '/accuracy']:.3f} format={summary[prefix + '/format']:.3f} "
+          f"reward={summary[prefix + '/reward']:.3f} over {summary[prefix + '/count']} samples")
+    return 0
+
+
+def cmd_not_yet(args) -> int:
+    print(f"megatron-ivr {args.command}: {NOT_YET[args.command]}.", file=sys.stderr)
+    return 2
+
+
+def _add_config_args(parser: argparse.ArgumentParser, positional_config: bool = False) -> None:
+    if positional_config:
+        parser.add_argument("config", nargs="?", help="YAML config file")
+    else:
+        parser.add_argument("--config", "-c", help="YAML config file (default: built-in defaults)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.lr=1e-6")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="megatron-ivr", description=(
+        "RL post-training of Qwen-VL models with IVR-R1 and VICRA on Megatron-Core."))
+    parser.add_argument("--log-level", default="WARNING", help="Python logging level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    config = sub.add_parser("config", help="inspect configurations")
+    config_sub = config.add_subparsers(dest="action", required=True)
+    show = config_sub.add_parser("show", help="print the resolved config")
+    _add_config_args(show, positional_config=True)
+    show.set_defaults(func=cmd_config_show)
+
+    data = sub.add_parser("data", help="datasets: make the synthetic task, inspect files")
+    data_sub = data.add_subparsers(dest="action", required=True)
+    synth = data_sub.add_parser("synth", help="generate the synthetic visual-reasoning task")
+    _add_config_args(synth)
+    synth.set_defaults(func=cmd_data_synth)
+    inspect = data_sub.add_parser("inspect", help="validate a JSONL/Parquet dataset and list bad samples")
+    inspect.add_argument("path")
+    inspect.set_defaults(func=cmd_data_inspect)
+
+    model = sub.add_parser("model", help="models: make tiny random Qwen-VL checkpoints")
+    model_sub = model.add_subparsers(dest="action", required=True)
+    tiny = model_sub.add_parser("tiny", help="write tiny Qwen2.5-VL / Qwen3-VL folders in HF format")
+    _add_config_args(tiny)
+    tiny.set_defaults(func=cmd_model_tiny)
+
+    evaluate = sub.add_parser("eval", help="greedy evaluation with the task reward")
+    _add_config_args(evaluate)
+    evaluate.set_defaults(func=cmd_eval)
+
+    for name, help_text in (("train", "RL training (GRPO/DAPO + VICRA + IVR-R1)"),
+                            ("convert", "convert checkpoints between Hugging Face and Megatron"),
+                            ("launch", "launch a run with nemo-run (local, Slurm, Docker)")):
+        command = sub.add_parser(name, help=help_text, description=f"{help_text}. Status: {NOT_YET[name]}.")
+        _add_config_args(command)
+        command.set_defaults(func=cmd_not_yet)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    from megatron_ivr.config import ConfigError
+    from megatron_ivr.data import DataError
+
+    try:
+        return args.func(args)
+    except (ConfigError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,271 @@
+"""Typed run configuration: one dataclass per component, composed into :class:`RunConfig`.
+
+Every default that comes from ``shared/spec/algorithms.md`` cites its section. Fields are
+validated by :mod:`megatron_ivr.config.loader` (types) and by each dataclass's
+``validate`` (values); errors name the dotted key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from megatron_ivr.config.errors import ConfigError
+
+OutputTemplate = Literal["ivr", "r1"]
+
+
+def _check(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message}", key=key)
+
+
+@dataclass
+class DataConfig:
+    """Where samples come from and how images are prepared (Qwen resizing rules)."""
+
+    train_path: str = "runs/demo/data/train.jsonl"
+    val_path: Optional[str] = "runs/demo/data/val.jsonl"
+    test_path: Optional[str] = "runs/demo/data/test.jsonl"
+    image_root: Optional[str] = None  # relative image paths resolve here (default: file's dir)
+    min_pixels: int = 28 * 28 * 4
+    max_pixels: int = 448 * 448
+    max_bad_fraction: float = 0.05  # stop the run when more samples than this are broken
+    max_prompt_tokens: int = 1024
+    shuffle_seed: int = 0
+
+    def validate(self, prefix: str = "data") -> None:
+        _check(0 < self.min_pixels <= self.max_pixels, f"{prefix}.min_pixels",
+               f"must satisfy 0 < min_pixels <= max_pixels, got {self.min_pixels} > {self.max_pixels}")
+        _check(0.0 <= self.max_bad_fraction <= 1.0, f"{prefix}.max_bad_fraction",
+               f"must be in [0, 1], got {self.max_bad_fraction}")
+
+
+@dataclass
+class SyntheticDataConfig:
+    """The synthetic visual-reasoning task (``megatron-ivr data synth``)."""
+
+    output_dir: str = "runs/demo/data"
+    seed: int = 0
+    num_train: int = 512
+    num_val: int = 64
+    num_test: int = 64
+    image_size: int = 112
+    min_objects: int = 3
+    max_objects: int = 7
+    held_out_family: Optional[str] = "arithmetic"  # appears in val/test only
+
+    def validate(self, prefix: str = "synthetic") -> None:
+        _check(self.image_size >= 56, f"{prefix}.image_size", f"must be >= 56, got {self.image_size}")
+        _check(1 <= self.min_objects <= self.max_objects <= 12, f"{prefix}.max_objects",
+               "must satisfy 1 <= min_objects <= max_objects <= 12")
+        for name in ("num_train", "num_val", "num_test"):
+            _check(getattr(self, name) >= 0, f"{prefix}.{name}", "must be >= 0")
+
+
+@dataclass
+class ModelConfig:
+    """The policy: a Hugging Face folder (converted to Megatron by the trainer)."""
+
+    path: str = "runs/demo/models/qwen2_5_vl_tiny"
+    family: Literal["qwen2_5_vl", "qwen3_vl"] = "qwen2_5_vl"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+@dataclass
+class TinyModelConfig:
+    """Random tiny Qwen-VL checkpoints made without a hub (``megatron-ivr model tiny``)."""
+
+    output_dir: str = "runs/demo/models"
+    families: list[str] = field(default_factory=lambda: ["qwen2_5_vl", "qwen3_vl"])
+    tokenizer: Literal["bpe", "qwen"] = "bpe"
+    vocab_size: int = 512
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    vision_depth: int = 2
+    vision_hidden_size: int = 32
+    seed: int = 0
+
+    def validate(self, prefix: str = "tiny_model") -> None:
+        for fam in self.families:
+            _check(fam in ("qwen2_5_vl", "qwen3_vl"), f"{prefix}.families",
+                   f"unknown family {fam!r}; choose from qwen2_5_vl, qwen3_vl")
+        _check(self.hidden_size % self.num_heads == 0, f"{prefix}.hidden_size",
+               "must be divisible by num_heads")
+        _check(self.num_heads % self.num_kv_heads == 0, f"{prefix}.num_kv_heads",
+               "must divide num_heads")
+
+
+@dataclass
+class RewardConfig:
+    """Reward of spec section 1: ``r = lam * r_format + (1 - lam) * r_accuracy``."""
+
+    lam: float = 0.1  # spec section 1 (default)
+    template: OutputTemplate = "ivr"
+    grader_timeout_s: float = 5.0
+    num_workers: int = 1
+
+    def validate(self, prefix: str = "reward") -> None:
+        _check(0.0 <= self.lam <= 1.0, f"{prefix}.lam", f"must be in [0, 1], got {self.lam}")
+        _check(self.grader_timeout_s > 0, f"{prefix}.grader_timeout_s", "must be > 0")
+        _check(self.num_workers >= 1, f"{prefix}.num_workers", "must be >= 1")
+
+
+@dataclass
+class RolloutConfig:
+    """How responses are sampled (spec section 4.1 defaults)."""
+
+    backend: Literal["local", "sglang"] = "local"
+    n: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 128
+    server_urls: list[str] = field(default_factory=list)
+    api_key: Optional[str] = None
+    host: str = "127.0.0.1"  # servers bind to loopback unless configured
+
+    def validate(self, prefix: str = "rollout") -> None:
+        _check(self.n >= 1, f"{prefix}.n", "must be >= 1")
+        _check(self.temperature >= 0, f"{prefix}.temperature", "must be >= 0")
+        _check(0 < self.top_p <= 1, f"{prefix}.top_p", "must be in (0, 1]")
+        _check(self.max_new_tokens >= 1, f"{prefix}.max_new_tokens", "must be >= 1")
+
+
+@dataclass
+class VicraConfig:
+    """Spec section 3."""
+
+    enabled: bool = False
+    score: Literal["prob_diff", "kl"] = "prob_diff"
+    distortion: Literal["discard", "blacken", "patch_blacken", "gaussian_noise", "gaussian_blur"] = "discard"
+    patch_ratio: float = 0.6
+    noise_std: float = 200.0
+    blur_radius: float = 5.0
+    grounded_threshold: float = 0.2
+
+
+@dataclass
+class IvrConfig:
+    """Spec section 4."""
+
+    enabled: bool = False
+    tau: float = 1.0
+    max_rectified: int = 2  # K
+    max_rounds: int = 3
+    gamma: float = 0.1
+    rectify_with: Literal["image", "description"] = "image"
+    critique_max_new_tokens: int = 128
+
+
+@dataclass
+class AlgorithmConfig:
+    """Spec section 2 (GRPO/DAPO); VICRA and IVR-R1 nest here."""
+
+    name: Literal["grpo", "dapo"] = "grpo"
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    beta: float = 0.0
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
+    adv_eps: float = 1e-6
+    normalize_by_std: bool = True
+    tis_cap: float = 2.0
+    dynamic_sampling: bool = False
+    max_sampling_rounds: int = 3
+    overlong_shaping: bool = False
+    overlong_cache: int = 32
+    vicra: VicraConfig = field(default_factory=VicraConfig)
+    ivr: IvrConfig = field(default_factory=IvrConfig)
+
+    def validate(self, prefix: str = "algorithm") -> None:
+        _check(0 <= self.eps_low < 1, f"{prefix}.eps_low", "must be in [0, 1)")
+        _check(self.eps_high >= 0, f"{prefix}.eps_high", "must be >= 0")
+        _check(self.beta >= 0, f"{prefix}.beta", "must be >= 0")
+        _check(self.tis_cap >= 1, f"{prefix}.tis_cap", "must be >= 1")
+        _check(self.ivr.max_rectified >= 0, f"{prefix}.ivr.max_rectified", "must be >= 0")
+        _check(self.ivr.max_rounds >= 1, f"{prefix}.ivr.max_rounds", "must be >= 1")
+        _check(self.ivr.gamma > 0, f"{prefix}.ivr.gamma", "must be > 0")
+        _check(0 < self.vicra.patch_ratio <= 1, f"{prefix}.vicra.patch_ratio", "must be in (0, 1]")
+
+
+@dataclass
+class ParallelismConfig:
+    """Megatron layout; data-parallel size is derived from the world size."""
+
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    context_parallel: int = 1
+    fp8: Optional[Literal["delayed", "blockwise"]] = None
+
+    def validate(self, prefix: str = "parallel") -> None:
+        for name in ("tensor_parallel", "pipeline_parallel", "context_parallel"):
+            _check(getattr(self, name) >= 1, f"{prefix}.{name}", "must be >= 1")
+
+
+@dataclass
+class TrainerConfig:
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    steps: int = 10
+    prompts_per_step: int = 8
+    micro_batch_size: int = 4
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_threads: int = 1  # torch threads per process on CPU (tiny models: 1 is fastest)
+
+    def validate(self, prefix: str = "trainer") -> None:
+        _check(self.lr > 0, f"{prefix}.lr", f"must be > 0, got {self.lr}")
+        _check(self.steps >= 0, f"{prefix}.steps", "must be >= 0")
+        _check(self.prompts_per_step >= 1, f"{prefix}.prompts_per_step", "must be >= 1")
+        _check(self.micro_batch_size >= 1, f"{prefix}.micro_batch_size", "must be >= 1")
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = "runs/demo/checkpoints"
+    save_interval: int = 5
+    resume: bool = True
+    keep_last: int = 2
+
+
+@dataclass
+class EvalConfig:
+    split: Literal["train", "val", "test"] = "test"
+    max_samples: int = 64
+    batch_size: int = 16
+    max_new_tokens: int = 96
+
+
+@dataclass
+class LoggingConfig:
+    dir: str = "runs/demo/logs"
+    jsonl: bool = True
+    tensorboard: bool = False
+    interval: int = 1
+
+
+@dataclass
+class RunConfig:
+    """The whole run: what ``megatron-ivr config show`` prints."""
+
+    name: str = "demo"
+    data: DataConfig = field(default_factory=DataConfig)
+    synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tiny_model: TinyModelConfig = field(default_factory=TinyModelConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    parallel: ParallelismConfig = field(default_factory=ParallelismConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def validate(self) -> None:
+        for name in self.__dataclass_fields__:
+            component = getattr(self, name)
+            if hasattr(component, "validate"):
+                component.validate(name)

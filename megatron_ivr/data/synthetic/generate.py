@@ -1,0 +1,123 @@
+"""Write the synthetic visual-reasoning dataset: images, splits, SFT traces, re-reasoning examples.
+
+Output layout (``output_dir``)::
+
+    images/{split}_{index:05d}.png
+    train.jsonl  val.jsonl  test.jsonl        id, images, question, answer, family, split, scene
+    sft.jsonl                                 + messages (user prompt, reference response)
+    rereasoning.jsonl                         critique and rectification examples (IVR-R1)
+    manifest.json                             the generating config and per-split family counts
+
+Deterministic by ``seed``: every sample draws from its own ``random.Random`` seeded from
+(seed, split, index). ``held_out_family`` is never put in the train split.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import zlib
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+from megatron_ivr.config.schema import SyntheticDataConfig
+from megatron_ivr.data.synthetic.questions import FAMILIES, make_question
+from megatron_ivr.data.synthetic.responses import corrupt, write_response
+from megatron_ivr.data.synthetic.scene import random_scene, render_scene, scene_to_json
+from megatron_ivr.prompts import render_prompt
+
+SPLITS = ("train", "val", "test")
+
+
+def _rng(seed: int, split: str, index: int) -> random.Random:
+    return random.Random(zlib.crc32(f"{seed}:{split}:{index}".encode()))
+
+
+def families_for(split: str, held_out: Optional[str]) -> tuple[str, ...]:
+    if held_out is not None and held_out not in FAMILIES:
+        raise ValueError(f"synthetic.held_out_family: unknown family {held_out!r}; choose from {FAMILIES}")
+    if split == "train" and held_out:
+        return tuple(f for f in FAMILIES if f != held_out)
+    return FAMILIES
+
+
+def synthetic_corpus(cfg: SyntheticDataConfig, count: int = 2000, template: str = "ivr") -> Iterator[str]:
+    """Texts of the task (prompts, responses, critiques) without rendering images: the
+    corpus a tiny model's tokenizer is trained on. Covers every family and both templates."""
+    for index in range(count):
+        rng = _rng(cfg.seed, "corpus", index)
+        scene = random_scene(rng, cfg.min_objects, cfg.max_objects)
+        question = make_question(FAMILIES[index % len(FAMILIES)], scene, rng)
+        response = write_response(scene, question, template)
+        yield render_prompt("response", template, question=question.text) + "\n" + response
+        yield write_response(scene, question, "r1" if template == "ivr" else "ivr")
+        wrong = corrupt(scene, question, rng)
+        if wrong is not None:
+            failed = write_response(wrong.objects, question, template)
+            yield render_prompt("rectify", template, question=question.text, response=failed,
+                                critique=wrong.critique)
+            yield render_prompt("localize", template, question=question.text, response=failed)
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")
+    tmp.replace(path)
+
+
+def generate_dataset(cfg: SyntheticDataConfig, template: str = "ivr",
+                     progress: Callable[[str, int, int], None] | None = None) -> dict:
+    """Generate all splits; return the manifest (also written to ``manifest.json``)."""
+    cfg.validate()
+    out = Path(cfg.output_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    sizes = {"train": cfg.num_train, "val": cfg.num_val, "test": cfg.num_test}
+    manifest = {"config": asdict(cfg), "template": template, "families": {}}
+    sft_rows, rereasoning_rows = [], []
+    for split in SPLITS:
+        families = families_for(split, cfg.held_out_family)
+        rows = []
+        for index in range(sizes[split]):
+            rng = _rng(cfg.seed, split, index)
+            scene = random_scene(rng, cfg.min_objects, cfg.max_objects)
+            family = families[index % len(families)]
+            question = make_question(family, scene, rng)
+            image_name = f"images/{split}_{index:05d}.png"
+            render_scene(scene, cfg.image_size).save(out / image_name)
+            sample_id = f"{split}-{index:05d}"
+            rows.append({"id": sample_id, "images": [image_name], "question": question.text,
+                         "answer": question.answer, "family": family, "split": split,
+                         "choices": question.choices, "scene": scene_to_json(scene)})
+            if split == "train":
+                prompt = render_prompt("response", template, question=question.text)
+                reference = write_response(scene, question, template)
+                sft_rows.append({"id": sample_id, "images": [image_name], "question": question.text,
+                                 "answer": question.answer, "family": family, "reasoning": reference,
+                                 "messages": [{"role": "user", "content": prompt},
+                                              {"role": "assistant", "content": reference}]})
+                wrong = corrupt(scene, question, rng)
+                if wrong is not None:
+                    failed = write_response(wrong.objects, question, template)
+                    rereasoning_rows.append({
+                        "id": sample_id, "images": [image_name], "question": question.text,
+                        "answer": question.answer, "failed_response": failed,
+                        "critique_prompt": render_prompt("localize", template, question=question.text,
+                                                         response=failed),
+                        "critique": wrong.critique,
+                        "rectify_prompt": render_prompt("rectify", template, question=question.text,
+                                                        response=failed, critique=wrong.critique),
+                        "rectified_response": reference})
+            if progress is not None:
+                progress(split, index + 1, sizes[split])
+        _write_jsonl(out / f"{split}.jsonl", rows)
+        manifest["families"][split] = dict(Counter(r["family"] for r in rows))
+    _write_jsonl(out / "sft.jsonl", sft_rows)
+    _write_jsonl(out / "rereasoning.jsonl", rereasoning_rows)
+    manifest["rereasoning_examples"] = len(rereasoning_rows)
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return manifest

@@ -1,0 +1,1 @@
+"""Hugging Face side of the models: tiny checkpoints, tokenizers and processors."""

@@ -1,0 +1,59 @@
+"""Image-only Qwen-VL processors that work without torchvision.
+
+Every Qwen video processor needs torchvision, and the stock processors refuse
+``video_processor=None`` at construction and from ``from_pretrained``; these subclasses
+pass ``None`` for it. ``AutoProcessor`` on such a folder silently returns only the
+tokenizer, so load with :func:`load_processor`, which picks the class from the model's
+``config.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from transformers import Qwen2_5_VLProcessor, Qwen3VLProcessor
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+PATCH_SIZE = {"qwen2_5_vl": 14, "qwen3_vl": 16}
+MERGE_SIZE = 2
+
+
+class _ImageOnly:
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        kwargs.pop("video_processor", None)
+        super().__init__(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
+                         chat_template=chat_template, **kwargs)
+
+
+class Qwen2_5_VLImageOnlyProcessor(_ImageOnly, Qwen2_5_VLProcessor):
+    """Qwen2.5-VL processor for images and text only."""
+
+
+class Qwen3VLImageOnlyProcessor(_ImageOnly, Qwen3VLProcessor):
+    """Qwen3-VL processor for images and text only."""
+
+
+PROCESSOR_CLASSES = {"qwen2_5_vl": Qwen2_5_VLImageOnlyProcessor, "qwen3_vl": Qwen3VLImageOnlyProcessor}
+
+
+def make_processor(family: str, tokenizer, min_pixels: int, max_pixels: int):
+    image_processor = Qwen2VLImageProcessorPil(
+        patch_size=PATCH_SIZE[family], merge_size=MERGE_SIZE, temporal_patch_size=2,
+        min_pixels=min_pixels, max_pixels=max_pixels,
+        size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
+    )
+    return PROCESSOR_CLASSES[family](image_processor=image_processor, tokenizer=tokenizer,
+                                     chat_template=tokenizer.chat_template)
+
+
+def model_family(path: str | Path) -> str:
+    """``qwen2_5_vl`` or ``qwen3_vl`` from a Hugging Face folder's ``config.json``."""
+    model_type = json.loads((Path(path) / "config.json").read_text())["model_type"]
+    if model_type not in PROCESSOR_CLASSES:
+        raise ValueError(f"{path}: unsupported model_type {model_type!r}; expected one of {list(PROCESSOR_CLASSES)}")
+    return model_type
+
+
+def load_processor(path: str | Path):
+    return PROCESSOR_CLASSES[model_family(path)].from_pretrained(str(path))

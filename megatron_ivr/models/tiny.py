@@ -1,0 +1,79 @@
+"""Random tiny Qwen2.5-VL and Qwen3-VL checkpoints in Hugging Face format, made offline.
+
+The configs keep the real architectures' structure (GQA, MRoPE sections summing to
+head_dim/2, Qwen2.5-VL window attention with a full-attention block, Qwen3-VL interleaved
+MRoPE, QK-norm and deepstack) at a size that trains on one CPU core. Each folder holds
+config, safetensors weights, tokenizer, chat template and an image-only processor.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import (
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+)
+
+from megatron_ivr.config.schema import TinyModelConfig
+from megatron_ivr.models.processor import PATCH_SIZE, make_processor
+
+MODEL_CLASSES = {"qwen2_5_vl": Qwen2_5_VLForConditionalGeneration, "qwen3_vl": Qwen3VLForConditionalGeneration}
+
+
+def _mrope_section(head_dim: int) -> list[int]:
+    """Split head_dim/2 rotary frequencies into (temporal, height, width) like Qwen (16, 24, 24)."""
+    half = head_dim // 2
+    temporal = half // 4
+    height = (half - temporal) // 2
+    return [temporal, height, half - temporal - height]
+
+
+def tiny_config(family: str, cfg: TinyModelConfig, tokenizer):
+    ids = tokenizer.convert_tokens_to_ids
+    head_dim = cfg.hidden_size // cfg.num_heads
+    token_ids = dict(image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+                     vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
+    text = dict(
+        vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.hidden_size * 2,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+        max_position_embeddings=4096, rms_norm_eps=1e-6,
+        bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"),
+    )
+    vision = dict(depth=cfg.vision_depth, hidden_size=cfg.vision_hidden_size, num_heads=2,
+                  intermediate_size=cfg.vision_hidden_size * 2, out_hidden_size=cfg.hidden_size,
+                  patch_size=PATCH_SIZE[family], spatial_merge_size=2, temporal_patch_size=2)
+    if family == "qwen2_5_vl":
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1000000.0,
+                                   "mrope_section": _mrope_section(head_dim)}
+        vision.update(window_size=56, fullatt_block_indexes=[cfg.vision_depth - 1])
+        return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **token_ids)
+    if family == "qwen3_vl":
+        text.update(head_dim=head_dim)
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 5000000.0,
+                                   "mrope_section": _mrope_section(head_dim), "mrope_interleaved": True}
+        vision.update(num_position_embeddings=64, deepstack_visual_indexes=[0])
+        return Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **token_ids)
+    raise ValueError(f"unknown model family {family!r}; choose from {list(MODEL_CLASSES)}")
+
+
+def make_tiny_model(family: str, cfg: TinyModelConfig, tokenizer, output_dir: str | Path,
+                    min_pixels: int, max_pixels: int) -> Path:
+    """Build, save and return the folder of one random tiny model."""
+    output_dir = Path(output_dir)
+    torch.manual_seed(cfg.seed)
+    model = MODEL_CLASSES[family](tiny_config(family, cfg, tokenizer))
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(str(output_dir))
+    make_processor(family, tokenizer, min_pixels, max_pixels).save_pretrained(str(output_dir))
+    return output_dir
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32):
+    from megatron_ivr.models.processor import model_family
+
+    return MODEL_CLASSES[model_family(path)].from_pretrained(str(path), dtype=dtype)

@@ -1,0 +1,106 @@
+"""A process pool whose every call is bounded in time.
+
+``concurrent.futures`` cannot stop a running call, and math-verify's own limits rely on
+``signal.alarm`` (main thread only), so grading runs here: each worker is a spawned
+process that runs calls in its main thread. A call still running after ``timeout_s`` has
+its worker killed and replaced, and yields ``default``; so does a call whose worker dies.
+A pathological answer therefore costs at most ``timeout_s`` of one worker, never a hang.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from multiprocessing.connection import wait
+from typing import Any
+
+
+def _worker_loop(fn: Callable, conn) -> None:
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, KeyboardInterrupt):
+            return
+        if message is None:
+            return
+        index, args = message
+        try:
+            result = fn(*args)
+        except Exception:  # a failing call is an ungradable answer, not a dead worker
+            result = None
+        conn.send((index, result))
+
+
+class TimeLimitedPool:
+    def __init__(self, fn: Callable, num_workers: int = 1, timeout_s: float = 5.0, default: Any = 0.0):
+        self.fn, self.timeout_s, self.default = fn, timeout_s, default
+        self._ctx = mp.get_context("spawn")
+        self._workers: list = [self._spawn() for _ in range(num_workers)]
+        self.timeouts = 0  # calls cut off so far (a metric)
+
+    def _spawn(self):
+        parent, child = self._ctx.Pipe()
+        process = self._ctx.Process(target=_worker_loop, args=(self.fn, child), daemon=True)
+        process.start()
+        child.close()
+        return process, parent
+
+    def _replace(self, slot: int) -> None:
+        process, conn = self._workers[slot]
+        process.kill()
+        process.join(timeout=5)
+        conn.close()
+        self._workers[slot] = self._spawn()
+
+    def map(self, calls: Sequence[tuple]) -> list:
+        """Run ``fn(*args)`` for each ``args`` in ``calls``; results keep the input order."""
+        results: list = [self.default] * len(calls)
+        pending = deque(enumerate(calls))
+        idle = list(range(len(self._workers)))
+        busy: dict[int, tuple[int, float]] = {}  # slot -> (call index, start time)
+        while pending or busy:
+            while pending and idle:
+                slot = idle.pop()
+                index, args = pending.popleft()
+                self._workers[slot][1].send((index, tuple(args)))
+                busy[slot] = (index, time.monotonic())
+            now = time.monotonic()
+            wait_s = max(0.0, min(start + self.timeout_s for _, start in busy.values()) - now)
+            ready = wait([self._workers[s][1] for s in busy], timeout=wait_s)
+            for slot in list(busy):
+                conn = self._workers[slot][1]
+                index, start = busy[slot]
+                if conn in ready:
+                    try:
+                        got_index, value = conn.recv()
+                        results[got_index] = self.default if value is None else value
+                    except (EOFError, OSError):  # the worker died mid-call
+                        self._replace(slot)
+                elif time.monotonic() - start >= self.timeout_s:
+                    self.timeouts += 1
+                    self._replace(slot)
+                else:
+                    continue
+                del busy[slot]
+                idle.append(slot)
+        return results
+
+    def close(self) -> None:
+        for process, conn in self._workers:
+            try:
+                conn.send(None)
+            except OSError:
+                pass
+            process.join(timeout=2)
+            if process.is_alive():
+                process.kill()
+            conn.close()
+        self._workers = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,56 @@
+"""The reward of spec section 1: ``r = lam * r_format + (1 - lam) * r_accuracy``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from megatron_ivr.config.schema import RewardConfig
+from megatron_ivr.rewards.accuracy import accuracy_reward
+from megatron_ivr.rewards.format import format_reward
+from megatron_ivr.rewards.pool import TimeLimitedPool
+
+
+@dataclass
+class RewardResult:
+    total: float
+    format: float
+    accuracy: float
+
+
+def combine(format_score: float, accuracy_score: float, lam: float) -> float:
+    return lam * format_score + (1.0 - lam) * accuracy_score
+
+
+class RewardFunction:
+    """Scores batches of responses; accuracy grading runs in a time-limited process pool.
+
+    Use as a context manager (or call :meth:`close`) so the workers are shut down.
+    """
+
+    def __init__(self, cfg: RewardConfig):
+        cfg.validate()
+        self.cfg = cfg
+        inner_timeout = max(1, int(cfg.grader_timeout_s))
+        self._inner_timeout = inner_timeout
+        # the outer limit leaves math-verify's own alarm the first chance to fire
+        self.pool = TimeLimitedPool(accuracy_reward, cfg.num_workers, cfg.grader_timeout_s + 1.0, default=0.0)
+
+    def __call__(self, responses: Sequence[str], answers: Sequence[str]) -> list[RewardResult]:
+        if len(responses) != len(answers):
+            raise ValueError(f"{len(responses)} responses but {len(answers)} answers")
+        accuracy = self.pool.map([(r, a, 1e-4, self._inner_timeout) for r, a in zip(responses, answers)])
+        results = []
+        for response, acc in zip(responses, accuracy):
+            fmt = format_reward(response, self.cfg.template)
+            results.append(RewardResult(combine(fmt, acc, self.cfg.lam), fmt, float(acc)))
+        return results
+
+    def close(self) -> None:
+        self.pool.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,35 @@
+"""Shared fixtures: a small synthetic dataset and the two tiny models, made once per session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory):
+    from megatron_ivr.config.schema import SyntheticDataConfig
+    from megatron_ivr.data.synthetic import generate_dataset
+
+    out = tmp_path_factory.mktemp("synthetic")
+    generate_dataset(SyntheticDataConfig(output_dir=str(out), num_train=100, num_val=20, num_test=20, seed=3))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """{family: folder} for tiny Qwen2.5-VL and Qwen3-VL with a BPE tokenizer."""
+    from megatron_ivr.config.schema import SyntheticDataConfig, TinyModelConfig
+    from megatron_ivr.data.synthetic.generate import synthetic_corpus
+    from megatron_ivr.models.tiny import make_tiny_model
+    from megatron_ivr.models.tokenizer import train_bpe_tokenizer
+
+    out = tmp_path_factory.mktemp("models")
+    tokenizer = train_bpe_tokenizer(synthetic_corpus(SyntheticDataConfig(), count=300), 400)
+    return {family: make_tiny_model(family, TinyModelConfig(), tokenizer, out / family, 3136, 12544)
+            for family in ("qwen2_5_vl", "qwen3_vl")}

@@ -1,0 +1,77 @@
+"""Format reward for both templates and the combined reward ``lam * fmt + (1 - lam) * acc``."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from megatron_ivr.config.schema import RewardConfig
+from megatron_ivr.rewards import RewardFunction, combine, format_reward
+from megatron_ivr.rewards.pool import TimeLimitedPool
+
+IVR_OK = "<desc>Two red circles.</desc>\n<think>2 red objects.</think>\n\\boxed{2}"
+R1_OK = "<think>2 red objects.</think> The answer is \\boxed{2}"
+
+
+@pytest.mark.parametrize("response, template, expected", [
+    (IVR_OK, "ivr", 1.0),
+    (R1_OK, "r1", 1.0),
+    (IVR_OK, "r1", 0.0),                                        # <desc> is not part of r1
+    (R1_OK, "ivr", 0.0),                                        # <desc> missing
+    ("<think>a</think><desc>b</desc>\\boxed{2}", "ivr", 0.0),   # wrong order
+    ("<desc> </desc><think>a</think>\\boxed{2}", "ivr", 0.0),   # empty description
+    ("<desc>a</desc><think>b</think>", "ivr", 0.0),             # no final box
+    ("<desc>a</desc><think>b \\boxed{2}</think>", "ivr", 0.0),  # box inside think only
+    ("<desc>a</desc><think>b</think><think>c</think>\\boxed{2}", "ivr", 0.0),  # tag twice
+    ("  <think>x</think>\n\\boxed{\\frac{1}{2}}\n", "r1", 1.0),  # whitespace, nested braces
+    ("<think>x</think>\\boxed{}", "r1", 0.0),                    # empty answer
+])
+def test_format_reward(response, template, expected):
+    assert format_reward(response, template) == expected
+
+
+def test_unknown_template():
+    with pytest.raises(ValueError):
+        format_reward("x", "xml")
+
+
+def test_combined_reward_follows_spec_section_1():
+    assert combine(1.0, 0.0, 0.1) == pytest.approx(0.1)
+    assert combine(0.0, 1.0, 0.1) == pytest.approx(0.9)
+    with RewardFunction(RewardConfig(lam=0.25, template="ivr")) as reward_fn:
+        results = reward_fn([IVR_OK, IVR_OK.replace("{2}", "{3}"), "\\boxed{2}", "nothing"], ["2", "2", "2", "2"])
+    assert [(r.format, r.accuracy) for r in results] == [(1.0, 1.0), (1.0, 0.0), (0.0, 1.0), (0.0, 0.0)]
+    assert [r.total for r in results] == pytest.approx([1.0, 0.25, 0.75, 0.0])
+
+
+def test_adversarial_20kb_latex_is_graded_zero_within_the_limit():
+    nest = 2000
+    answer = "\\boxed{" + "\\frac{1}{" * nest + "x" + "}" * nest + "}"
+    assert len(answer) >= 20_000
+    limit = 2.0
+    with RewardFunction(RewardConfig(grader_timeout_s=limit)) as reward_fn:
+        reward_fn(["\\boxed{1}"], ["1"])  # warm the worker (imports) outside the timed call
+        start = time.monotonic()
+        result = reward_fn([answer, IVR_OK], ["3", "2"])
+        elapsed = time.monotonic() - start
+    assert result[0].accuracy == 0.0 and result[1].accuracy == 1.0  # the next answer is unharmed
+    assert elapsed < limit + 1.0 + 1.5  # inner limit, outer limit (+1 s), and a margin for a respawn
+
+
+def test_pool_kills_a_hung_call_and_keeps_order():
+    with TimeLimitedPool(time.sleep, num_workers=2, timeout_s=0.5, default="timeout") as pool:
+        start = time.monotonic()
+        results = pool.map([(0.0,), (30.0,), (0.0,), (0.1,)])
+        elapsed = time.monotonic() - start
+        # time.sleep returns None, which also maps to the default: every slot holds it, and
+        # only the 30 s call was cut off
+        assert results == ["timeout"] * 4
+        assert pool.timeouts == 1
+        assert elapsed < 5.0
+        assert pool.map([(0.0,)]) == ["timeout"]  # the replaced worker serves again
+
+
+def test_pool_returns_values_in_order():
+    with TimeLimitedPool(abs, num_workers=2, timeout_s=5.0, default=None) as pool:
+        assert pool.map([(-3,), (4,), (-5,), (0,)]) == [3, 4, 5, 0]

@@ -1,0 +1,44 @@
+"""The `megatron-ivr` command: help, config show, errors, and the not-yet subcommands."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from megatron_ivr.cli import main
+
+
+def test_help_on_every_subcommand(capsys):
+    for argv in (["--help"], ["config", "show", "--help"], ["data", "synth", "--help"], ["model", "tiny", "--help"],
+                 ["eval", "--help"], ["train", "--help"], ["convert", "--help"], ["launch", "--help"]):
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        assert info.value.code == 0
+        assert "usage: megatron-ivr" in capsys.readouterr().out
+
+
+def test_config_show_prints_the_resolved_config(capsys):
+    assert main(["config", "show", "configs/demo_cpu.yaml", "trainer.lr=3e-6", "algorithm.ivr.enabled=true"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["trainer"]["lr"] == 3e-6 and shown["algorithm"]["ivr"]["enabled"] is True
+    assert shown["model"]["family"] == "qwen2_5_vl" and shown["eval"]["max_new_tokens"] == 64
+
+
+def test_bad_override_is_a_clear_error(capsys):
+    assert main(["config", "show", "configs/demo_cpu.yaml", "trainer.lrr=1"]) == 1
+    err = capsys.readouterr().err
+    assert "unknown key 'trainer.lrr'" in err and "command line" in err
+
+
+@pytest.mark.parametrize("command", ["train", "convert", "launch"])
+def test_unimplemented_commands_say_so(command, capsys):
+    assert main([command]) == 2
+    assert "not implemented yet" in capsys.readouterr().err
+
+
+def test_data_inspect_lists_bad_samples(tmp_path, capsys):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"id": "x", "question": "q", "answer": ""}\n{"id": "y", "question": "q", "answer": "1"}\n')
+    assert main(["data", "inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "1 good, 1 bad" in out and "bad x: empty or missing answer" in out

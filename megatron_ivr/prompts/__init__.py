@@ -5,7 +5,8 @@ Templates use ``string.Template`` placeholders (``$question``), so the LaTeX bra
 template (``ivr``: ``<desc>`` + ``<think>`` + ``\\boxed{}``; ``r1``: the VICRA paper's
 appendix D prompt); ``localize`` asks for the IVR-R1 step-level critique of a failed
 response, with the image re-injected; ``rectify`` asks for a corrected full response given
-the failed response and its critique.
+the failed response and its critique; ``describe`` asks for a text description of the
+image (IVR-R1's ``rectify_with=description`` ablation).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from functools import cache
 from importlib import resources
 from string import Template
 
-PROMPT_NAMES = ("response", "localize", "rectify")
+PROMPT_NAMES = ("response", "localize", "rectify", "describe")
 OUTPUT_TEMPLATES = ("ivr", "r1")
 
 

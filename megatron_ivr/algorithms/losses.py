@@ -94,6 +94,12 @@ class LossConfig:
     aggregation: str = "token-mean"
     tis_cap: Optional[float] = 2.0  # None disables the truncated importance-sampling correction
 
+    @classmethod
+    def from_config(cls, algorithm) -> LossConfig:
+        """From the run's :class:`~megatron_ivr.config.schema.AlgorithmConfig`."""
+        return cls(eps_low=algorithm.eps_low, eps_high=algorithm.eps_high, beta=algorithm.beta,
+                   gamma=algorithm.ivr.gamma, aggregation=algorithm.loss_agg, tis_cap=algorithm.tis_cap)
+
 
 def rl_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
             cfg: LossConfig, rectified: Optional[torch.Tensor] = None, ref_logp: Optional[torch.Tensor] = None,

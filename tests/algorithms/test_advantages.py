@@ -52,3 +52,23 @@ def test_overlong_penalty_matches_naive(max_length, cache):
 def test_overlong_penalty_rejects_bad_cache():
     with pytest.raises(ValueError):
         overlong_penalty(torch.tensor([1]), 10, 0)
+
+
+def test_dynamic_sampling_fills_the_batch_and_is_bounded():
+    from megatron_ivr.algorithms.dynamic_sampling import fill_batch, is_informative
+
+    stream = iter([[1, 1], [0, 1], [0, 0], [1, 0], [0.5, 0.5], [0, 1], [1, 0]] + [[1, 1]] * 50)
+    asked = []
+
+    def sample(k):
+        asked.append(k)
+        return [next(stream) for _ in range(k)]
+
+    groups, metrics = fill_batch(sample, lambda g: g, target_groups=4, max_rounds=5)
+    assert groups == [[0, 1], [1, 0], [0, 1], [1, 0]]
+    assert asked == [4, 2, 1]  # each round asks only for what is missing
+    assert metrics == {"dynamic_sampling/rounds": 3, "dynamic_sampling/sampled_groups": 7,
+                       "dynamic_sampling/dropped_groups": 3, "dynamic_sampling/short": 0}
+    groups, metrics = fill_batch(sample, lambda g: g, target_groups=3, max_rounds=2)
+    assert groups == [] and metrics["dynamic_sampling/short"] == 1 and metrics["dynamic_sampling/rounds"] == 2
+    assert not is_informative([1.0]) and is_informative([0.0, 0.1])

@@ -132,3 +132,13 @@ def test_kl_requires_reference():
     logp, old, _, _, adv, _, mask = random_batch(2, 3, seed=4)
     with pytest.raises(ValueError, match="ref_logp"):
         rl_loss(logp, old, adv, mask, LossConfig(beta=0.1))
+
+
+def test_loss_config_from_run_config():
+    from megatron_ivr.config import load_config
+
+    cfg = load_config(None, ["algorithm.eps_high=0.28", "algorithm.ivr.gamma=0.3",
+                             "algorithm.loss_agg=seq-mean-token-sum"])
+    loss_cfg = LossConfig.from_config(cfg.algorithm)
+    assert (loss_cfg.eps_low, loss_cfg.eps_high, loss_cfg.gamma, loss_cfg.aggregation, loss_cfg.tis_cap) == (
+        0.2, 0.28, 0.3, "seq-mean-token-sum", 2.0)

@@ -1,0 +1,88 @@
+"""In-process rollout engine on a Hugging Face model: the CPU backend of the laptop path.
+
+Requests are rendered with the model's chat template, batched (``batch_size`` prompts x
+``n`` samples per ``generate`` call, KV cache on), sampled or greedy, and returned with the
+log-prob of every generated token under the policy (raw logits, before temperature and
+top-p, as the trainer computes them).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_ivr.prompts import chat_messages
+from megatron_ivr.rollout.engine import Completion, GenerationRequest, SamplingParams
+
+
+class LocalEngine:
+    def __init__(self, model, processor, batch_size: int = 16, weight_version: int = 0):
+        self.model = model.eval()
+        self.processor = processor
+        self.processor.tokenizer.padding_side = "left"
+        self.batch_size = batch_size
+        self._weight_version = weight_version
+        self.eos_token_id = processor.tokenizer.eos_token_id
+        self.pad_token_id = processor.tokenizer.pad_token_id
+
+    @classmethod
+    def from_pretrained(cls, path, batch_size: int = 16) -> LocalEngine:
+        from megatron_ivr.models.processor import load_processor
+        from megatron_ivr.models.tiny import load_model
+
+        return cls(load_model(path), load_processor(path), batch_size)
+
+    @property
+    def weight_version(self) -> int:
+        return self._weight_version
+
+    def update_weights(self, named_tensors, version: int) -> None:
+        """Load Hugging Face-named tensors in place; every name must exist (none dropped)."""
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in named_tensors:
+                if name not in params:
+                    raise KeyError(f"update_weights: unknown parameter {name!r}")
+                params[name].copy_(tensor)
+        self._weight_version = version
+
+    @torch.no_grad()
+    def generate(self, requests: list[GenerationRequest], sampling: SamplingParams) -> list[list[Completion]]:
+        expanded = [(i, r) for i, r in enumerate(requests) for _ in range(sampling.n)]
+        results: list[list[Completion]] = [[] for _ in requests]
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed)
+        for start in range(0, len(expanded), self.batch_size):
+            chunk = expanded[start:start + self.batch_size]
+            for (index, _), completion in zip(chunk, self._generate_batch([r for _, r in chunk], sampling)):
+                results[index].append(completion)
+        return results
+
+    def _generate_batch(self, requests: list[GenerationRequest], sampling: SamplingParams) -> list[Completion]:
+        texts = [self.processor.apply_chat_template(chat_messages(r.text, len(r.images)), tokenize=False,
+                                                    add_generation_prompt=True) for r in requests]
+        images = [image for r in requests for image in r.images] or None
+        inputs = self.processor(text=texts, images=images, return_tensors="pt", padding=True)
+        greedy = sampling.temperature == 0
+        kwargs = dict(max_new_tokens=sampling.max_new_tokens, do_sample=not greedy, output_logits=True,
+                      return_dict_in_generate=True, pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id)
+        if not greedy:
+            kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p,
+                          top_k=sampling.top_k if sampling.top_k > 0 else None)
+        out = self.model.generate(**inputs, **kwargs)
+        new_tokens = out.sequences[:, inputs["input_ids"].shape[1]:]
+        logprobs = torch.stack(out.logits, dim=1).float().log_softmax(-1)
+        token_logprobs = logprobs.gather(-1, new_tokens[..., None]).squeeze(-1)
+        completions = []
+        for row in range(new_tokens.shape[0]):
+            ids = new_tokens[row].tolist()
+            finish = "length"
+            if self.eos_token_id in ids:
+                ids = ids[:ids.index(self.eos_token_id) + 1]
+                finish = "stop"
+            text = self.processor.tokenizer.decode(ids, skip_special_tokens=True)
+            for stop in sampling.stop:
+                if stop in text:
+                    text, finish = text[:text.index(stop)], "stop"
+            completions.append(Completion(text, ids, token_logprobs[row, :len(ids)].tolist(), finish,
+                                          self._weight_version))
+        return completions

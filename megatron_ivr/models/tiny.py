@@ -38,7 +38,8 @@ def tiny_config(family: str, cfg: TinyModelConfig, tokenizer):
     token_ids = dict(image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
                      vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
     text = dict(
-        vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.hidden_size * 2,
+        # padded like real Qwen checkpoints (151936 > 151665 tokens): splits evenly over TP ranks
+        vocab_size=-(-len(tokenizer) // 64) * 64, hidden_size=cfg.hidden_size, intermediate_size=cfg.hidden_size * 2,
         num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
         max_position_embeddings=4096, rms_norm_eps=1e-6,
         bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"),

@@ -1,0 +1,127 @@
+"""Per-token log-probs (and entropies) of given responses under any TP x PP layout.
+
+Logits stay vocab-parallel: the log-softmax normalizer and the target logit are combined
+across the tensor-parallel group (megatron's ``vocab_parallel_cross_entropy`` for the
+differentiable log-prob; a max / sum-exp all-reduce for the entropy), so no rank ever holds
+full-vocabulary probabilities. With pipeline parallelism the micro-batches run through
+megatron-core's schedule and the results are broadcast from the last stage to every stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class ModelBatch:
+    """One micro-batch as the Megatron model takes it (right-padded, batch-first)."""
+
+    input_ids: torch.Tensor  # [B, S]
+    position_ids: torch.Tensor  # [3, B, S]
+    loss_mask: torch.Tensor  # [B, S]: 1 where the *next* token is a scored response token
+    pixel_values: Optional[torch.Tensor] = None
+    image_grid_thw: Optional[torch.Tensor] = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def targets(self) -> torch.Tensor:
+        """The token each position predicts (the last position predicts padding, masked)."""
+        return torch.cat([self.input_ids[:, 1:], torch.zeros_like(self.input_ids[:, :1])], dim=1)
+
+    def to(self, device) -> ModelBatch:
+        def move(t):
+            return (t.to(device) if isinstance(t, torch.Tensor) else t)
+        return ModelBatch(move(self.input_ids), move(self.position_ids), move(self.loss_mask),
+                          move(self.pixel_values), move(self.image_grid_thw), self.extra)
+
+
+def vocab_parallel_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``log softmax(logits)[target]`` for vocab-parallel ``logits [..., V/tp]``; differentiable.
+
+    megatron's kernel reuses the logits' storage (it exponentiates in place): compute
+    anything else from the logits (entropy) first.
+    """
+    from megatron.core import tensor_parallel
+
+    return -tensor_parallel.vocab_parallel_cross_entropy(logits.float(), targets)
+
+
+@torch.no_grad()
+def vocab_parallel_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the full next-token distribution from vocab-parallel logits."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    group = ps.get_tensor_model_parallel_group()
+    logits = logits.float()
+    top = logits.max(dim=-1, keepdim=True).values
+    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+    shifted = logits - top
+    exp = shifted.exp()
+    sums = torch.stack([exp.sum(-1), (exp * shifted).sum(-1)])
+    dist.all_reduce(sums, group=group)
+    return sums[0].log() - sums[1] / sums[0]
+
+
+def _loss_for_logprobs(batch: ModelBatch, with_entropy: bool, output: torch.Tensor):
+    record = {}
+    if with_entropy:  # before the log-probs, which consume the logits
+        record["entropy"] = vocab_parallel_entropy(output) * batch.loss_mask
+    logp = vocab_parallel_logprobs(output, batch.targets) * batch.loss_mask
+    record["logprobs"] = logp.detach()
+    total = -(logp.sum())
+    return total, record
+
+
+def forward_logprobs(model, batches: list[ModelBatch], attention_mask_fn, with_entropy: bool = False,
+                     loss_fn=None, forward_only: bool = True) -> list[dict]:
+    """Run ``batches`` through the model (one micro-batch each) with megatron's schedule.
+
+    ``loss_fn(batch, logits) -> (loss, record)`` defaults to the negative summed log-prob;
+    with ``forward_only=False`` gradients accumulate into the parameters. Returns, on every
+    rank, one record per micro-batch (``logprobs`` ``[B, S]`` and, if asked, ``entropy``),
+    broadcast from the last pipeline stage.
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    loss_fn = loss_fn or (lambda batch, output: _loss_for_logprobs(batch, with_entropy, output))
+    iterator = iter(batches)
+
+    def forward_step(data_iterator, stage_model):
+        batch = next(data_iterator)
+        output = stage_model(batch.input_ids, batch.position_ids, attention_mask_fn(batch.input_ids.shape[1]),
+                             batch.pixel_values, batch.image_grid_thw)
+        return output, partial(loss_fn, batch)
+
+    seq_length = max(b.input_ids.shape[1] for b in batches)
+    records = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iterator, model=[model], num_microbatches=len(batches),
+        seq_length=seq_length, micro_batch_size=batches[0].input_ids.shape[0], forward_only=forward_only)
+    return broadcast_from_last_stage(records, batches, with_entropy)
+
+
+def broadcast_from_last_stage(records: list[dict], batches: list[ModelBatch], with_entropy: bool) -> list[dict]:
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    if ps.get_pipeline_model_parallel_world_size() == 1:
+        return records
+    keys = ["logprobs"] + (["entropy"] if with_entropy else [])
+    last = ps.get_pipeline_model_parallel_last_rank()
+    group = ps.get_pipeline_model_parallel_group()
+    out = []
+    for index, batch in enumerate(batches):
+        record = {}
+        for key in keys:
+            if ps.is_pipeline_last_stage():
+                tensor = records[index][key].contiguous()
+            else:
+                tensor = torch.empty(batch.input_ids.shape, dtype=torch.float32, device=batch.input_ids.device)
+            dist.broadcast(tensor, src=last, group=group)
+            record[key] = tensor
+        out.append(record)
+    return out

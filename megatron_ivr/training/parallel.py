@@ -1,0 +1,73 @@
+"""Process groups for the trainer: torch.distributed + megatron-core's model parallelism.
+
+Works under ``torchrun`` (reads RANK/WORLD_SIZE/MASTER_ADDR from the environment) and in a
+single plain process (world size 1 on a free loopback port). Backend: NCCL with CUDA, gloo
+on CPU, where the CPU platform patches are applied first.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+
+    def world_size_multiple(self) -> int:
+        return self.tp * self.pp * self.cp
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def init_parallel(layout: ParallelLayout, seed: int = 0) -> None:
+    """Initialize torch.distributed (if needed) and megatron's TP/PP/CP/DP groups."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    use_cuda = torch.cuda.is_available()
+    if not use_cuda:
+        from megatron_ivr.training.platform import apply_cpu_patches
+
+        apply_cpu_patches()
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
+        if use_cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    world = dist.get_world_size()
+    if world % layout.world_size_multiple():
+        raise ValueError(f"world size {world} is not a multiple of tp*pp*cp = {layout.world_size_multiple()}")
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=layout.tp,
+                                             pipeline_model_parallel_size=layout.pp,
+                                             context_parallel_size=layout.cp)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def destroy_parallel() -> None:
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,139 @@
+"""Make megatron-core run on CPU under gloo (the laptop path). GPU runs never call this.
+
+megatron-core assumes CUDA in a few places that matter for our models: the RNG tracker
+reads and writes CUDA generator states, ``torch.cuda.current_device()`` is used as a
+device in tensor factories (rotary embeddings, the global memory buffer of attention, the
+optimizer's ``found_inf``), and some code synchronizes streams. Each patch below maps one
+of these to its CPU equivalent; :func:`apply_cpu_patches` applies them once, only when no
+CUDA device is in use, and records which it applied (``APPLIED``). Every patch has a test
+in ``tests/training/test_platform.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+APPLIED: list[str] = []
+
+
+def _patch_cuda_device_queries() -> None:
+    """``torch.cuda.current_device()`` is used as a tensor device: answer ``"cpu"``."""
+    torch.cuda.current_device = lambda: "cpu"
+
+
+def _patch_cuda_rng() -> None:
+    """The model-parallel RNG tracker saves, seeds and restores CUDA generator states: use
+    the CPU generator instead (dropout and CPU initialization draw from it)."""
+    from megatron.core.tensor_parallel import random as mp_random
+
+    mp_random._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state()
+    mp_random._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
+    torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
+    torch.cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)
+    # torch.manual_seed itself calls torch.cuda.manual_seed_all: seed the generator directly
+    torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
+    torch.cuda.manual_seed_all = lambda seed: None
+
+
+def _patch_cuda_sync() -> None:
+    """Stream and cache calls have nothing to do on CPU."""
+    torch.cuda.synchronize = lambda device=None: None
+    torch.cuda.empty_cache = lambda: None
+    torch.cuda.current_stream = lambda device=None: _NullStream()
+    torch.cuda.stream = lambda stream=None: contextlib.nullcontext()
+
+
+class _NullStream:
+    def wait_stream(self, other) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def record_event(self, event=None):
+        return None
+
+
+_FACTORIES = ("zeros", "ones", "empty", "full", "tensor", "arange", "as_tensor", "rand", "randn", "randint",
+              "zeros_like", "ones_like", "empty_like", "full_like")
+# megatron-core modules that create tensors with device="cuda" (or torch.cuda.current_device())
+_CUDA_LITERAL_MODULES = (
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.pipeline_parallel.p2p_communication",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer.distrib_optimizer",
+    "megatron.core.optimizer.grad_scaler",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.distributed.distributed_data_parallel",
+    "megatron.core.distributed.finalize_model_grads",
+)
+
+
+def _is_cuda_device(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, int)  # a bare device index means a GPU
+
+
+class _CpuTorch:
+    """Stands in for the ``torch`` module inside megatron modules that hard-code CUDA
+    devices: tensor factories asked for a CUDA device build CPU tensors; everything else is
+    the real ``torch``."""
+
+    def __init__(self):
+        for name in _FACTORIES:
+            setattr(self, name, self._factory(getattr(torch, name)))
+
+    @staticmethod
+    def _factory(fn):
+        def wrapped(*args, **kwargs):
+            if _is_cuda_device(kwargs.get("device")):
+                kwargs["device"] = "cpu"
+            return fn(*args, **kwargs)
+        return wrapped
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+def _patch_cuda_literals() -> None:
+    """Tensor factories with ``device="cuda"`` in the schedules, optimizer, gradient
+    buffers and p2p communication build CPU tensors instead."""
+    import importlib
+
+    proxy = _CpuTorch()
+    for module_name in _CUDA_LITERAL_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:  # not present in this megatron-core version
+            continue
+        if getattr(module, "torch", None) is torch:
+            module.torch = proxy
+
+
+PATCHES = {
+    "cuda_device_queries": _patch_cuda_device_queries,
+    "cuda_rng": _patch_cuda_rng,
+    "cuda_sync": _patch_cuda_sync,
+    "cuda_literals": _patch_cuda_literals,
+}
+
+
+def apply_cpu_patches() -> list[str]:
+    """Apply every CPU patch once. A no-op (returns []) when CUDA is available."""
+    if torch.cuda.is_available():
+        return []
+    for name, patch in PATCHES.items():
+        if name not in APPLIED:
+            patch()
+            APPLIED.append(name)
+            logger.debug("applied CPU patch %s", name)
+    return list(APPLIED)

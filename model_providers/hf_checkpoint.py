@@ -1,0 +1,101 @@
+"""Hugging Face checkpoint folders: lazy reading of safetensors shards, atomic writing.
+
+Reading never loads the whole model: :class:`HFCheckpoint` opens each shard lazily and
+reads one tensor (or one slice of it, ``read_slice``) at a time. Writing goes to a
+temporary folder that is renamed into place at the end, so an interrupted export never
+leaves a half-written folder under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+INDEX_NAME = "model.safetensors.index.json"
+SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "chat_template.jinja", "chat_template.json", "processor_config.json",
+              "preprocessor_config.json", "vocab.json", "merges.txt")
+
+
+class HFCheckpoint:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        index = self.path / INDEX_NAME
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        elif (self.path / "model.safetensors").exists():
+            with safe_open(self.path / "model.safetensors", "pt") as handle:
+                weight_map = {name: "model.safetensors" for name in handle.keys()}
+        else:
+            raise FileNotFoundError(f"{self.path}: no model.safetensors or {INDEX_NAME}")
+        self.weight_map: dict[str, str] = weight_map
+        self._handles: dict = {}
+
+    def names(self) -> list[str]:
+        return sorted(self.weight_map)
+
+    def _handle(self, name: str):
+        if name not in self.weight_map:
+            raise KeyError(f"{self.path}: no tensor named {name!r}")
+        shard = self.weight_map[name]
+        if shard not in self._handles:
+            self._handles[shard] = safe_open(self.path / shard, "pt")
+        return self._handles[shard]
+
+    def read(self, name: str) -> torch.Tensor:
+        return self._handle(name).get_tensor(name)
+
+    def read_slice(self, name: str, index) -> torch.Tensor:
+        """Read only ``tensor[index]`` from disk (``index``: a tuple of slices)."""
+        return self._handle(name).get_slice(name)[index]
+
+    def shape(self, name: str) -> list[int]:
+        return list(self._handle(name).get_slice(name).get_shape())
+
+    def config(self):
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(str(self.path))
+
+
+def write_hf_folder(tensors: Iterable[tuple[str, torch.Tensor]], out_dir: str | Path, source_dir: str | Path | None,
+                    max_shard_bytes: int = 2 * 1024**3) -> Path:
+    """Write safetensors shards plus an index, copy config/tokenizer/processor files from
+    ``source_dir``; atomic (temporary folder, then rename)."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    sizes = [0]
+    for name, tensor in tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if sizes[-1] and sizes[-1] + nbytes > max_shard_bytes:
+            shards.append({})
+            sizes.append(0)
+        shards[-1][name] = tensor.detach().contiguous().cpu()
+        sizes[-1] += nbytes
+    weight_map = {}
+    for number, shard in enumerate(shards, start=1):
+        file_name = "model.safetensors" if len(shards) == 1 else f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(tmp / file_name), metadata={"format": "pt"})
+        weight_map.update({name: file_name for name in shard})
+    if len(shards) > 1:
+        (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": sum(sizes)},
+                                                  "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+    if source_dir is not None:
+        for name in SIDE_FILES:
+            if (Path(source_dir) / name).exists():
+                shutil.copy2(Path(source_dir) / name, tmp / name)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return out_dir

@@ -1,0 +1,251 @@
+"""The Qwen-VL model on Megatron-Core, shared by Qwen2.5-VL and Qwen3-VL.
+
+``QwenVLModel`` = the Hugging Face vision tower (replicated on every tensor-parallel rank
+of the first pipeline stage) + the language decoder as a megatron-core ``GPTModel``
+(tensor and pipeline parallel) with Qwen's MRoPE. Image features replace the embeddings
+of the ``<|image_pad|>`` positions; Qwen3-VL's deepstack features are added to the hidden
+states of the first decoder layers at those positions.
+
+Why the vision tower stays the transformers module: it is small next to the decoder (0.7B
+of 8B), it is kept in BF16 under FP8 recipes anyway, and reusing the reference code keeps
+its numerics exact. Because every TP rank runs it on the same input and receives the
+same (TP-all-reduced) gradient at its output, its gradients are identical across TP ranks
+by construction (``tests/model_providers`` checks this); it is marked as a TP-duplicated
+parameter so gradient norms count it once.
+
+A family is described by :class:`QwenVLFamily`: its transformers classes, MRoPE layout,
+whether it has QKV bias, QK-norm and deepstack. One code path serves both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model_providers.rope import QwenMRoPE
+
+
+@dataclass(frozen=True)
+class QwenVLFamily:
+    name: str
+    hf_model_class: str  # transformers ForConditionalGeneration class name
+    hf_base_model_class: str  # the class holding get_rope_index
+    vision_class: str  # transformers vision tower class name
+    mrope_layout: str  # "contiguous" | "interleaved"
+    deepstack: bool
+
+    def transformers_class(self, name: str):
+        import transformers
+
+        return getattr(transformers, name, None) or _import_model_class(self.name, name)
+
+    def language_config(self, hf_config):
+        return hf_config.text_config
+
+    def transformer_config(self, hf_config, tp: int = 1, pp: int = 1, params_dtype=torch.float32,
+                           fp8: Optional[str] = None, use_cpu_initialization: bool = True):
+        """megatron-core ``TransformerConfig`` of the language decoder (see the mapping in
+        docs/models.md)."""
+        from megatron.core.transformer import TransformerConfig
+
+        text = self.language_config(hf_config)
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        kwargs = dict(
+            num_layers=text.num_hidden_layers, hidden_size=text.hidden_size,
+            num_attention_heads=text.num_attention_heads, num_query_groups=text.num_key_value_heads,
+            ffn_hidden_size=text.intermediate_size, kv_channels=head_dim,
+            normalization="RMSNorm", layernorm_epsilon=text.rms_norm_eps,
+            gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
+            add_qkv_bias=bool(getattr(text, "attention_bias", self.name == "qwen2_5_vl")),
+            qk_layernorm=self.name == "qwen3_vl",
+            hidden_dropout=0.0, attention_dropout=0.0,
+            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=False,
+            params_dtype=params_dtype, pipeline_dtype=params_dtype,
+            bf16=params_dtype == torch.bfloat16, fp16=params_dtype == torch.float16,
+            use_cpu_initialization=use_cpu_initialization, perform_initialization=False,
+            mrope_section=list(text.rope_parameters["mrope_section"]),
+            apply_rope_fusion=False, bias_activation_fusion=False, masked_softmax_fusion=False,
+            persist_layer_norm=False, gradient_accumulation_fusion=False, variable_seq_lengths=True,
+            moe_token_dispatcher_type="alltoall",  # (dense model) the default rejects variable lengths
+        )
+        if fp8 is not None:
+            kwargs.update(fp8="hybrid" if fp8 == "delayed" else "e4m3",
+                          fp8_recipe="delayed" if fp8 == "delayed" else "blockwise")
+        return TransformerConfig(**kwargs)
+
+
+def _import_model_class(family: str, name: str):
+    import importlib
+
+    module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    return getattr(module, name)
+
+
+def layer_spec(config, use_transformer_engine: Optional[bool] = None):
+    """Transformer Engine layers when TE is importable (FP8-capable), the local spec otherwise."""
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+
+    if use_transformer_engine is None:
+        use_transformer_engine = transformer_engine_available()
+    if use_transformer_engine:
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
+    return get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=config.qk_layernorm)
+
+
+def transformer_engine_available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _megatron_module():
+    from megatron.core.transformer.module import MegatronModule
+
+    return MegatronModule
+
+
+class QwenVLModel(_megatron_module()):
+    """One pipeline stage of a Qwen-VL model (the whole model when PP = 1).
+
+    ``forward`` takes right-padded ``input_ids [B, S]``, ``position_ids [3, B, S]`` (see
+    :func:`position_ids`), a causal ``attention_mask`` and, on the first stage, the
+    processor's ``pixel_values`` / ``image_grid_thw``; it returns vocab-parallel logits
+    ``[B, S, V / tp]`` on the last stage and hidden states ``[S, B, H]`` elsewhere.
+    """
+
+    def __init__(self, family: QwenVLFamily, hf_config, config, spec, pre_process: bool = True,
+                 post_process: bool = True, vision_attn_implementation: str = "sdpa"):
+        super().__init__(config=config)
+        from megatron.core.enums import ModelType
+        from megatron.core.models.gpt import GPTModel
+
+        self.model_type = ModelType.encoder_or_decoder
+        self.family, self.hf_config = family, hf_config
+        self.pre_process, self.post_process = pre_process, post_process
+        text = family.language_config(hf_config)
+        self.image_token_id = hf_config.image_token_id
+        self.vocab_size = text.vocab_size
+        self.language = GPTModel(
+            config, spec, vocab_size=text.vocab_size, max_sequence_length=text.max_position_embeddings,
+            pre_process=pre_process, post_process=post_process, parallel_output=True,
+            share_embeddings_and_output_weights=bool(getattr(hf_config, "tie_word_embeddings", False)),
+            position_embedding_type="mrope", rotary_base=text.rope_parameters["rope_theta"],
+        )
+        # Qwen's MRoPE layouts replace megatron's contiguous-only MultimodalRotaryEmbedding
+        self.language.rotary_pos_emb = QwenMRoPE(config.kv_channels, text.rope_parameters["rope_theta"],
+                                                 config.mrope_section, family.mrope_layout)
+        self.vision = None
+        if pre_process:
+            vision_class = family.transformers_class(family.vision_class)
+            vision_config = hf_config.vision_config
+            vision_config._attn_implementation = vision_attn_implementation
+            self.vision = vision_class._from_config(vision_config, dtype=config.params_dtype)
+            for param in self.vision.parameters():  # replicated on TP ranks: count once in norms
+                param.tensor_model_parallel = False
+        self._deepstack: Optional[tuple[torch.Tensor, list[torch.Tensor]]] = None
+        self.deepstack_layers = 0
+        if family.deepstack:
+            self.deepstack_layers = len(hf_config.vision_config.deepstack_visual_indexes)
+            self._install_deepstack_hooks()
+
+    # --- pipeline plumbing -------------------------------------------------------------
+    def set_input_tensor(self, input_tensor) -> None:
+        self.language.set_input_tensor(input_tensor)
+
+    def layer_offset(self) -> int:
+        """Global index of this stage's first decoder layer."""
+        layers = self.language.decoder.layers
+        return layers[0].layer_number - 1 if len(layers) else 0
+
+    # --- deepstack (Qwen3-VL) ------------------------------------------------------------
+    def _install_deepstack_hooks(self) -> None:
+        offset = self.layer_offset()
+        for local, layer in enumerate(self.language.decoder.layers):
+            global_index = offset + local
+            if global_index < self.deepstack_layers:
+                if not self.pre_process:
+                    raise ValueError(
+                        f"deepstack feeds decoder layer {global_index}, which is not on the first pipeline "
+                        "stage; use fewer pipeline stages or an uneven split with more first-stage layers")
+                layer.register_forward_hook(self._deepstack_hook(global_index))
+
+    def _deepstack_hook(self, index: int):
+        def hook(module, args, output):
+            if self._deepstack is None:
+                return output
+            mask, features = self._deepstack  # mask [B, S] of image positions, features[index] [N, H]
+            hidden = output[0] if isinstance(output, tuple) else output
+            hidden = hidden.clone()
+            seq_first = hidden.transpose(0, 1)  # [B, S, H] view
+            seq_first[mask] = seq_first[mask] + features[index].to(hidden.dtype)
+            return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
+        return hook
+
+    # --- forward --------------------------------------------------------------------------
+    def embed(self, input_ids, pixel_values=None, image_grid_thw=None):
+        """Word embeddings ``[S, B, H]`` with image features scattered into image positions."""
+        embeddings = self.language.embedding(input_ids=input_ids, position_ids=None)
+        self._deepstack = None
+        if pixel_values is None:
+            return embeddings
+        output = self.vision(pixel_values.to(self.config.params_dtype), grid_thw=image_grid_thw, return_dict=True)
+        features = output.pooler_output
+        mask = input_ids == self.image_token_id
+        if int(mask.sum()) != features.shape[0]:
+            raise ValueError(f"{int(mask.sum())} image tokens in the batch but {features.shape[0]} image features")
+        embeddings = embeddings.clone()
+        batch_first = embeddings.transpose(0, 1)
+        batch_first[mask] = features.to(embeddings.dtype)
+        if self.family.deepstack:
+            self._deepstack = (mask, list(output.deepstack_features))
+        return embeddings
+
+    def forward(self, input_ids, position_ids, attention_mask, pixel_values=None, image_grid_thw=None):
+        decoder_input = self.embed(input_ids, pixel_values, image_grid_thw) if self.pre_process else None
+        try:
+            return self.language(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                                 decoder_input=decoder_input)
+        finally:
+            self._deepstack = None
+
+
+def causal_mask(seq_length: int, device=None) -> torch.Tensor:
+    """megatron-core's attention mask convention: True where attention is *not* allowed."""
+    return torch.triu(torch.ones(seq_length, seq_length, dtype=torch.bool, device=device), 1)[None, None]
+
+
+def position_ids(family: QwenVLFamily, hf_config, input_ids, attention_mask, mm_token_type_ids,
+                 image_grid_thw=None) -> torch.Tensor:
+    """``[3, B, S]`` MRoPE positions, computed by transformers' own ``get_rope_index`` (text
+    tokens count up; image tokens get (t, h, w) grid positions)."""
+    holder = _rope_index_holder(family, hf_config)
+    positions, _ = holder.get_rope_index(input_ids, mm_token_type_ids=mm_token_type_ids,
+                                         image_grid_thw=image_grid_thw, attention_mask=attention_mask)
+    return positions
+
+
+_HOLDERS: dict = {}
+
+
+def _rope_index_holder(family: QwenVLFamily, hf_config):
+    """An uninitialized transformers base model carrying only ``config``: enough to call its
+    ``get_rope_index`` without building any weights."""
+    key = (family.name, id(hf_config))
+    if key not in _HOLDERS:
+        cls = family.transformers_class(family.hf_base_model_class)
+        holder = cls.__new__(cls)
+        nn.Module.__init__(holder)
+        holder.config = hf_config
+        _HOLDERS[key] = holder
+    return _HOLDERS[key]

@@ -1,0 +1,203 @@
+"""The one place that maps Hugging Face Qwen-VL weights to Megatron-Core and back.
+
+Names. The adapter speaks *canonical* Megatron names: the parameter names of
+:class:`~model_providers.qwen_vl.QwenVLModel` with the **global** decoder-layer index
+(``language.decoder.layers.{g}.…``) and full (unsharded) tensors. A pipeline stage's local
+names convert with :func:`to_global_name` / :func:`to_local_name`; tensor-parallel shards
+with :func:`shard` / :func:`unshard`.
+
+Layouts.
+- ``linear_qkv``: per query group ``g``, the group's query heads, then its key head, then its
+  value head (``[ng * (q_per_group + 2) * head_dim, hidden]``), so that a contiguous
+  tensor-parallel split gives each rank whole groups. Biases likewise.
+- ``linear_fc1``: ``[gate; up]``; a tensor-parallel rank holds ``[gate_r; up_r]``.
+- Layer norms fused into TE linears (``linear_qkv.layer_norm_weight``,
+  ``linear_fc1.layer_norm_weight``) map to the same HF norms as the local spec's separate
+  ``input_layernorm`` / ``pre_mlp_layernorm``.
+- Tied embeddings (Qwen3-VL small models): no ``lm_head.weight`` in HF; the last stage's
+  ``output_layer.weight`` is loaded from ``embed_tokens`` and never exported.
+- The vision tower is the transformers module itself: ``vision.X`` is ``visual.X``.
+
+HF key styles: ``legacy`` (``model.layers.*``, ``visual.*``: what transformers writes for
+Qwen2.5-VL) and ``nested`` (``model.language_model.layers.*``, ``model.visual.*``: Qwen3-VL).
+An export uses the style of the checkpoint it came from, so servers that load by name
+(SGLang) see the names they expect.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+LAYER_RE = re.compile(r"^language\.decoder\.layers\.(\d+)\.(.+)$")
+
+# Megatron layer suffix -> (HF layer suffixes, how they combine)
+LAYER_MAP: dict[str, tuple[tuple[str, ...], str]] = {
+    "input_layernorm.weight": (("input_layernorm.weight",), "copy"),
+    "self_attention.linear_qkv.layer_norm_weight": (("input_layernorm.weight",), "copy"),
+    "self_attention.linear_qkv.weight": (("self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                                          "self_attn.v_proj.weight"), "qkv"),
+    "self_attention.linear_qkv.bias": (("self_attn.q_proj.bias", "self_attn.k_proj.bias",
+                                        "self_attn.v_proj.bias"), "qkv"),
+    "self_attention.linear_proj.weight": (("self_attn.o_proj.weight",), "copy"),
+    "self_attention.q_layernorm.weight": (("self_attn.q_norm.weight",), "copy"),
+    "self_attention.k_layernorm.weight": (("self_attn.k_norm.weight",), "copy"),
+    "pre_mlp_layernorm.weight": (("post_attention_layernorm.weight",), "copy"),
+    "mlp.linear_fc1.layer_norm_weight": (("post_attention_layernorm.weight",), "copy"),
+    "mlp.linear_fc1.weight": (("mlp.gate_proj.weight", "mlp.up_proj.weight"), "glu"),
+    "mlp.linear_fc2.weight": (("mlp.down_proj.weight",), "copy"),
+}
+KEY_STYLES = {
+    "legacy": {"language": "model.", "vision": "visual."},
+    "nested": {"language": "model.language_model.", "vision": "model.visual."},
+}
+
+
+class ConversionError(ValueError):
+    """A checkpoint does not match the model: names the tensor and both shapes."""
+
+
+def detect_key_style(hf_names: Iterable[str]) -> str:
+    names = list(hf_names)
+    if any(n.startswith("model.language_model.") for n in names):
+        return "nested"
+    if any(n.startswith("model.layers.") or n.startswith("model.embed_tokens") for n in names):
+        return "legacy"
+    raise ConversionError("cannot tell the Hugging Face key style: no 'model.layers.*' or "
+                          "'model.language_model.*' tensors found")
+
+
+def _shift_layer(name: str, shift: int) -> str:
+    match = LAYER_RE.match(name)
+    return name if not match else f"language.decoder.layers.{int(match.group(1)) + shift}.{match.group(2)}"
+
+
+def to_global_name(local_name: str, layer_offset: int) -> str:
+    return _shift_layer(local_name, layer_offset)
+
+
+def to_local_name(global_name: str, layer_offset: int) -> str:
+    return _shift_layer(global_name, -layer_offset)
+
+
+@dataclass
+class QwenVLStateDictAdapter:
+    num_heads: int
+    num_query_groups: int
+    head_dim: int
+    tied_embeddings: bool
+    key_style: str = "legacy"
+
+    @classmethod
+    def from_hf_config(cls, hf_config, key_style: str = "legacy") -> QwenVLStateDictAdapter:
+        text = hf_config.text_config
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        return cls(text.num_attention_heads, text.num_key_value_heads, head_dim,
+                   bool(getattr(hf_config, "tie_word_embeddings", False)), key_style)
+
+    # --- names ------------------------------------------------------------------------
+    def _prefix(self, part: str) -> str:
+        return KEY_STYLES[self.key_style][part]
+
+    def hf_names(self, name: str) -> tuple[tuple[str, ...], str]:
+        """HF tensors that make canonical Megatron tensor ``name``, and how they combine."""
+        lang = self._prefix("language")
+        if name.startswith("vision."):
+            return (self._prefix("vision") + name[len("vision."):],), "copy"
+        if name == "language.embedding.word_embeddings.weight":
+            return (lang + "embed_tokens.weight",), "copy"
+        if name == "language.decoder.final_layernorm.weight":
+            return (lang + "norm.weight",), "copy"
+        if name == "language.output_layer.weight":
+            return (("lm_head.weight",) if not self.tied_embeddings else (lang + "embed_tokens.weight",)), "copy"
+        match = LAYER_RE.match(name)
+        if match and match.group(2) in LAYER_MAP:
+            suffixes, how = LAYER_MAP[match.group(2)]
+            return tuple(f"{lang}layers.{match.group(1)}.{s}" for s in suffixes), how
+        raise ConversionError(f"no Hugging Face mapping for Megatron tensor {name!r}")
+
+    # --- tensors ------------------------------------------------------------------------
+    def _qkv_split(self) -> tuple[int, int]:
+        q_per_group = self.num_heads // self.num_query_groups
+        return q_per_group * self.head_dim, self.head_dim
+
+    def to_megatron(self, name: str, read: Callable[[str], torch.Tensor]) -> torch.Tensor:
+        """The full canonical tensor ``name``, reading HF tensors with ``read(hf_name)``."""
+        hf, how = self.hf_names(name)
+        tensors = [read(n) for n in hf]
+        if how == "copy":
+            return tensors[0]
+        if how == "glu":
+            return torch.cat(tensors, dim=0)
+        q, k, v = tensors  # how == "qkv"
+        groups = self.num_query_groups
+        q_rows, kv_rows = self._qkv_split()
+        q = q.reshape(groups, q_rows, *q.shape[1:])
+        k = k.reshape(groups, kv_rows, *k.shape[1:])
+        v = v.reshape(groups, kv_rows, *v.shape[1:])
+        return torch.cat([q, k, v], dim=1).reshape(-1, *q.shape[2:])
+
+    def to_hf(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        """HF ``(name, tensor)`` pairs of the full canonical tensor ``name``."""
+        hf, how = self.hf_names(name)
+        if how == "copy":
+            return [(hf[0], tensor)]
+        if how == "glu":
+            gate, up = tensor.chunk(2, dim=0)
+            return [(hf[0], gate.contiguous()), (hf[1], up.contiguous())]
+        q_rows, kv_rows = self._qkv_split()
+        grouped = tensor.reshape(self.num_query_groups, q_rows + 2 * kv_rows, *tensor.shape[1:])
+        q, k, v = grouped.split([q_rows, kv_rows, kv_rows], dim=1)
+        return [(n, t.reshape(-1, *tensor.shape[1:]).contiguous()) for n, t in zip(hf, (q, k, v))]
+
+    def iter_hf(self, named: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, tensor in named:
+            if name == "language.output_layer.weight" and self.tied_embeddings:
+                continue
+            yield from self.to_hf(name, tensor)
+
+
+# --- tensor parallelism ----------------------------------------------------------------
+def is_glu(name: str) -> bool:
+    return name.endswith("mlp.linear_fc1.weight")
+
+
+def partition_dim(param: torch.Tensor):
+    """The tensor-parallel split dimension of a megatron parameter, or None if replicated."""
+    if getattr(param, "tensor_model_parallel", False):
+        return getattr(param, "partition_dim", 0)
+    return None
+
+
+def shard(name: str, full: torch.Tensor, param: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+    """This rank's slice of the full canonical tensor, laid out as megatron expects."""
+    dim = partition_dim(param)
+    if dim is None or size == 1:
+        out = full
+    elif is_glu(name):
+        gate, up = full.chunk(2, dim=0)
+        out = torch.cat([gate.chunk(size, dim=0)[rank], up.chunk(size, dim=0)[rank]], dim=0)
+    else:
+        if full.shape[dim] % size:
+            raise ConversionError(f"{name}: dimension {dim} of size {full.shape[dim]} does not split into {size}")
+        out = full.chunk(size, dim=dim)[rank]
+    if tuple(out.shape) != tuple(param.shape):
+        raise ConversionError(f"{name}: checkpoint gives shape {tuple(out.shape)} for this rank but the model "
+                              f"expects {tuple(param.shape)} (full checkpoint tensor {tuple(full.shape)})")
+    return out
+
+
+def unshard(name: str, local: torch.Tensor, param: torch.Tensor, group, size: int) -> torch.Tensor:
+    """The full canonical tensor from every rank's shard (all-gather over the TP group)."""
+    dim = partition_dim(param)
+    if dim is None or size == 1:
+        return local
+    parts = [torch.empty_like(local) for _ in range(size)]
+    torch.distributed.all_gather(parts, local.contiguous(), group=group)
+    if is_glu(name):
+        halves = [p.chunk(2, dim=0) for p in parts]
+        return torch.cat([torch.cat([h[0] for h in halves], 0), torch.cat([h[1] for h in halves], 0)], 0)
+    return torch.cat(parts, dim=dim)

@@ -66,7 +66,7 @@ class QwenVLFamily:
             tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=False,
             params_dtype=params_dtype, pipeline_dtype=params_dtype,
             bf16=params_dtype == torch.bfloat16, fp16=params_dtype == torch.float16,
-            use_cpu_initialization=use_cpu_initialization, perform_initialization=False,
+            use_cpu_initialization=use_cpu_initialization,  # initialization also sets the TP attributes
             mrope_section=list(text.rope_parameters["mrope_section"]),
             apply_rope_fusion=False, bias_activation_fusion=False, masked_softmax_fusion=False,
             persist_layer_norm=False, gradient_accumulation_fusion=False, variable_seq_lengths=True,

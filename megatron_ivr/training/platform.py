@@ -119,11 +119,18 @@ def _patch_cuda_literals() -> None:
             module.torch = proxy
 
 
+def _patch_tensor_cuda() -> None:
+    """``tensor.cuda()`` (tied-embedding setup across pipeline stages, data broadcast) keeps
+    the tensor on CPU."""
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+
+
 PATCHES = {
     "cuda_device_queries": _patch_cuda_device_queries,
     "cuda_rng": _patch_cuda_rng,
     "cuda_sync": _patch_cuda_sync,
     "cuda_literals": _patch_cuda_literals,
+    "tensor_cuda": _patch_tensor_cuda,
 }
 
 

@@ -1,0 +1,84 @@
+"""Run under torchrun (any TP x PP): per-token log-probs, entropies, the no-image pass and
+one backward pass of the tiny Qwen-VL models, written to OUT for the parent test to
+compare against transformers. Usage:
+
+    torchrun --nproc_per_node N parity_worker.py OUT TP PP MODEL_DIR [MODEL_DIR ...]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from tests.model_providers.parity_batch import parity_items  # noqa: E402
+
+
+def main() -> None:
+    out, tp, pp, model_dirs = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    from megatron_ivr.models.processor import load_processor
+    from megatron_ivr.training.batching import build_model_batch
+    from megatron_ivr.training.grads import finalize_grads, grad_norm
+    from megatron_ivr.training.logprobs import forward_logprobs
+    from megatron_ivr.training.parallel import ParallelLayout, init_parallel
+    from model_providers import get_provider
+    from model_providers.build import build_model, gather_hf_weights, load_hf_weights
+    from model_providers.hf_checkpoint import HFCheckpoint, write_hf_folder
+    from model_providers.qwen_vl import causal_mask
+
+    init_parallel(ParallelLayout(tp, pp))
+    from megatron.core import parallel_state as ps
+
+    rank = dist.get_rank()
+    results = {}
+    for model_dir in model_dirs:
+        checkpoint = HFCheckpoint(model_dir)
+        hf_config = checkpoint.config()
+        family = get_provider(hf_config.model_type)
+        model = build_model(hf_config)
+        adapter = load_hf_weights(model, checkpoint)
+        processor = load_processor(model_dir)
+        with_image, without_image = parity_items()
+        batch = build_model_batch(processor, family, hf_config, with_image)
+        no_image = build_model_batch(processor, family, hf_config, without_image)
+        model.eval()
+        with torch.no_grad():
+            record = forward_logprobs(model, [batch], causal_mask, with_entropy=True)[0]
+            record_no_image = forward_logprobs(model, [no_image], causal_mask)[0]
+        model.zero_grad(set_to_none=True)
+        forward_logprobs(model, [batch], causal_mask, forward_only=False)
+        finalize_grads(model)
+        norm = grad_norm(model)
+        # the replicated vision tower must get identical gradients on every TP rank
+        vision_spread = 0.0
+        if ps.is_pipeline_first_stage() and tp > 1:
+            flat = torch.cat([p.grad.reshape(-1) for p in model.vision.parameters() if p.grad is not None])
+            gathered = [torch.empty_like(flat) for _ in range(tp)]
+            dist.all_gather(gathered, flat, group=ps.get_tensor_model_parallel_group())
+            vision_spread = max((g - gathered[0]).abs().max().item() for g in gathered)
+        exported = gather_hf_weights(model, adapter.key_style)
+        if rank == 0:
+            name = hf_config.model_type
+            torch.save({"logprobs": record["logprobs"], "entropy": record["entropy"],
+                        "logprobs_no_image": record_no_image["logprobs"]}, out / f"{name}.pt")
+            write_hf_folder(exported.items(), out / f"{name}_export", model_dir)
+            results[name] = {"grad_norm": norm}
+        spread = torch.tensor([vision_spread])
+        dist.all_reduce(spread, op=dist.ReduceOp.MAX)
+        if rank == 0:
+            results[hf_config.model_type]["vision_grad_spread"] = spread.item()
+    if rank == 0:
+        (out / "results.json").write_text(json.dumps(results))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

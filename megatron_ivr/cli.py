@@ -14,7 +14,6 @@ from pathlib import Path
 
 NOT_YET = {
     "train": "the Megatron-Core RL trainer (GRPO/DAPO, VICRA, IVR-R1) is not implemented yet",
-    "convert": "the Hugging Face <-> Megatron converters are not implemented yet",
     "launch": "the nemo-run launchers (local, Slurm, Docker) are not implemented yet",
 }
 
@@ -87,6 +86,17 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from model_providers.convert import hf_to_megatron, megatron_to_hf
+
+    if args.direction == "hf-to-megatron":
+        out = hf_to_megatron(args.src, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype)
+    else:
+        out = megatron_to_hf(args.src, args.out, tp=args.tp, pp=args.pp)
+    print(f"wrote {out}")
+    return 0
+
+
 def cmd_not_yet(args) -> int:
     print(f"megatron-ivr {args.command}: {NOT_YET[args.command]}.", file=sys.stderr)
     return 2
@@ -131,8 +141,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(evaluate)
     evaluate.set_defaults(func=cmd_eval)
 
+    convert = sub.add_parser("convert", help="convert checkpoints between Hugging Face and Megatron",
+                             description="Convert checkpoints. hf-to-megatron writes a megatron-core distributed "
+                                         "checkpoint saved at --tp/--pp (it loads at any layout); megatron-to-hf loads "
+                                         "at --tp/--pp and writes a Hugging Face folder.")
+    convert.add_argument("direction", choices=["hf-to-megatron", "megatron-to-hf"])
+    convert.add_argument("src", help="source folder")
+    convert.add_argument("out", help="output folder (written atomically)")
+    convert.add_argument("--tp", type=int, default=1, help="tensor-parallel size (processes = tp * pp)")
+    convert.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    convert.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                         help="parameter dtype of the Megatron checkpoint")
+    convert.set_defaults(func=cmd_convert)
+
     for name, help_text in (("train", "RL training (GRPO/DAPO + VICRA + IVR-R1)"),
-                            ("convert", "convert checkpoints between Hugging Face and Megatron"),
                             ("launch", "launch a run with nemo-run (local, Slurm, Docker)")):
         command = sub.add_parser(name, help=help_text, description=f"{help_text}. Status: {NOT_YET[name]}.")
         _add_config_args(command)
@@ -145,10 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     from megatron_ivr.config import ConfigError
     from megatron_ivr.data import DataError
+    from model_providers.state_dict_adapter import ConversionError
 
     try:
         return args.func(args)
-    except (ConfigError, DataError) as exc:
+    except (ConfigError, DataError, ConversionError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 

@@ -44,16 +44,21 @@ def adapter_for(model: QwenVLModel, key_style: str = "legacy") -> QwenVLStateDic
 
 
 @torch.no_grad()
-def load_hf_weights(model: QwenVLModel, checkpoint: HFCheckpoint) -> QwenVLStateDictAdapter:
+def load_hf_weights(model: QwenVLModel, checkpoint: HFCheckpoint, progress=None) -> QwenVLStateDictAdapter:
     """Copy this rank's shards of every parameter from the HF checkpoint. Every model
-    parameter must be filled; a shape mismatch names the tensor and both shapes."""
+    parameter must be filled; a shape mismatch names the tensor and both shapes.
+    ``progress(message)`` is called about every 10% of the tensors."""
     from megatron.core import parallel_state as ps
 
     adapter = adapter_for(model, detect_key_style(checkpoint.names()))
     tp_rank, tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
     offset = model.layer_offset()
-    for local_name, param in model.named_parameters():
+    params = list(model.named_parameters())
+    step = max(1, len(params) // 10)
+    for index, (local_name, param) in enumerate(params, start=1):
         name = to_global_name(local_name, offset)
+        if progress is not None and (index % step == 0 or index == len(params)):
+            progress(f"[convert] {index}/{len(params)} tensors")
         try:
             full = adapter.to_megatron(name, checkpoint.read)
         except KeyError as exc:

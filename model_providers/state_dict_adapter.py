@@ -135,6 +135,10 @@ class QwenVLStateDictAdapter:
         q, k, v = tensors  # how == "qkv"
         groups = self.num_query_groups
         q_rows, kv_rows = self._qkv_split()
+        for hf_name, tensor, rows in zip(hf, (q, k, v), (groups * q_rows, groups * kv_rows, groups * kv_rows)):
+            if tensor.shape[0] != rows:
+                raise ConversionError(f"{hf_name}: checkpoint shape {tuple(tensor.shape)} but the model config "
+                                      f"expects ({rows}, ...) for {name}")
         q = q.reshape(groups, q_rows, *q.shape[1:])
         k = k.reshape(groups, kv_rows, *k.shape[1:])
         v = v.reshape(groups, kv_rows, *v.shape[1:])

@@ -1,0 +1,60 @@
+"""Converters: HF -> Megatron distributed checkpoint at one layout -> HF at another is
+bit-exact; a config that does not match the checkpoint names the tensor and both shapes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from model_providers.convert import META_NAME, hf_to_megatron, megatron_to_hf
+
+
+def assert_bit_exact(original_dir, exported_dir):
+    original = load_file(original_dir / "model.safetensors")
+    exported = {}
+    for path in sorted(exported_dir.glob("*.safetensors")):
+        exported.update(load_file(path))
+    assert sorted(exported) == sorted(original)
+    for name, tensor in original.items():
+        assert exported[name].dtype == tensor.dtype and torch.equal(exported[name], tensor), name
+
+
+@pytest.mark.parametrize("family, save_layout, load_layout", [
+    ("qwen2_5_vl", (2, 1), (1, 2)),   # saved TP2, exported from PP2
+    ("qwen3_vl", (1, 2), (2, 1)),     # saved PP2 (tied embeddings on two stages), exported from TP2
+])
+def test_round_trip_across_layouts(tiny_models, tmp_path, family, save_layout, load_layout):
+    ckpt = hf_to_megatron(tiny_models[family], tmp_path / "megatron", *save_layout)
+    meta = json.loads((ckpt / META_NAME).read_text())
+    assert (meta["family"], meta["tp"], meta["pp"]) == (family, *save_layout)
+    assert (ckpt / "hf" / "config.json").exists() and (ckpt / "hf" / "tokenizer.json").exists()
+    out = megatron_to_hf(ckpt, tmp_path / "hf", *load_layout)
+    assert_bit_exact(tiny_models[family], out)
+    for name in ("config.json", "tokenizer.json", "processor_config.json", "chat_template.jinja"):
+        assert (out / name).read_bytes() == (tiny_models[family] / name).read_bytes()
+    assert not list(tmp_path.glob("*.converting")) and not list(tmp_path.glob("*.tmp"))
+
+
+def test_mismatched_config_names_tensor_and_shapes(tiny_models, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_models["qwen2_5_vl"], bad)
+    config = json.loads((bad / "config.json").read_text())
+    config["text_config"]["intermediate_size"] *= 2
+    (bad / "config.json").write_text(json.dumps(config))
+    result = subprocess.run([sys.executable, "-m", "megatron_ivr.cli", "convert", "hf-to-megatron", str(bad),
+                             str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert "language.decoder.layers.0.mlp.linear_fc1.weight" in result.stderr
+    assert "(256, 64)" in result.stderr and "(512, 64)" in result.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.converting").exists()
+
+
+def test_megatron_to_hf_refuses_other_folders(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a megatron-ivr checkpoint"):
+        megatron_to_hf(tmp_path, tmp_path / "out")

@@ -96,11 +96,21 @@ def gather_hf_weights(model: QwenVLModel, key_style: str = "legacy") -> Optional
         stage.update(adapter.to_hf(name, tensor.cpu()))
     if ps.get_tensor_model_parallel_rank() != 0:
         return None
-    stages = [None] * ps.get_pipeline_model_parallel_world_size()
-    dist.all_gather_object(stages, stage, group=ps.get_pipeline_model_parallel_group())
+    group = ps.get_pipeline_model_parallel_group()
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        # names, shapes and dtypes travel as objects; the tensors themselves point to point
+        layouts = [None] * ps.get_pipeline_model_parallel_world_size()
+        dist.all_gather_object(layouts, [(n, tuple(t.shape), t.dtype) for n, t in stage.items()], group=group)
+        ranks = dist.get_process_group_ranks(group)
+        if dist.get_rank() == ranks[0]:
+            for source, layout in zip(ranks[1:], layouts[1:]):
+                for name, shape, dtype in layout:
+                    tensor = torch.empty(shape, dtype=dtype)
+                    dist.recv(tensor, src=source)
+                    stage[name] = tensor
+        else:
+            for tensor in stage.values():
+                dist.send(tensor.contiguous(), dst=ranks[0])
     if dist.get_rank() != 0:
         return None
-    merged: dict[str, torch.Tensor] = {}
-    for part in stages:
-        merged.update(part)
-    return dict(sorted(merged.items()))
+    return dict(sorted(stage.items()))

@@ -47,9 +47,11 @@ class QwenVLFamily:
         return hf_config.text_config
 
     def transformer_config(self, hf_config, tp: int = 1, pp: int = 1, params_dtype=torch.float32,
-                           fp8: Optional[str] = None, use_cpu_initialization: bool = True):
+                           fp8: Optional[str] = None, use_cpu_initialization: bool = True,
+                           random_init: bool = False):
         """megatron-core ``TransformerConfig`` of the language decoder (see the mapping in
-        docs/models.md)."""
+        docs/models.md). ``random_init=False`` skips drawing random weights that a checkpoint
+        load overwrites anyway (megatron still allocates and tags the TP shards)."""
         from megatron.core.transformer import TransformerConfig
 
         text = self.language_config(hf_config)
@@ -72,10 +74,17 @@ class QwenVLFamily:
             persist_layer_norm=False, gradient_accumulation_fusion=False, variable_seq_lengths=True,
             moe_token_dispatcher_type="alltoall",  # (dense model) the default rejects variable lengths
         )
+        if not random_init:
+            kwargs.update(init_method=_skip_init, output_layer_init_method=_skip_init,
+                          embedding_init_method=_skip_init)
         if fp8 is not None:
             kwargs.update(fp8="hybrid" if fp8 == "delayed" else "e4m3",
                           fp8_recipe="delayed" if fp8 == "delayed" else "blockwise")
         return TransformerConfig(**kwargs)
+
+
+def _skip_init(weight: torch.Tensor) -> torch.Tensor:
+    return weight
 
 
 def _import_model_class(family: str, name: str):
@@ -150,7 +159,10 @@ class QwenVLModel(_megatron_module()):
             vision_class = family.transformers_class(family.vision_class)
             vision_config = hf_config.vision_config
             vision_config._attn_implementation = vision_attn_implementation
-            self.vision = vision_class._from_config(vision_config, dtype=config.params_dtype)
+            from transformers.initialization import no_init_weights
+
+            with no_init_weights():  # weights come from a checkpoint
+                self.vision = vision_class._from_config(vision_config, dtype=config.params_dtype)
             for param in self.vision.parameters():  # replicated on TP ranks: count once in norms
                 param.tensor_model_parallel = False
         self._deepstack: Optional[tuple[torch.Tensor, list[torch.Tensor]]] = None

@@ -1,0 +1,85 @@
+"""Converter throughput: HF -> Megatron distributed checkpoint -> HF, against a plain
+safetensors load + save of the same tensors, in the same run, on the same disk.
+
+Model: a random Qwen2.5-VL with hidden 1024, 8 decoder layers, a 32k vocabulary and a
+4-block vision tower (~200M parameters, ~0.8 GB in fp32). Both directions run at TP1 in one
+process (the converter's own cost, not parallel speed-up), after one warm-up round of each
+arm (imports, process group, page cache). The converter's time includes building the
+Megatron model and megatron-core's distributed-checkpoint save and load.
+
+Usage: python benchmarks/convert.py [--layers 8] [--hidden 1024]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def make_model(folder: Path, layers: int, hidden: int) -> int:
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    heads = hidden // 128
+    text = dict(vocab_size=32768, hidden_size=hidden, intermediate_size=hidden * 4, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=max(1, heads // 4), max_position_embeddings=4096,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]})
+    vision = dict(depth=4, hidden_size=512, num_heads=8, intermediate_size=1376, out_hidden_size=hidden,
+                  fullatt_block_indexes=[3])
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=32000, video_token_id=32001,
+                              vision_start_token_id=32002, vision_end_token_id=32003)
+    torch.manual_seed(0)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    model.save_pretrained(folder, max_shard_size="10GB")
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=1024)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    from safetensors.torch import load_file, save_file
+
+    from model_providers.convert import hf_to_megatron, megatron_to_hf
+
+    with tempfile.TemporaryDirectory(dir=".") as tmp:
+        tmp = Path(tmp)
+        nbytes = make_model(tmp / "source", args.layers, args.hidden)
+        mb = nbytes / 1e6
+        # warm-up: imports, the process group and the page cache, for both arms
+        load_file(tmp / "source" / "model.safetensors")
+        megatron_to_hf(hf_to_megatron(tmp / "source", tmp / "warm"), tmp / "warm_export")
+        shutil.rmtree(tmp / "warm")
+        shutil.rmtree(tmp / "warm_export")
+        start = time.perf_counter()
+        tensors = load_file(tmp / "source" / "model.safetensors")
+        save_file(tensors, str(tmp / "plain.safetensors"))
+        plain = time.perf_counter() - start
+        del tensors
+        start = time.perf_counter()
+        ckpt = hf_to_megatron(tmp / "source", tmp / "megatron")
+        to_megatron = time.perf_counter() - start
+        start = time.perf_counter()
+        megatron_to_hf(ckpt, tmp / "export")
+        to_hf = time.perf_counter() - start
+        shutil.rmtree(tmp / "megatron")
+    ours = to_megatron + to_hf
+    print(f"model: {nbytes / 1e9:.2f} GB of fp32 weights ({nbytes // 4 / 1e6:.0f}M parameters)")
+    print(f"plain safetensors load + save: {plain:.1f} s = {mb / plain:.0f} MB/s")
+    print(f"hf-to-megatron: {to_megatron:.1f} s = {mb / to_megatron:.0f} MB/s; "
+          f"megatron-to-hf: {to_hf:.1f} s = {mb / to_hf:.0f} MB/s")
+    print(f"convert: ratio={(mb / ours) / (mb / plain):.2f} (HF->Megatron->HF MB/s over plain safetensors "
+          "load+save MB/s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -175,6 +175,15 @@ class QwenVLModel(_megatron_module()):
     def set_input_tensor(self, input_tensor) -> None:
         self.language.set_input_tensor(input_tensor)
 
+    # megatron's finalize_model_grads looks these up on the unwrapped model to sum the
+    # gradients of tied embeddings across the first and last pipeline stages
+    @property
+    def share_embeddings_and_output_weights(self) -> bool:
+        return self.language.share_embeddings_and_output_weights
+
+    def shared_embedding_or_output_weight(self):
+        return self.language.shared_embedding_or_output_weight()
+
     def layer_offset(self) -> int:
         """Global index of this stage's first decoder layer."""
         layers = self.language.decoder.layers

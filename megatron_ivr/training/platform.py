@@ -72,6 +72,7 @@ _CUDA_LITERAL_MODULES = (
     "megatron.core.distributed.param_and_grad_buffer",
     "megatron.core.distributed.distributed_data_parallel",
     "megatron.core.distributed.finalize_model_grads",
+    "megatron.core.utils",  # the local multi-tensor L2 norm (no Apex/TE) returns a CUDA tensor
 )
 
 
@@ -125,12 +126,32 @@ def _patch_tensor_cuda() -> None:
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
 
 
+_CPU_TO_CUDA_TYPE = {"torch.FloatTensor": "torch.cuda.FloatTensor", "torch.HalfTensor": "torch.cuda.HalfTensor",
+                     "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor"}
+
+
+def _patch_tensor_type_names() -> None:
+    """megatron's optimizers (distributed optimizer, mixed precision, gradient clipping)
+    accept parameters by their ``tensor.type()`` name, which must be a ``torch.cuda.*`` one:
+    on CPU, ``tensor.type()`` without arguments answers the CUDA name of the same dtype."""
+    original = torch.Tensor.type
+
+    def type_(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not kwargs:
+            name = original(self)
+            return _CPU_TO_CUDA_TYPE.get(name, name)
+        return original(self, dtype, non_blocking, **kwargs)
+
+    torch.Tensor.type = type_
+
+
 PATCHES = {
     "cuda_device_queries": _patch_cuda_device_queries,
     "cuda_rng": _patch_cuda_rng,
     "cuda_sync": _patch_cuda_sync,
     "cuda_literals": _patch_cuda_literals,
     "tensor_cuda": _patch_tensor_cuda,
+    "tensor_type_names": _patch_tensor_type_names,
 }
 
 

@@ -25,8 +25,8 @@ def main() -> None:
 
     from megatron_ivr.models.processor import load_processor
     from megatron_ivr.training.batching import build_model_batch
-    from megatron_ivr.training.grads import finalize_grads, grad_norm
     from megatron_ivr.training.logprobs import forward_logprobs
+    from megatron_ivr.training.optimizer import OptimizerSettings, train_step, wrap_for_training
     from megatron_ivr.training.parallel import ParallelLayout, init_parallel
     from model_providers import get_provider
     from model_providers.build import build_model, gather_hf_weights, load_hf_weights
@@ -52,18 +52,17 @@ def main() -> None:
         with torch.no_grad():
             record = forward_logprobs(model, [batch], causal_mask, with_entropy=True)[0]
             record_no_image = forward_logprobs(model, [no_image], causal_mask)[0]
-        model.zero_grad(set_to_none=True)
-        forward_logprobs(model, [batch], causal_mask, forward_only=False)
-        finalize_grads(model)
-        norm = grad_norm(model)
+        exported = gather_hf_weights(model, adapter.key_style)  # before the step changes the weights
+        # one step through megatron's DDP, finalize_model_grads and distributed optimizer
+        ddp, optimizer = wrap_for_training(model, OptimizerSettings(lr=1e-4, clip_grad=1e9))
+        norm = train_step(ddp, optimizer, [batch], causal_mask)["grad_norm"]
         # the replicated vision tower must get identical gradients on every TP rank
         vision_spread = 0.0
         if ps.is_pipeline_first_stage() and tp > 1:
-            flat = torch.cat([p.grad.reshape(-1) for p in model.vision.parameters() if p.grad is not None])
+            flat = torch.cat([p.main_grad.reshape(-1) for p in model.vision.parameters()])
             gathered = [torch.empty_like(flat) for _ in range(tp)]
             dist.all_gather(gathered, flat, group=ps.get_tensor_model_parallel_group())
             vision_spread = max((g - gathered[0]).abs().max().item() for g in gathered)
-        exported = gather_hf_weights(model, adapter.key_style)
         if rank == 0:
             name = hf_config.model_type
             torch.save({"logprobs": record["logprobs"], "entropy": record["entropy"],

@@ -5,8 +5,9 @@
   padding and a text-only sample: max abs difference <= 1e-5;
 - entropies: <= 1e-5; the no-image pass (VICRA's ``discard``) against transformers on the
   same prompts without images: <= 1e-5;
-- the gradient norm after one backward pass: within 1e-5 relative of transformers (and so of
-  every other layout); the replicated vision tower's gradients identical on all TP ranks;
+- the gradient norm after one backward pass through megatron's DDP, ``finalize_model_grads``
+  and distributed optimizer: within 1e-5 relative of transformers (and so of every other
+  layout); the replicated vision tower's gradients identical on all TP ranks;
 - HF -> Megatron (this layout) -> HF is bit-exact for every tensor, and the exported folder
   greedy-generates the same tokens as the original.
 """

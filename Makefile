@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 CONFIG ?= configs/demo_cpu.yaml
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: setup demo test test-all lint clean
+.PHONY: setup demo test test-slow test-all lint clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ demo: setup
 test: setup
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
 
 test-all: setup
 	$(PY) -m pytest -q -m "slow or not slow"

@@ -201,6 +201,8 @@ class ParallelismConfig:
     def validate(self, prefix: str = "parallel") -> None:
         for name in ("tensor_parallel", "pipeline_parallel", "context_parallel"):
             _check(getattr(self, name) >= 1, f"{prefix}.{name}", "must be >= 1")
+        _check(self.context_parallel == 1, f"{prefix}.context_parallel",
+               "context parallelism is not supported for Qwen-VL yet (see docs/models.md)")
 
 
 @dataclass

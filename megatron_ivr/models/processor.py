@@ -35,6 +35,24 @@ class Qwen3VLImageOnlyProcessor(_ImageOnly, Qwen3VLProcessor):
 
 
 PROCESSOR_CLASSES = {"qwen2_5_vl": Qwen2_5_VLImageOnlyProcessor, "qwen3_vl": Qwen3VLImageOnlyProcessor}
+STOCK_PROCESSOR_NAMES = {"qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen3_vl": "Qwen3VLProcessor"}
+STOCK_VIDEO_PROCESSOR_NAMES = {"qwen2_5_vl": "Qwen2VLVideoProcessor", "qwen3_vl": "Qwen3VLVideoProcessor"}
+
+
+def save_processor(processor, family: str, path: str | Path) -> None:
+    """Save, naming the stock processor class (and a matching video-processor section) in
+    ``processor_config.json`` so that servers with torchvision (SGLang, vLLM) load the full
+    processor with ``AutoProcessor``; this repo loads the image-only subclass explicitly
+    (:func:`load_processor`)."""
+    processor.save_pretrained(str(path))
+    config_path = Path(path) / "processor_config.json"
+    config = json.loads(config_path.read_text())
+    config["processor_class"] = STOCK_PROCESSOR_NAMES[family]
+    image = config["image_processor"]
+    config["video_processor"] = {"video_processor_type": STOCK_VIDEO_PROCESSOR_NAMES[family],
+                                 **{k: image[k] for k in ("patch_size", "merge_size", "temporal_patch_size",
+                                                          "image_mean", "image_std", "size") if k in image}}
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def make_processor(family: str, tokenizer, min_pixels: int, max_pixels: int):

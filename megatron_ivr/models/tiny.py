@@ -19,7 +19,7 @@ from transformers import (
 )
 
 from megatron_ivr.config.schema import TinyModelConfig
-from megatron_ivr.models.processor import PATCH_SIZE, make_processor
+from megatron_ivr.models.processor import PATCH_SIZE, make_processor, save_processor
 
 MODEL_CLASSES = {"qwen2_5_vl": Qwen2_5_VLForConditionalGeneration, "qwen3_vl": Qwen3VLForConditionalGeneration}
 
@@ -70,7 +70,7 @@ def make_tiny_model(family: str, cfg: TinyModelConfig, tokenizer, output_dir: st
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(str(output_dir))
-    make_processor(family, tokenizer, min_pixels, max_pixels).save_pretrained(str(output_dir))
+    save_processor(make_processor(family, tokenizer, min_pixels, max_pixels), family, output_dir)
     return output_dir
 
 

@@ -29,6 +29,7 @@ setup(
         "pillow>=10.0",
         "pyarrow>=14",
         "numpy>=1.26",
+        "aiohttp>=3.9",  # the async SGLang client (connection pool, timeouts) and its test server
     ],
     extras_require={
         "launch": ["nemo-run>=0.11", "leptonai==0.27.3"],  # leptonai>=0.47 breaks `import nemo_run`

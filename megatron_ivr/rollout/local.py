@@ -35,6 +35,21 @@ class LocalEngine:
     def weight_version(self) -> int:
         return self._weight_version
 
+    def set_weight_version(self, version: int) -> None:
+        self._weight_version = version
+
+    def parameter_names(self) -> list[str]:
+        return [name for name, _ in self.model.named_parameters()]
+
+    def health(self) -> list[bool]:
+        return [True]
+
+    def pause(self, mode: str = "abort") -> None:
+        pass  # generation is synchronous: nothing runs between calls
+
+    def resume(self) -> None:
+        pass
+
     def update_weights(self, named_tensors, version: int) -> None:
         """Load Hugging Face-named tensors in place; every name must exist (none dropped)."""
         params = dict(self.model.named_parameters())

@@ -42,7 +42,7 @@ def run_worker(out: Path, tp: int, pp: int, model_dirs: list[Path]) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(tp * pp),
                "--master_port", str(_free_port()), str(WORKER), str(out), str(tp), str(pp), *map(str, model_dirs)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     if result.returncode != 0:
         raise AssertionError(f"worker failed (tp={tp}, pp={pp}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
     return json.loads((out / "results.json").read_text())

@@ -21,7 +21,7 @@ def run(out: Path, nproc: int, tp: int, model_dir: Path) -> dict:
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
                str(free_port()), str(WORKER), str(out), str(tp), str(model_dir)]
     result = subprocess.run(command, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                            timeout=600)
+                            timeout=300)
     assert result.returncode == 0, result.stderr[-6000:]
     return json.loads((out / "results.json").read_text())
 

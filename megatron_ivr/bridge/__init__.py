@@ -1,0 +1,1 @@
+"""The weight bridge: Megatron shards -> HF names -> flattened buckets -> transport -> engine."""

@@ -1,0 +1,1 @@
+"""The SGLang backend: server manager, async client, and the RolloutEngine over them."""

@@ -1,0 +1,151 @@
+"""Async HTTP client for SGLang 0.5.23 servers (and sglang-router for /generate).
+
+- One aiohttp connection pool, bounded concurrency (a semaphore), a timeout per request.
+- Every sample is its own request with a unique ``rid`` and its own result slot: a request
+  whose server fails (connection error, 5xx, timeout) is retried on another server, up to
+  ``retries`` times, so a sample is never lost and never counted twice.
+- ``Authorization: Bearer <api_key>`` on every request when a key is set.
+- Admin endpoints (pause, flush, weight updates, versions) go to every server: the router
+  does not proxy them.
+The client runs its own event loop in a background thread so that synchronous trainer code
+can call it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import aiohttp
+
+
+class SGLangError(RuntimeError):
+    """A server answered with an error, or every retry failed."""
+
+
+@dataclass
+class ServerState:
+    url: str
+    failures: int = 0
+    down_until: float = 0.0
+
+    def available(self) -> bool:
+        return time.monotonic() >= self.down_until
+
+
+@dataclass
+class ClientStats:
+    requests: int = 0
+    retries: int = 0
+    failures: dict = field(default_factory=dict)
+
+
+class SGLangClient:
+    def __init__(self, urls: list[str], api_key: Optional[str] = None, max_concurrency: int = 64,
+                 timeout_s: float = 600.0, retries: int = 3, cool_off_s: float = 5.0):
+        if not urls:
+            raise ValueError("SGLangClient needs at least one server URL")
+        self.servers = [ServerState(u.rstrip("/")) for u in urls]
+        self.api_key, self.timeout_s, self.retries, self.cool_off_s = api_key, timeout_s, retries, cool_off_s
+        self.max_concurrency = max_concurrency
+        self.stats = ClientStats()
+        self._rr = itertools.count()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="sglang-client", daemon=True)
+        self._thread.start()
+        self._session: Optional[aiohttp.ClientSession] = None
+        self._semaphore: Optional[asyncio.Semaphore] = None
+        self.run(self._open())
+
+    # --- event loop plumbing ------------------------------------------------------------
+    async def _open(self) -> None:
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=self.max_concurrency),
+            headers={"Authorization": f"Bearer {self.api_key}"} if self.api_key else {})
+        self._semaphore = asyncio.Semaphore(self.max_concurrency)
+
+    def run(self, coroutine):
+        """Run a coroutine on the client's loop from synchronous code and return its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    def close(self) -> None:
+        if self._session is not None:
+            self.run(self._session.close())
+            self._session = None
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+
+    # --- requests -------------------------------------------------------------------------
+    def _pick(self, exclude: set[str]) -> ServerState:
+        candidates = [s for s in self.servers if s.available() and s.url not in exclude]
+        if not candidates:
+            candidates = [s for s in self.servers if s.url not in exclude] or self.servers
+        return candidates[next(self._rr) % len(candidates)]
+
+    async def _post(self, url: str, path: str, payload: Optional[dict], timeout_s: Optional[float] = None,
+                    method: str = "POST") -> Any:
+        timeout = aiohttp.ClientTimeout(total=timeout_s or self.timeout_s)
+        async with self._semaphore:
+            async with self._session.request(method, url + path, json=payload, timeout=timeout) as response:
+                text = await response.text()
+                if response.status >= 400:
+                    raise SGLangError(f"{url}{path}: HTTP {response.status}: {text[:500]}")
+                return await response.json(content_type=None) if text else None
+
+    async def generate_one(self, payload: dict) -> dict:
+        """POST /generate with retries on other servers; returns the single result object."""
+        tried: set[str] = set()
+        last_error: Optional[Exception] = None
+        for attempt in range(self.retries + 1):
+            server = self._pick(tried)
+            tried.add(server.url)
+            self.stats.requests += 1
+            try:
+                result = await self._post(server.url, "/generate", payload)
+                server.failures = 0
+                return result[0] if isinstance(result, list) else result
+            except (aiohttp.ClientError, asyncio.TimeoutError, SGLangError) as exc:
+                if isinstance(exc, SGLangError) and " HTTP 4" in str(exc):
+                    raise  # the request itself is wrong: retrying elsewhere will not help
+                last_error = exc
+                server.failures += 1
+                server.down_until = time.monotonic() + self.cool_off_s
+                self.stats.failures[server.url] = self.stats.failures.get(server.url, 0) + 1
+                if attempt < self.retries:
+                    self.stats.retries += 1
+                    if len(tried) == len(self.servers):
+                        tried.clear()  # every server failed once: wait, then try them again
+                        await asyncio.sleep(min(self.cool_off_s, 2.0 * (attempt + 1)))
+        raise SGLangError(f"/generate failed after {self.retries + 1} attempts: {last_error}")
+
+    def generate(self, payloads: list[dict]) -> list[dict]:
+        async def gather():
+            return await asyncio.gather(*(self.generate_one(p) for p in payloads))
+        return self.run(gather())
+
+    def call_all(self, path: str, payload: Optional[dict] = None, method: str = "POST",
+                 timeout_s: Optional[float] = None) -> list[Any]:
+        """Send an admin request to every server; raise if any fails."""
+        async def gather():
+            return await asyncio.gather(*(self._post(s.url, path, payload, timeout_s, method) for s in self.servers))
+        results = self.run(gather())
+        for server, result in zip(self.servers, results):
+            if isinstance(result, dict) and result.get("success") is False:
+                raise SGLangError(f"{server.url}{path}: {result.get('message')}")
+        return results
+
+    def healthy(self, path: str = "/health_generate", timeout_s: float = 5.0) -> list[bool]:
+        async def probe(server):
+            try:
+                await self._post(server.url, path, None, timeout_s, method="GET")
+                return True
+            except (aiohttp.ClientError, asyncio.TimeoutError, SGLangError):
+                return False
+
+        async def gather():
+            return await asyncio.gather(*(probe(s) for s in self.servers))
+        return self.run(gather())

@@ -1,0 +1,94 @@
+"""The SGLang backend of :class:`~megatron_ivr.rollout.engine.RolloutEngine`.
+
+Prompts are rendered with the model's chat template here (one ``<|image_pad|>`` per image;
+the server expands it) and images travel as PNG data URIs. Each of the ``n`` samples of a
+request is its own ``/generate`` call with its own ``rid`` (see client.py for retries).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import uuid
+from typing import Optional
+
+from megatron_ivr.prompts import chat_messages
+from megatron_ivr.rollout.engine import Completion, GenerationRequest, SamplingParams
+from megatron_ivr.rollout.sglang.client import SGLangClient
+
+
+def image_data_uri(image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def parse_version(value) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0
+
+
+class SGLangEngine:
+    def __init__(self, client: SGLangClient, tokenizer, weight_version: int = 0):
+        self.client = client
+        self.tokenizer = tokenizer
+        self._weight_version = weight_version
+
+    @property
+    def weight_version(self) -> int:
+        return self._weight_version
+
+    def prompt_text(self, request: GenerationRequest) -> str:
+        return self.tokenizer.apply_chat_template(chat_messages(request.text, len(request.images)), tokenize=False,
+                                                  add_generation_prompt=True)
+
+    def payload(self, request: GenerationRequest, sampling: SamplingParams, sample: int) -> dict:
+        params = {"max_new_tokens": sampling.max_new_tokens, "temperature": sampling.temperature,
+                  "top_p": sampling.top_p, "top_k": sampling.top_k, "n": 1}
+        if sampling.stop:
+            params["stop"] = list(sampling.stop)
+        if sampling.seed is not None:
+            params["sampling_seed"] = sampling.seed + sample
+        payload = {"text": self.prompt_text(request), "sampling_params": params, "return_logprob": True,
+                   "rid": f"{request.request_id or 'req'}-{sample}-{uuid.uuid4().hex[:8]}"}
+        if request.images:
+            payload["image_data"] = [image_data_uri(image) for image in request.images]
+        return payload
+
+    def generate(self, requests: list[GenerationRequest], sampling: SamplingParams) -> list[list[Completion]]:
+        payloads = [self.payload(r, sampling, k) for r in requests for k in range(sampling.n)]
+        results = self.client.generate(payloads)
+        out: list[list[Completion]] = [[] for _ in requests]
+        for index, result in enumerate(results):
+            out[index // sampling.n].append(to_completion(result))
+        return out
+
+    def health(self) -> list[bool]:
+        return self.client.healthy()
+
+    def pause(self, mode: str = "abort") -> None:
+        self.client.call_all("/pause_generation", {"mode": mode})
+
+    def resume(self) -> None:
+        self.client.call_all("/continue_generation", {})
+
+    def set_weight_version(self, version: int) -> None:
+        self._weight_version = version
+
+
+def to_completion(result: dict) -> Completion:
+    meta = result.get("meta_info", {})
+    entries = meta.get("output_token_logprobs") or []
+    token_ids = [int(entry[1]) for entry in entries]
+    logprobs = [float(entry[0]) for entry in entries]
+    finish = meta.get("finish_reason") or {}
+    reason = finish.get("type", "stop") if isinstance(finish, dict) else str(finish)
+    return Completion(text=result.get("text", ""), token_ids=token_ids, logprobs=logprobs,
+                      finish_reason="length" if reason == "length" else ("abort" if reason == "abort" else "stop"),
+                      weight_version=parse_version(meta.get("weight_version")))
+
+
+def engine_from_urls(urls: list[str], tokenizer, api_key: Optional[str] = None, **client_kwargs) -> SGLangEngine:
+    return SGLangEngine(SGLangClient(urls, api_key=api_key, **client_kwargs), tokenizer)

@@ -1,0 +1,107 @@
+"""The SGLang client and engine against a local server speaking SGLang's JSON (unit tier;
+tests/rollout/test_sglang_server.py runs the real server)."""
+
+from __future__ import annotations
+
+import base64
+import pickle
+
+import pytest
+import torch
+from PIL import Image
+
+from megatron_ivr.bridge.buckets import flatten
+from megatron_ivr.bridge.transports import TensorTransport
+from megatron_ivr.rollout import GenerationRequest, SamplingParams
+from megatron_ivr.rollout.sglang.client import SGLangClient, SGLangError
+from megatron_ivr.rollout.sglang.engine import SGLangEngine
+from tests.rollout.fake_sglang import FakeSGLang
+
+
+class Tokenizer:
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
+        content = messages[0]["content"]
+        pads = "".join("<|vision_start|><|image_pad|><|vision_end|>" for c in content if c["type"] == "image")
+        return f"<|im_start|>user\n{pads}{content[-1]['text']}<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.fixture
+def servers():
+    fakes = [FakeSGLang(api_key="secret").start() for _ in range(2)]
+    yield fakes
+    for fake in fakes:
+        fake.stop()
+
+
+def test_generate_spreads_requests_and_parses_results(servers):
+    client = SGLangClient([s.url for s in servers], api_key="secret", max_concurrency=4)
+    engine = SGLangEngine(client, Tokenizer())
+    image = Image.new("RGB", (28, 28), "red")
+    out = engine.generate([GenerationRequest("How many?", [image], "q0"), GenerationRequest("Hi", [], "q1")],
+                          SamplingParams(max_new_tokens=3, n=3, temperature=1.0, seed=7))
+    client.close()
+    assert [len(group) for group in out] == [3, 3]
+    completion = out[0][0]
+    assert completion.token_ids == [10, 11, 12] and completion.logprobs == [-0.5] * 3
+    assert completion.finish_reason == "length" and completion.weight_version == 0
+    generate = [body for s in servers for path, body in s.requests if path == "/generate"]
+    assert len(generate) == 6 and all(len(s.requests) > 0 for s in servers)  # both servers used
+    first = next(b for b in generate if b["rid"].startswith("q0-"))
+    assert first["image_data"][0].startswith("data:image/png;base64,")
+    assert first["text"].count("<|image_pad|>") == 1 and first["return_logprob"] is True
+    assert len({b["rid"] for b in generate}) == 6  # every sample its own request id
+    assert sorted(b["sampling_params"]["sampling_seed"] for b in generate) == [7, 7, 8, 8, 9, 9]
+
+
+def test_failed_server_is_retried_elsewhere_without_losing_samples(servers):
+    servers[0].fail_generate = 100  # this server answers 500 to everything
+    client = SGLangClient([s.url for s in servers], api_key="secret", retries=2, cool_off_s=60)
+    results = client.generate([{"text": f"p{i}", "sampling_params": {"max_new_tokens": 1}, "rid": f"r{i}"}
+                               for i in range(8)])
+    client.close()
+    assert [r["meta_info"]["id"] for r in results] == [f"r{i}" for i in range(8)]  # none lost, in order
+    served = [b["rid"] for path, b in servers[1].requests if path == "/generate"]
+    assert sorted(served) == [f"r{i}" for i in range(8)]  # each answered exactly once
+    assert client.stats.retries >= 1
+
+
+def test_all_servers_down_is_a_clear_error(servers):
+    for s in servers:
+        s.fail_generate = 100
+    client = SGLangClient([s.url for s in servers], api_key="secret", retries=1, cool_off_s=0.01)
+    with pytest.raises(SGLangError, match="failed after 2 attempts"):
+        client.generate([{"text": "p", "sampling_params": {"max_new_tokens": 1}}])
+    client.close()
+
+
+def test_timeout_and_api_key(servers):
+    servers[0].hang_generate = True
+    client = SGLangClient([servers[0].url], api_key="secret", timeout_s=0.5, retries=0)
+    with pytest.raises(SGLangError):
+        client.generate([{"text": "p", "sampling_params": {"max_new_tokens": 1}}])
+    client.close()
+    wrong = SGLangClient([servers[1].url], api_key="wrong", retries=0)
+    with pytest.raises(SGLangError, match="HTTP 401"):
+        wrong.generate([{"text": "p", "sampling_params": {"max_new_tokens": 1}}])
+    wrong.close()
+
+
+def test_tensor_transport_wraps_updates_and_sets_the_version(servers):
+    client = SGLangClient([s.url for s in servers], api_key="secret")
+    transport = TensorTransport(client)
+    with pytest.raises(SGLangError, match="HTTP 400"):  # outside begin/end SGLang refuses
+        transport.send(flatten([("w", torch.ones(2))]))
+    transport.begin(version=3)
+    transport.send(flatten([("model.norm.weight", torch.arange(4.0)), ("lm_head.weight", torch.ones(2, 2))]))
+    transport.finish(version=3)
+    client.close()
+    for server in servers:
+        assert [p for p, _ in server.requests] == [
+            "/update_weights_from_tensor",  # the refused one
+            "/pause_generation", "/begin_weight_update", "/update_weights_from_tensor", "/end_weight_update",
+            "/update_weight_version", "/flush_cache", "/continue_generation"]
+    body = servers[1].requests[3][1]
+    payload = pickle.loads(base64.b64decode(body["serialized_named_tensors"][0]))
+    assert body["load_format"] == "flattened_bucket" and payload["flattened_tensor"].dtype == torch.uint8
+    assert [m.name for m in payload["metadata"]] == ["model.norm.weight", "lm_head.weight"]
+    assert all(s.version == "3" for s in servers)

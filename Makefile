@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 CONFIG ?= configs/demo_cpu.yaml
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: setup demo test test-slow test-all lint clean
+.PHONY: setup demo test test-slow test-sglang test-all lint clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -30,8 +30,12 @@ test: setup
 test-slow: setup
 	$(PY) -m pytest -q -m slow
 
+test-sglang: setup
+	bash tests/harness/sglang_cpu/setup_env.sh
+	$(PY) -m pytest -q -m sglang
+
 test-all: setup
-	$(PY) -m pytest -q -m "slow or not slow"
+	$(PY) -m pytest -q -m "slow or sglang or not slow"
 
 lint: setup
 	$(VENV)/bin/ruff check .

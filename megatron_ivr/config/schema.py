@@ -125,12 +125,17 @@ class RolloutConfig:
     server_urls: list[str] = field(default_factory=list)
     api_key: Optional[str] = None
     host: str = "127.0.0.1"  # servers bind to loopback unless configured
+    max_weight_lag: int = 1  # reject samples from a policy more than this many steps old
+    weight_transport: Literal["local", "tensor", "disk"] = "local"
+    bucket_mb: int = 512
 
     def validate(self, prefix: str = "rollout") -> None:
         _check(self.n >= 1, f"{prefix}.n", "must be >= 1")
         _check(self.temperature >= 0, f"{prefix}.temperature", "must be >= 0")
         _check(0 < self.top_p <= 1, f"{prefix}.top_p", "must be in (0, 1]")
         _check(self.max_new_tokens >= 1, f"{prefix}.max_new_tokens", "must be >= 1")
+        _check(self.max_weight_lag >= 0, f"{prefix}.max_weight_lag", "must be >= 0")
+        _check(self.bucket_mb >= 1, f"{prefix}.bucket_mb", "must be >= 1")
 
 
 @dataclass

@@ -53,3 +53,16 @@ class RolloutEngine(Protocol):
 
     @property
     def weight_version(self) -> int: ...
+
+
+def reject_stale(groups: list[list[Completion]], current_version: int, max_lag: int
+                 ) -> tuple[list[list[Completion]], int]:
+    """Drop completions produced by a policy more than ``max_lag`` versions behind the
+    trainer (``current_version - weight_version > max_lag``). Returns the kept completions
+    per request and how many were rejected (a metric)."""
+    kept, rejected = [], 0
+    for group in groups:
+        fresh = [c for c in group if current_version - c.weight_version <= max_lag]
+        rejected += len(group) - len(fresh)
+        kept.append(fresh)
+    return kept, rejected

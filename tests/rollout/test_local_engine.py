@@ -55,3 +55,15 @@ def test_greedy_is_deterministic_and_update_weights_checks_names(tiny_models):
     assert engine.weight_version == 7 and engine.generate(request, greedy)[0][0].weight_version == 7
     with pytest.raises(KeyError, match="unknown parameter"):
         engine.update_weights([("model.no_such.weight", torch.zeros(1))], version=8)
+
+
+def test_stale_samples_are_rejected_beyond_the_lag():
+    from megatron_ivr.rollout.engine import Completion, reject_stale
+
+    def completion(version):
+        return Completion("x", [1], [-0.1], "stop", version)
+
+    groups = [[completion(5), completion(4), completion(3)], [completion(2)]]
+    kept, rejected = reject_stale(groups, current_version=5, max_lag=1)
+    assert [[c.weight_version for c in g] for g in kept] == [[5, 4], []] and rejected == 2
+    assert reject_stale(groups, current_version=5, max_lag=0)[1] == 3

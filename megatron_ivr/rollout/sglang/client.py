@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import threading
 import time
 from dataclasses import dataclass, field
@@ -94,7 +95,12 @@ class SGLangClient:
                 text = await response.text()
                 if response.status >= 400:
                     raise SGLangError(f"{url}{path}: HTTP {response.status}: {text[:500]}")
-                return await response.json(content_type=None) if text else None
+                if not text:
+                    return None
+                try:
+                    return json.loads(text)
+                except ValueError:  # some admin endpoints answer plain text (e.g. /flush_cache)
+                    return text
 
     async def generate_one(self, payload: dict) -> dict:
         """POST /generate with retries on other servers; returns the single result object."""

@@ -1,0 +1,136 @@
+"""Integration tier: a real SGLang 0.5.23 server on this CPU machine serving the tiny
+Qwen2.5-VL (environment: tests/harness/sglang_cpu/setup_env.sh; skipped, with the reason,
+when it is absent). Shows: generation with images equal to transformers; a weight push
+from Megatron at TP2 changes the server exactly as loading the same weights in
+transformers does (language and vision); the weight version in responses; a server killed
+during a batch loses no sample."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from megatron_ivr.models.processor import load_processor
+from megatron_ivr.models.tiny import load_model
+from megatron_ivr.prompts import chat_messages
+from megatron_ivr.rollout import GenerationRequest, SamplingParams
+from megatron_ivr.rollout.sglang.client import SGLangClient
+from megatron_ivr.rollout.sglang.engine import SGLangEngine
+from megatron_ivr.rollout.sglang.server import ServerManager, ServerSpec, sglang_python
+from megatron_ivr.training.parallel import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+PYTHON = sglang_python(ROOT)
+pytestmark = [pytest.mark.sglang,
+              pytest.mark.skipif(PYTHON is None, reason="no SGLang environment: run tests/harness/sglang_cpu/"
+                                                        "setup_env.sh (or set SGLANG_PYTHON)")]
+
+
+def scene() -> Image.Image:
+    image = Image.new("RGB", (112, 112), (235, 235, 228))
+    image.paste((220, 40, 40), (10, 10, 50, 50))
+    image.paste((40, 80, 220), (60, 60, 100, 100))
+    return image
+
+
+@pytest.fixture(scope="module")
+def server(tiny_models, tmp_path_factory):
+    log = tmp_path_factory.mktemp("sglang") / "server.log"
+    spec = ServerSpec(model_path=str(tiny_models["qwen2_5_vl"]), port=free_port(), python=PYTHON,
+                      log_path=str(log))
+    manager = ServerManager([spec], startup_timeout_s=600).start()
+    yield manager
+    manager.shutdown()
+
+
+def hf_greedy(path, image, max_new_tokens=12):
+    processor, model = load_processor(path), load_model(path).eval()
+    text = processor.apply_chat_template(chat_messages("How many objects?", 1), tokenize=False,
+                                         add_generation_prompt=True)
+    inputs = processor(text=[text], images=[image], return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+    tokens = out.sequences[0, inputs["input_ids"].shape[1]:]
+    logprobs = torch.stack(out.logits, 1)[0].log_softmax(-1).gather(-1, tokens[:, None])[:, 0]
+    return tokens.tolist(), logprobs
+
+
+def server_greedy(engine, image, max_new_tokens=12):
+    return engine.generate([GenerationRequest("How many objects?", [image], "probe")],
+                           SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))[0][0]
+
+
+def engine_for(server, path, **kwargs):
+    return SGLangEngine(SGLangClient(server.urls, **kwargs), load_processor(path).tokenizer)
+
+
+def test_generation_with_images_matches_transformers(server, tiny_models):
+    path = tiny_models["qwen2_5_vl"]
+    engine = engine_for(server, path)
+    completion = server_greedy(engine, scene())
+    tokens, logprobs = hf_greedy(path, scene())
+    engine.client.close()
+    assert completion.token_ids == tokens[:len(completion.token_ids)] and len(completion.token_ids) > 0
+    assert (torch.tensor(completion.logprobs) - logprobs[:len(completion.logprobs)]).abs().max() <= 1e-3
+
+
+def test_weight_push_from_megatron_tp2_changes_language_and_vision(server, tiny_models, tmp_path):
+    path = tiny_models["qwen2_5_vl"]
+    engine = engine_for(server, path)
+    before = server_greedy(engine, scene())  # the image is seen before the update (the cache trap)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), str(Path(__file__).with_name("push_worker.py")), str(path), server.urls[0],
+               str(tmp_path)]
+    result = subprocess.run(command, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-5000:]
+    after = server_greedy(engine, scene())
+    engine.client.close()
+    tokens, logprobs = hf_greedy(tmp_path / "pushed", scene())
+    assert after.weight_version == 7 and before.weight_version != 7
+    assert after.token_ids == tokens[:len(after.token_ids)]
+    assert (torch.tensor(after.logprobs) - logprobs[:len(after.logprobs)]).abs().max() <= 1e-3
+    assert after.logprobs != before.logprobs
+    # the vision tower took effect: transformers with the pushed language weights but the
+    # original vision tower would answer differently from what the server answers
+    mixed = load_model(tmp_path / "pushed")
+    original = load_model(path)
+    with torch.no_grad():
+        mixed.model.visual.load_state_dict(original.model.visual.state_dict())
+    mixed.save_pretrained(tmp_path / "language_only")
+    for name in ("tokenizer.json", "tokenizer_config.json", "processor_config.json", "chat_template.jinja"):
+        (tmp_path / "language_only" / name).write_bytes((Path(path) / name).read_bytes())
+    _, language_only = hf_greedy(tmp_path / "language_only", scene())
+    n = len(after.logprobs)
+    assert (torch.tensor(after.logprobs) - language_only[:n]).abs().max() > 1e-3
+
+
+def test_killed_server_loses_no_sample(server, tiny_models):
+    engine = engine_for(server, tiny_models["qwen2_5_vl"], retries=40, cool_off_s=5.0, timeout_s=120)
+    requests = [GenerationRequest(f"Question {i}?", [scene()] if i % 2 else [], f"s{i}") for i in range(16)]
+    results = {}
+
+    def run_batch():
+        results["out"] = engine.generate(requests, SamplingParams(max_new_tokens=256, temperature=1.0, n=2))
+
+    worker = threading.Thread(target=run_batch)
+    worker.start()
+    time.sleep(1.5)
+    assert worker.is_alive(), "the batch ended before the kill: make it longer"
+    server.kill(0)
+    assert server.restart_dead() == 1  # the manager brings it back; the client retries meanwhile
+    worker.join(timeout=900)
+    engine.client.close()
+    out = results["out"]
+    assert [len(group) for group in out] == [2] * 16
+    assert all(c.token_ids and len(c.logprobs) == len(c.token_ids) for group in out for c in group)
+    assert engine.client.stats.retries >= 1

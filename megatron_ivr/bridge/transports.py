@@ -10,8 +10,10 @@
   no GPU was available to build and test it);
 - ``disk``: safetensors shards written atomically, then ``/update_weights_from_disk``.
 
-(``distributed``, NCCL/gloo broadcast through ``/init_weights_update_group``, is not
-implemented yet.)
+- ``distributed``: a process group between trainer rank 0 and every server rank, created
+  the way SGLang's own helper creates it (a plain ``init_process_group`` would hang: the
+  trainer already has a default group), then per bucket ``/update_weights_from_distributed``
+  (``flattened_bucket``) while rank 0 broadcasts the bucket; NCCL on GPU, gloo on CPU.
 """
 
 from __future__ import annotations
@@ -19,8 +21,12 @@ from __future__ import annotations
 import base64
 import pickle
 import shutil
+import threading
+from datetime import timedelta
 from pathlib import Path
 from typing import Optional
+
+import torch
 
 from megatron_ivr.bridge.buckets import Bucket, unflatten
 
@@ -92,6 +98,98 @@ class DiskTransport:
             shutil.rmtree(folder, ignore_errors=True)
 
 
+def init_update_group(master_address: str, master_port: int, world_size: int, group_name: str,
+                      backend: str, timeout_s: float = 300.0):
+    """Rank 0 of a process group outside the default one, as SGLang's
+    ``init_custom_process_group`` builds it (a TCP store hosted here, a prefix store per group
+    name). The store is created explicitly: under torchrun, torch's ``tcp://`` rendezvous
+    would expect the elastic agent to host it and wait forever."""
+    from torch.distributed import TCPStore
+    from torch.distributed.distributed_c10d import Backend, PrefixStore, _new_process_group_helper, _world
+
+    timeout = timedelta(seconds=timeout_s)
+    store = TCPStore(master_address, master_port, world_size, is_master=True, timeout=timeout, multi_tenant=True)
+    store = PrefixStore(group_name, store)
+    group, _ = _new_process_group_helper(world_size, 0, [], Backend(backend), store, group_name=group_name,
+                                         backend_options=None, timeout=timeout)
+    _world.pg_group_ranks[group] = {i: i for i in range(world_size)}
+    return group
+
+
+def _in_thread(fn, *args) -> threading.Thread:
+    """Run a blocking HTTP call beside a collective it waits for; errors surface on join."""
+    errors: list = []
+
+    def run():
+        try:
+            fn(*args)
+        except Exception as exc:  # re-raised by the caller after the collective
+            errors.append(exc)
+    thread = threading.Thread(target=run, daemon=True)
+    thread.errors = errors
+    thread.start()
+    return thread
+
+
+def _join(thread: threading.Thread) -> None:
+    thread.join()
+    if thread.errors:
+        raise thread.errors[0]
+
+
+class DistributedTransport:
+    name = "distributed"
+
+    def __init__(self, client, master_address: str = "127.0.0.1", master_port: Optional[int] = None,
+                 server_tp_size: int = 1, backend: Optional[str] = None, group_name: str = "megatron_ivr_weights"):
+        from megatron_ivr.training.parallel import free_port
+
+        self.client, self.server_tp_size, self.group_name = client, server_tp_size, group_name
+        self.master_address, self.master_port = master_address, master_port or free_port()
+        self.backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        self.group = None
+
+    def _connect(self) -> None:
+        servers = len(self.client.servers)
+        world = 1 + servers * self.server_tp_size
+        calls = [_in_thread(self._init_server, index, 1 + index * self.server_tp_size, world)
+                 for index in range(servers)]
+        self.group = init_update_group(self.master_address, self.master_port, world, self.group_name, self.backend)
+        for call in calls:
+            _join(call)
+
+    def _init_server(self, index: int, rank_offset: int, world: int) -> None:
+        server = self.client.servers[index]
+        self.client.run(self.client._post(server.url, "/init_weights_update_group", {
+            "master_address": self.master_address, "master_port": self.master_port, "rank_offset": rank_offset,
+            "world_size": world, "group_name": self.group_name, "backend": self.backend}))
+
+    def begin(self, version: int) -> None:
+        if self.group is None:
+            self._connect()
+        self.client.call_all("/pause_generation", {"mode": "retract"})
+        self.client.call_all("/begin_weight_update", {"selector": "all"})
+
+    def send(self, bucket: Bucket) -> None:
+        request = {"names": [m.name for m in bucket.metadata],
+                   "dtypes": [str(m.dtype).replace("torch.", "") for m in bucket.metadata],
+                   "shapes": [list(m.shape) for m in bucket.metadata], "group_name": self.group_name,
+                   "load_format": "flattened_bucket", "flush_cache": False}
+        call = _in_thread(self.client.call_all, "/update_weights_from_distributed", request)
+        flat = bucket.flat.cuda() if self.backend == "nccl" else bucket.flat
+        torch.distributed.broadcast(flat, src=0, group=self.group)
+        _join(call)
+
+    def finish(self, version: int) -> None:
+        TensorTransport.finish(self, version)
+
+    def close(self) -> None:
+        if self.group is not None:
+            self.client.call_all("/destroy_weights_update_group", {"group_name": self.group_name})
+            torch.distributed.destroy_process_group(self.group)
+            self.group = None
+
+
 def transport_by_name(name: str, engine=None, client=None, directory: Optional[str] = None,
                       source_model_dir: Optional[str] = None):
     if name == "local":
@@ -100,4 +198,6 @@ def transport_by_name(name: str, engine=None, client=None, directory: Optional[s
         return TensorTransport(client)
     if name == "disk":
         return DiskTransport(client, directory, source_model_dir)
-    raise ValueError(f"unknown weight transport {name!r}; choose local, tensor or disk")
+    if name == "distributed":
+        return DistributedTransport(client)
+    raise ValueError(f"unknown weight transport {name!r}; choose local, tensor, disk or distributed")

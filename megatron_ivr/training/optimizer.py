@@ -20,6 +20,11 @@ class OptimizerSettings:
     adam_eps: float = 1e-8
     distributed_optimizer: bool = True
 
+    @classmethod
+    def from_config(cls, trainer) -> OptimizerSettings:
+        """From the run's :class:`~megatron_ivr.config.schema.TrainerConfig`."""
+        return cls(lr=trainer.lr, weight_decay=trainer.weight_decay, clip_grad=trainer.grad_clip)
+
 
 def wrap_for_training(model, settings: OptimizerSettings):
     """Wrap one model stage in megatron's DDP and build its optimizer."""

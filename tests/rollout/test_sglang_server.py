@@ -80,25 +80,27 @@ def test_generation_with_images_matches_transformers(server, tiny_models):
     tokens, logprobs = hf_greedy(path, scene())
     engine.client.close()
     assert completion.token_ids == tokens[:len(completion.token_ids)] and len(completion.token_ids) > 0
-    assert (torch.tensor(completion.logprobs) - logprobs[:len(completion.logprobs)]).abs().max() <= 1e-3
+    assert (torch.tensor(completion.logprobs) - logprobs[:len(completion.logprobs)]).abs().max() <= 1e-4
 
 
-def test_weight_push_from_megatron_tp2_changes_language_and_vision(server, tiny_models, tmp_path):
+@pytest.mark.parametrize("transport, version", [("tensor", 7), ("distributed", 8)])
+def test_weight_push_from_megatron_tp2_changes_language_and_vision(server, tiny_models, tmp_path, transport,
+                                                                   version):
     path = tiny_models["qwen2_5_vl"]
     engine = engine_for(server, path)
     before = server_greedy(engine, scene())  # the image is seen before the update (the cache trap)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                str(free_port()), str(Path(__file__).with_name("push_worker.py")), str(path), server.urls[0],
-               str(tmp_path)]
+               str(tmp_path), transport, str(version)]
     result = subprocess.run(command, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-5000:]
     after = server_greedy(engine, scene())
     engine.client.close()
     tokens, logprobs = hf_greedy(tmp_path / "pushed", scene())
-    assert after.weight_version == 7 and before.weight_version != 7
+    assert after.weight_version == version and before.weight_version != version
     assert after.token_ids == tokens[:len(after.token_ids)]
-    assert (torch.tensor(after.logprobs) - logprobs[:len(after.logprobs)]).abs().max() <= 1e-3
+    assert (torch.tensor(after.logprobs) - logprobs[:len(after.logprobs)]).abs().max() <= 1e-4
     assert after.logprobs != before.logprobs
     # the vision tower took effect: transformers with the pushed language weights but the
     # original vision tower would answer differently from what the server answers

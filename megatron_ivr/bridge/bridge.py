@@ -5,8 +5,8 @@ the rollout engine, tagged with the trainer step as its weight version.
 names the engine serves (a wrong name is an error, never silently dropped: SGLang itself
 answers ``success`` for names it ignores), packs the stream into flattened buckets, hands
 them to the transport, and reports seconds and bytes. Every ``verify_every`` syncs it
-checks that the engine really holds the new weights with ``verify(named_sample)``, a
-callable given by the engine side (a checksum read back, or a log-prob probe).
+checks that the engine really holds the new weights with ``verify(named_sample)``, called
+on every rank (``bridge/verify.py``'s log-prob probe is collective).
 """
 
 from __future__ import annotations
@@ -71,6 +71,9 @@ class WeightBridge:
         if dist.get_rank() != 0:
             for _ in stream:  # take part in the collectives
                 pass
+            self.syncs += 1
+            if self.verify is not None and (self.syncs - 1) % self.verify_every == 0:
+                self.verify(None)
             return None
         seen: set = set()
         sample: dict = {}

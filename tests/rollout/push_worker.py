@@ -44,12 +44,19 @@ def main() -> None:
     reference = gather_hf_weights(model, key_style)
     client = SGLangClient([url]) if dist.get_rank() == 0 else None
     transport = transport_by_name(transport_name, client=client) if client else None
+    from megatron_ivr.bridge.verify import LogprobProbe
+    from megatron_ivr.models.processor import load_processor
+    from megatron_ivr.rollout.sglang.engine import SGLangEngine
+
+    processor = load_processor(model_dir)
+    engine = SGLangEngine(client, processor.tokenizer) if client else None
+    probe = LogprobProbe(model, processor, engine, tolerance=1e-4)
     bridge = WeightBridge(model, transport, expected_names=checkpoint.names() if client else None,
-                          bucket_bytes=256 * 1024, key_style=key_style)
+                          bucket_bytes=256 * 1024, key_style=key_style, verify=probe)
     report = bridge.sync(version=version)
     if dist.get_rank() == 0:
         write_hf_folder(reference.items(), out / "pushed", model_dir)
-        (out / "report.json").write_text(json.dumps(report.metrics()))
+        (out / "report.json").write_text(json.dumps({**report.metrics(), "probe_max_diff": probe.last_max_diff}))
         if hasattr(transport, "close"):
             transport.close()
         client.close()

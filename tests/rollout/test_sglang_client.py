@@ -105,3 +105,16 @@ def test_tensor_transport_wraps_updates_and_sets_the_version(servers):
     assert body["load_format"] == "flattened_bucket" and payload["flattened_tensor"].dtype == torch.uint8
     assert [m.name for m in payload["metadata"]] == ["model.norm.weight", "lm_head.weight"]
     assert all(s.version == "3" for s in servers)
+
+
+def test_router_takes_generation_and_workers_take_admin_calls(servers):
+    router = FakeSGLang(api_key="secret").start()
+    try:
+        client = SGLangClient([s.url for s in servers], api_key="secret", router_url=router.url)
+        client.generate([{"text": f"p{i}", "sampling_params": {"max_new_tokens": 1}} for i in range(4)])
+        client.call_all("/flush_cache", {})
+        client.close()
+    finally:
+        router.stop()
+    assert [p for p, _ in router.requests] == ["/generate"] * 4
+    assert all([p for p, _ in s.requests] == ["/flush_cache"] for s in servers)

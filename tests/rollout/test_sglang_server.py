@@ -7,6 +7,7 @@ during a batch loses no sample."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -95,6 +96,10 @@ def test_weight_push_from_megatron_tp2_changes_language_and_vision(server, tiny_
     result = subprocess.run(command, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-5000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    # the bridge's own probe: the server's log-probs equal the Megatron model's after the push
+    assert report["weight_sync/verified"] == 1 and report["probe_max_diff"] <= 1e-4
+    assert report["weight_sync/tensors"] == 57 and report["weight_sync/buckets"] > 1
     after = server_greedy(engine, scene())
     engine.client.close()
     tokens, logprobs = hf_greedy(tmp_path / "pushed", scene())

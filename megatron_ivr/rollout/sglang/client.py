@@ -6,7 +6,8 @@
   ``retries`` times, so a sample is never lost and never counted twice.
 - ``Authorization: Bearer <api_key>`` on every request when a key is set.
 - Admin endpoints (pause, flush, weight updates, versions) go to every server: the router
-  does not proxy them.
+  does not proxy them. With ``router_url``, ``/generate`` goes through sglang-router (which
+  spreads it over the workers) and admin calls go to the worker ``urls``.
 The client runs its own event loop in a background thread so that synchronous trainer code
 can call it.
 """
@@ -47,10 +48,12 @@ class ClientStats:
 
 class SGLangClient:
     def __init__(self, urls: list[str], api_key: Optional[str] = None, max_concurrency: int = 64,
-                 timeout_s: float = 600.0, retries: int = 3, cool_off_s: float = 5.0):
+                 timeout_s: float = 600.0, retries: int = 3, cool_off_s: float = 5.0,
+                 router_url: Optional[str] = None):
         if not urls:
             raise ValueError("SGLangClient needs at least one server URL")
         self.servers = [ServerState(u.rstrip("/")) for u in urls]
+        self.generate_targets = [ServerState(router_url.rstrip("/"))] if router_url else self.servers
         self.api_key, self.timeout_s, self.retries, self.cool_off_s = api_key, timeout_s, retries, cool_off_s
         self.max_concurrency = max_concurrency
         self.stats = ClientStats()
@@ -82,9 +85,10 @@ class SGLangClient:
 
     # --- requests -------------------------------------------------------------------------
     def _pick(self, exclude: set[str]) -> ServerState:
-        candidates = [s for s in self.servers if s.available() and s.url not in exclude]
+        targets = self.generate_targets
+        candidates = [s for s in targets if s.available() and s.url not in exclude]
         if not candidates:
-            candidates = [s for s in self.servers if s.url not in exclude] or self.servers
+            candidates = [s for s in targets if s.url not in exclude] or targets
         return candidates[next(self._rr) % len(candidates)]
 
     async def _post(self, url: str, path: str, payload: Optional[dict], timeout_s: Optional[float] = None,
@@ -123,7 +127,7 @@ class SGLangClient:
                 self.stats.failures[server.url] = self.stats.failures.get(server.url, 0) + 1
                 if attempt < self.retries:
                     self.stats.retries += 1
-                    if len(tried) == len(self.servers):
+                    if len(tried) == len(self.generate_targets):
                         tried.clear()  # every server failed once: wait, then try them again
                         await asyncio.sleep(min(self.cool_off_s, 2.0 * (attempt + 1)))
         raise SGLangError(f"/generate failed after {self.retries + 1} attempts: {last_error}")

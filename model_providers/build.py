@@ -82,35 +82,55 @@ def iter_canonical(model: QwenVLModel) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 @torch.no_grad()
-def gather_hf_weights(model: QwenVLModel, key_style: str = "legacy") -> Optional[dict[str, torch.Tensor]]:
-    """Every HF tensor of the whole model on global rank 0 (None elsewhere); collective over
-    the model-parallel group. For checkpoints and tests: the weight bridge streams instead."""
+def iter_hf_weights(model: QwenVLModel, key_style: str = "legacy") -> Iterator[tuple[str, torch.Tensor]]:
+    """Stream the whole model's weights as HF ``(name, tensor)`` pairs to global rank 0.
+
+    Works under any TP x PP layout: each pipeline stage in turn all-gathers its TP shards,
+    and its TP-rank-0 either yields them (global rank 0) or sends them point to point to
+    global rank 0, one tensor at a time behind a small header. Only rank 0 receives pairs;
+    every rank must exhaust the iterator (it is collective). Memory: one full tensor at a
+    time. Data-parallel replicas (same weights) take no part.
+    """
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
+    if ps.get_data_parallel_rank() != 0:
+        return
     adapter = adapter_for(model, key_style)
-    stage = {}
-    for name, tensor in iter_canonical(model):
-        if name == "language.output_layer.weight" and adapter.tied_embeddings:
-            continue
-        stage.update(adapter.to_hf(name, tensor.cpu()))
-    if ps.get_tensor_model_parallel_rank() != 0:
-        return None
-    group = ps.get_pipeline_model_parallel_group()
-    if ps.get_pipeline_model_parallel_world_size() > 1:
-        # names, shapes and dtypes travel as objects; the tensors themselves point to point
-        layouts = [None] * ps.get_pipeline_model_parallel_world_size()
-        dist.all_gather_object(layouts, [(n, tuple(t.shape), t.dtype) for n, t in stage.items()], group=group)
-        ranks = dist.get_process_group_ranks(group)
-        if dist.get_rank() == ranks[0]:
-            for source, layout in zip(ranks[1:], layouts[1:]):
-                for name, shape, dtype in layout:
-                    tensor = torch.empty(shape, dtype=dtype)
-                    dist.recv(tensor, src=source)
-                    stage[name] = tensor
-        else:
-            for tensor in stage.values():
-                dist.send(tensor.contiguous(), dst=ranks[0])
-    if dist.get_rank() != 0:
-        return None
-    return dict(sorted(stage.items()))
+    ranks = dist.get_process_group_ranks(ps.get_pipeline_model_parallel_group())
+    root, me = ranks[0], dist.get_rank()
+    tp_leader = ps.get_tensor_model_parallel_rank() == 0
+    my_stage = ps.get_pipeline_model_parallel_rank()
+    for stage in range(ps.get_pipeline_model_parallel_world_size()):
+        if stage == my_stage:
+            for name, full in iter_canonical(model):
+                if not tp_leader or (name == "language.output_layer.weight" and adapter.tied_embeddings):
+                    continue
+                for hf_name, tensor in adapter.to_hf(name, full):
+                    if me == root:
+                        yield hf_name, tensor
+                    else:
+                        dist.send_object_list([(hf_name, tuple(tensor.shape), tensor.dtype)], dst=root)
+                        dist.send(tensor.contiguous(), dst=root)
+            if tp_leader and me != root:
+                dist.send_object_list([None], dst=root)
+        elif me == root and tp_leader:
+            while True:
+                header = [None]
+                dist.recv_object_list(header, src=ranks[stage])
+                if header[0] is None:
+                    break
+                hf_name, shape, dtype = header[0]
+                tensor = torch.empty(shape, dtype=dtype)
+                dist.recv(tensor, src=ranks[stage])
+                yield hf_name, tensor
+
+
+@torch.no_grad()
+def gather_hf_weights(model: QwenVLModel, key_style: str = "legacy") -> Optional[dict[str, torch.Tensor]]:
+    """Every HF tensor of the whole model on global rank 0 (None elsewhere); collective.
+    For checkpoints and tests: the weight bridge consumes :func:`iter_hf_weights` as a stream."""
+    import torch.distributed as dist
+
+    pairs = {name: tensor.cpu() for name, tensor in iter_hf_weights(model, key_style)}
+    return dict(sorted(pairs.items())) if dist.get_rank() == 0 else None

@@ -5,8 +5,8 @@ the rollout engine, tagged with the trainer step as its weight version.
 names the engine serves (a wrong name is an error, never silently dropped: SGLang itself
 answers ``success`` for names it ignores), packs the stream into flattened buckets, hands
 them to the transport, and reports seconds and bytes. Every ``verify_every`` syncs it
-checks that the engine really holds the new weights with ``verify(named_sample)``, called
-on every rank (``bridge/verify.py``'s log-prob probe is collective).
+checks that the engine really holds the new weights with ``verify()``, called on every rank
+(``bridge/verify.py``'s log-prob probe is collective).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from megatron_ivr.bridge.buckets import bucketize
-from megatron_ivr.bridge.export import iter_hf_weights
+from model_providers.build import iter_hf_weights
 
 
 class WeightSyncError(RuntimeError):
@@ -42,16 +42,14 @@ class SyncReport:
 class WeightBridge:
     def __init__(self, model, transport, expected_names: Optional[Iterable[str]] = None,
                  bucket_bytes: int = 512 * 1024**2, key_style: str = "legacy",
-                 verify: Optional[Callable[[dict], None]] = None, verify_every: int = 1,
-                 verify_names: Optional[list[str]] = None):
+                 verify: Optional[Callable[[], object]] = None, verify_every: int = 1):
         self.model, self.transport = model, transport
         self.expected = set(expected_names) if expected_names is not None else None
         self.bucket_bytes, self.key_style = bucket_bytes, key_style
         self.verify, self.verify_every = verify, verify_every
-        self.verify_names = verify_names
         self.syncs = 0
 
-    def _checked(self, stream, seen: set, sample: dict, counters: dict):
+    def _checked(self, stream, seen: set, counters: dict):
         for name, tensor in stream:
             if self.expected is not None and name not in self.expected:
                 raise WeightSyncError(f"weight {name!r} is not a parameter of the engine's model")
@@ -59,9 +57,10 @@ class WeightBridge:
                 raise WeightSyncError(f"weight {name!r} sent twice in one sync")
             seen.add(name)
             counters["bytes"] += tensor.numel() * tensor.element_size()
-            if self.verify_names is None or name in self.verify_names:
-                sample[name] = tensor.clone()
             yield name, tensor
+
+    def _verify_due(self) -> bool:
+        return self.verify is not None and (self.syncs - 1) % self.verify_every == 0
 
     def sync(self, version: int) -> Optional[SyncReport]:
         import torch.distributed as dist
@@ -72,14 +71,13 @@ class WeightBridge:
             for _ in stream:  # take part in the collectives
                 pass
             self.syncs += 1
-            if self.verify is not None and (self.syncs - 1) % self.verify_every == 0:
-                self.verify(None)
+            if self._verify_due():
+                self.verify()
             return None
         seen: set = set()
-        sample: dict = {}
         counters = {"bytes": 0, "buckets": 0}
         self.transport.begin(version)
-        for bucket in bucketize(self._checked(stream, seen, sample, counters), self.bucket_bytes):
+        for bucket in bucketize(self._checked(stream, seen, counters), self.bucket_bytes):
             self.transport.send(bucket)
             counters["buckets"] += 1
         if self.expected is not None and seen != self.expected:
@@ -87,9 +85,8 @@ class WeightBridge:
             raise WeightSyncError(f"{len(self.expected - seen)} engine weights were not sent, e.g. {missing}")
         self.transport.finish(version)
         self.syncs += 1
-        verified = False
-        if self.verify is not None and (self.syncs - 1) % self.verify_every == 0:
-            self.verify(sample)
-            verified = True
+        verified = self._verify_due()
+        if verified:
+            self.verify()
         return SyncReport(version, time.perf_counter() - start, counters["bytes"], len(seen), counters["buckets"],
                           verified)

@@ -48,6 +48,15 @@ class LocalTransport:
         self.engine.set_weight_version(version)
 
 
+def finish_sglang_update(client, version: int) -> None:
+    """Close a weight update on every server: end the update session, set the version,
+    drop cached prefixes computed with the old weights, resume generation."""
+    client.call_all("/end_weight_update", {})
+    client.call_all("/update_weight_version", {"new_version": str(version), "abort_all_requests": False})
+    client.call_all("/flush_cache", {})
+    client.call_all("/continue_generation", {})
+
+
 class TensorTransport:
     name = "tensor"
 
@@ -66,10 +75,7 @@ class TensorTransport:
             "flush_cache": False})
 
     def finish(self, version: int) -> None:
-        self.client.call_all("/end_weight_update", {})
-        self.client.call_all("/update_weight_version", {"new_version": str(version), "abort_all_requests": False})
-        self.client.call_all("/flush_cache", {})
-        self.client.call_all("/continue_generation", {})
+        finish_sglang_update(self.client, version)
 
 
 class DiskTransport:
@@ -181,7 +187,7 @@ class DistributedTransport:
         _join(call)
 
     def finish(self, version: int) -> None:
-        TensorTransport.finish(self, version)
+        finish_sglang_update(self.client, version)
 
     def close(self) -> None:
         if self.group is not None:

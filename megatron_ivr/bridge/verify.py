@@ -32,7 +32,7 @@ class LogprobProbe:
         self.prompt, self.max_new_tokens, self.tolerance = prompt, max_new_tokens, tolerance
         self.last_max_diff = None
 
-    def __call__(self, sample=None) -> float:
+    def __call__(self) -> float:
         import torch.distributed as dist
 
         from megatron_ivr.training.batching import ScoredSequence, build_model_batch

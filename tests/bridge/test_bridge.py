@@ -53,11 +53,11 @@ def test_wrong_or_missing_names_are_errors():
     from megatron_ivr.bridge.bridge import WeightBridge, WeightSyncError
 
     bridge = WeightBridge(model=None, transport=None, expected_names=["a", "b"])
-    stream = bridge._checked(iter([("a", torch.zeros(1)), ("typo", torch.zeros(1))]), set(), {}, {"bytes": 0})
+    stream = bridge._checked(iter([("a", torch.zeros(1)), ("typo", torch.zeros(1))]), set(), {"bytes": 0})
     assert next(stream)[0] == "a"
     with pytest.raises(WeightSyncError, match="'typo' is not a parameter"):
         next(stream)
-    stream = bridge._checked(iter([("a", torch.zeros(1)), ("a", torch.zeros(1))]), set(), {}, {"bytes": 0})
+    stream = bridge._checked(iter([("a", torch.zeros(1)), ("a", torch.zeros(1))]), set(), {"bytes": 0})
     next(stream)
     with pytest.raises(WeightSyncError, match="sent twice"):
         next(stream)

@@ -6,8 +6,10 @@
   wrapped in ``/begin_weight_update`` ... ``/end_weight_update`` (required, else HTTP 400)
   and in pause -> buckets -> continue. On CPU the tensors travel by value (pickled and
   base64-encoded: SGLang's own multiprocessing serializer crashed the server with CPU
-  tensors); on GPU the same payload would carry CUDA-IPC handles (not implemented here:
-  no GPU was available to build and test it);
+  tensors). With CUDA the bucket is pickled with torch's multiprocessing reductions, so the
+  payload carries a CUDA-IPC handle (``rebuild_cuda_tensor``, on SGLang's allow-list) and
+  the server copies device to device; the bucket stays alive until the server has answered.
+  That GPU path is written but has not run (no GPU was available to this work);
 - ``disk``: safetensors shards written atomically, then ``/update_weights_from_disk``.
 
 - ``distributed``: a process group between trainer rank 0 and every server rank, created
@@ -68,7 +70,14 @@ class TensorTransport:
         self.client.call_all("/begin_weight_update", {"selector": "all"})
 
     def send(self, bucket: Bucket) -> None:
-        data = pickle.dumps({"flattened_tensor": bucket.flat, "metadata": bucket.metadata})
+        payload = {"flattened_tensor": bucket.flat, "metadata": bucket.metadata}
+        if torch.cuda.is_available():
+            from torch.multiprocessing.reductions import ForkingPickler
+
+            payload["flattened_tensor"] = bucket.flat.cuda()
+            data = bytes(ForkingPickler.dumps(payload))  # a CUDA-IPC handle, not the bytes
+        else:
+            data = pickle.dumps(payload)  # by value
         encoded = base64.b64encode(data).decode()
         self.client.call_all("/update_weights_from_tensor", {
             "serialized_named_tensors": [encoded] * self.server_tp_size, "load_format": "flattened_bucket",

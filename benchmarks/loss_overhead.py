@@ -35,7 +35,7 @@ from megatron_ivr.config.schema import SyntheticDataConfig, TinyModelConfig  # n
 from megatron_ivr.data.synthetic.generate import synthetic_corpus  # noqa: E402
 from megatron_ivr.models.tiny import make_tiny_model  # noqa: E402
 from megatron_ivr.models.tokenizer import train_bpe_tokenizer  # noqa: E402
-from megatron_ivr.prompts import chat_messages  # noqa: E402
+from megatron_ivr.prompts import chat_prompt  # noqa: E402
 
 
 def build_batch(processor, batch: int, response_tokens: int, seed: int):
@@ -44,8 +44,7 @@ def build_batch(processor, batch: int, response_tokens: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     images = [Image.new("RGB", (112, 112), tuple(int(x) for x in torch.randint(0, 255, (3,), generator=g)))
               for _ in range(batch)]
-    texts = [processor.apply_chat_template(chat_messages("How many objects are there?", 1), tokenize=False,
-                                           add_generation_prompt=True) for _ in range(batch)]
+    texts = [chat_prompt(processor, "How many objects are there?", 1) for _ in range(batch)]
     inputs = processor(text=texts, images=images, return_tensors="pt", padding=True)
     vocab = len(processor.tokenizer)
     responses = torch.randint(20, vocab, (batch, response_tokens), generator=g)

@@ -20,8 +20,10 @@ from megatron_ivr.data import ImageRules, read_dataset
 from megatron_ivr.metrics import MetricsWriter
 from megatron_ivr.models.processor import MERGE_SIZE, PATCH_SIZE, load_processor, model_family
 from megatron_ivr.models.tiny import load_model
-from megatron_ivr.prompts import chat_messages, render_prompt
+from megatron_ivr.prompts import render_prompt
 from megatron_ivr.rewards import RewardFunction
+from megatron_ivr.rollout import GenerationRequest, SamplingParams
+from megatron_ivr.rollout.local import LocalEngine
 
 logger = logging.getLogger(__name__)
 
@@ -40,9 +42,8 @@ def evaluate(cfg: RunConfig, progress=print) -> dict:
     rules = ImageRules(PATCH_SIZE[family] * MERGE_SIZE, cfg.data.min_pixels, cfg.data.max_pixels)
     dataset = read_dataset(split_path(cfg, cfg.eval.split), rules, cfg.data.max_bad_fraction,
                            cfg.data.image_root, limit=cfg.eval.max_samples)
-    processor = load_processor(cfg.model.path)
-    processor.tokenizer.padding_side = "left"
-    model = load_model(cfg.model.path).eval()
+    engine = LocalEngine(load_model(cfg.model.path), load_processor(cfg.model.path), cfg.eval.batch_size)
+    greedy = SamplingParams(max_new_tokens=cfg.eval.max_new_tokens, temperature=0.0)
     samples = dataset.samples
     log_dir = Path(cfg.logging.dir)
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -51,13 +52,9 @@ def evaluate(cfg: RunConfig, progress=print) -> dict:
     with RewardFunction(cfg.reward) as reward_fn:
         for begin in range(0, len(samples), cfg.eval.batch_size):
             batch = samples[begin:begin + cfg.eval.batch_size]
-            texts = [processor.apply_chat_template(
-                chat_messages(render_prompt("response", cfg.reward.template, question=s.question), len(s.images)),
-                tokenize=False, add_generation_prompt=True) for s in batch]
-            images = [img for s in batch for img in s.images] or None
-            inputs = processor(text=texts, images=images, return_tensors="pt", padding=True)
-            output = model.generate(**inputs, max_new_tokens=cfg.eval.max_new_tokens, do_sample=False)
-            completions = processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+            requests = [GenerationRequest(render_prompt("response", cfg.reward.template, question=s.question),
+                                          s.images, s.id) for s in batch]
+            completions = [group[0].text for group in engine.generate(requests, greedy)]
             rewards = reward_fn(completions, [s.answer for s in batch])
             for sample, completion, reward in zip(batch, completions, rewards):
                 records.append({"id": sample.id, "family": sample.family, "answer": sample.answer,

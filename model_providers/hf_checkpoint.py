@@ -1,7 +1,7 @@
 """Hugging Face checkpoint folders: lazy reading of safetensors shards, atomic writing.
 
 Reading never loads the whole model: :class:`HFCheckpoint` opens each shard lazily and
-reads one tensor (or one slice of it, ``read_slice``) at a time. Writing goes to a
+reads one tensor at a time. Writing goes to a
 temporary folder that is renamed into place at the end, so an interrupted export never
 leaves a half-written folder under the final name.
 """
@@ -51,13 +51,6 @@ class HFCheckpoint:
 
     def read(self, name: str) -> torch.Tensor:
         return self._handle(name).get_tensor(name)
-
-    def read_slice(self, name: str, index) -> torch.Tensor:
-        """Read only ``tensor[index]`` from disk (``index``: a tuple of slices)."""
-        return self._handle(name).get_slice(name)[index]
-
-    def shape(self, name: str) -> list[int]:
-        return list(self._handle(name).get_slice(name).get_shape())
 
     def config(self):
         from transformers import AutoConfig

@@ -50,6 +50,13 @@ class LocalTransport:
         self.engine.set_weight_version(version)
 
 
+def begin_sglang_update(client, pause_mode: str = "retract") -> None:
+    """Open a weight update on every server: pause generation, start the update session
+    (without it SGLang answers 400 to tensor and distributed updates)."""
+    client.call_all("/pause_generation", {"mode": pause_mode})
+    client.call_all("/begin_weight_update", {"selector": "all"})
+
+
 def finish_sglang_update(client, version: int) -> None:
     """Close a weight update on every server: end the update session, set the version,
     drop cached prefixes computed with the old weights, resume generation."""
@@ -66,8 +73,7 @@ class TensorTransport:
         self.client, self.server_tp_size, self.pause_mode = client, server_tp_size, pause_mode
 
     def begin(self, version: int) -> None:
-        self.client.call_all("/pause_generation", {"mode": self.pause_mode})
-        self.client.call_all("/begin_weight_update", {"selector": "all"})
+        begin_sglang_update(self.client, self.pause_mode)
 
     def send(self, bucket: Bucket) -> None:
         payload = {"flattened_tensor": bucket.flat, "metadata": bucket.metadata}
@@ -182,8 +188,7 @@ class DistributedTransport:
     def begin(self, version: int) -> None:
         if self.group is None:
             self._connect()
-        self.client.call_all("/pause_generation", {"mode": "retract"})
-        self.client.call_all("/begin_weight_update", {"selector": "all"})
+        begin_sglang_update(self.client)
 
     def send(self, bucket: Bucket) -> None:
         request = {"names": [m.name for m in bucket.metadata],

@@ -41,3 +41,9 @@ def render_prompt(name: str, template: str, **fields: str) -> str:
 def chat_messages(text: str, num_images: int) -> list[dict]:
     """One user turn: the images first (Qwen's convention), then the prompt text."""
     return [{"role": "user", "content": [{"type": "image"}] * num_images + [{"type": "text", "text": text}]}]
+
+
+def chat_prompt(templater, text: str, num_images: int) -> str:
+    """The generation prompt for one user turn, rendered by a tokenizer's or processor's chat
+    template (one ``<|image_pad|>`` per image; the processor or server expands it)."""
+    return templater.apply_chat_template(chat_messages(text, num_images), tokenize=False, add_generation_prompt=True)

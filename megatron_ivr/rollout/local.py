@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_ivr.prompts import chat_messages
+from megatron_ivr.prompts import chat_prompt
 from megatron_ivr.rollout.engine import Completion, GenerationRequest, SamplingParams
 
 
@@ -73,8 +73,7 @@ class LocalEngine:
         return results
 
     def _generate_batch(self, requests: list[GenerationRequest], sampling: SamplingParams) -> list[Completion]:
-        texts = [self.processor.apply_chat_template(chat_messages(r.text, len(r.images)), tokenize=False,
-                                                    add_generation_prompt=True) for r in requests]
+        texts = [chat_prompt(self.processor, r.text, len(r.images)) for r in requests]
         images = [image for r in requests for image in r.images] or None
         inputs = self.processor(text=texts, images=images, return_tensors="pt", padding=True)
         greedy = sampling.temperature == 0

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
-from megatron_ivr.prompts import chat_messages
+from megatron_ivr.prompts import chat_prompt
 from megatron_ivr.training.logprobs import ModelBatch
 
 
@@ -30,8 +30,7 @@ def build_model_batch(processor, family, hf_config, items: list[ScoredSequence],
     rows, types, prompt_lengths = [], [], []
     pixel_values, grids = [], []
     for item in items:
-        text = processor.apply_chat_template(chat_messages(item.prompt, len(item.images)), tokenize=False,
-                                             add_generation_prompt=True)
+        text = chat_prompt(processor, item.prompt, len(item.images))
         encoded = processor(text=[text], images=item.images or None, return_tensors="pt")
         prompt_ids = encoded["input_ids"][0].tolist()
         rows.append(prompt_ids + list(item.response_ids))

@@ -11,7 +11,7 @@ from PIL import Image
 from megatron_ivr.models.processor import PROCESSOR_CLASSES, load_processor, model_family
 from megatron_ivr.models.tiny import MODEL_CLASSES, load_model
 from megatron_ivr.models.tokenizer import QWEN_SPECIAL_TOKENS
-from megatron_ivr.prompts import chat_messages
+from megatron_ivr.prompts import chat_messages, chat_prompt
 
 FAMILIES = ["qwen2_5_vl", "qwen3_vl"]
 
@@ -23,7 +23,7 @@ def test_tokenizer_has_qwen_special_tokens_in_order(tiny_models):
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|endoftext|>"
     text = "<think>3 red circles</think> \\boxed{3}"
     assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
-    prompt = tokenizer.apply_chat_template(chat_messages("How many?", 1), tokenize=False, add_generation_prompt=True)
+    prompt = chat_prompt(tokenizer, "How many?", 1)
     assert prompt == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
                       "<|vision_start|><|image_pad|><|vision_end|>How many?<|im_end|>\n<|im_start|>assistant\n")
 

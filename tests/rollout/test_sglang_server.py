@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
+from megatron_ivr.bridge.verify import probe_image
 from megatron_ivr.models.processor import load_processor
 from megatron_ivr.models.tiny import load_model
 from megatron_ivr.prompts import chat_messages
@@ -35,12 +35,7 @@ pytestmark = [pytest.mark.sglang,
                                                         "setup_env.sh (or set SGLANG_PYTHON)")]
 
 
-def scene() -> Image.Image:
-    image = Image.new("RGB", (112, 112), (235, 235, 228))
-    image.paste((220, 40, 40), (10, 10, 50, 50))
-    image.paste((40, 80, 220), (60, 60, 100, 100))
-    return image
-
+scene = probe_image  # the bridge's probe scene: two coloured squares
 
 @pytest.fixture(scope="module")
 def server(tiny_models, tmp_path_factory):

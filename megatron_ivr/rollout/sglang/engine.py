@@ -12,7 +12,7 @@ import io
 import uuid
 from typing import Optional
 
-from megatron_ivr.prompts import chat_messages
+from megatron_ivr.prompts import chat_prompt
 from megatron_ivr.rollout.engine import Completion, GenerationRequest, SamplingParams
 from megatron_ivr.rollout.sglang.client import SGLangClient
 
@@ -41,8 +41,7 @@ class SGLangEngine:
         return self._weight_version
 
     def prompt_text(self, request: GenerationRequest) -> str:
-        return self.tokenizer.apply_chat_template(chat_messages(request.text, len(request.images)), tokenize=False,
-                                                  add_generation_prompt=True)
+        return chat_prompt(self.tokenizer, request.text, len(request.images))
 
     def payload(self, request: GenerationRequest, sampling: SamplingParams, sample: int) -> dict:
         params = {"max_new_tokens": sampling.max_new_tokens, "temperature": sampling.temperature,

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 NOT_YET = {
-    "train": "the Megatron-Core RL trainer (GRPO/DAPO, VICRA, IVR-R1) is not implemented yet",
     "launch": "the nemo-run launchers (local, Slurm, Docker) are not implemented yet",
 }
 
@@ -97,6 +96,26 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_sft(args) -> int:
+    from megatron_ivr.training.train import run_sft
+
+    return run_sft(_config(args))
+
+
+def cmd_train(args) -> int:
+    from megatron_ivr.training.train import run_rl
+
+    return run_rl(_config(args))
+
+
+def cmd_report(args) -> int:
+    from megatron_ivr.report import write_report
+
+    out = write_report(args.run_dir, args.out)
+    print(f"wrote {out}")
+    return 0
+
+
 def cmd_not_yet(args) -> int:
     print(f"megatron-ivr {args.command}: {NOT_YET[args.command]}.", file=sys.stderr)
     return 2
@@ -154,8 +173,29 @@ def build_parser() -> argparse.ArgumentParser:
                          help="parameter dtype of the Megatron checkpoint")
     convert.set_defaults(func=cmd_convert)
 
-    for name, help_text in (("train", "RL training (GRPO/DAPO + VICRA + IVR-R1)"),
-                            ("launch", "launch a run with nemo-run (local, Slurm, Docker)")):
+    launch_note = ("Alone it runs one process; under torchrun (`torchrun --nproc_per_node N $(which megatron-ivr) "
+                   "...`) any TP x PP x DP, DP = N / (TP x PP). Resumes from the newest complete checkpoint; "
+                   "SIGTERM/SIGINT save and exit 0.")
+    sft = sub.add_parser("sft", help="SFT cold start on reference responses (spec section 5)",
+                         description="Supervised fine-tuning on reference responses (sft.data_path), loss on "
+                                     "response tokens only; writes checkpoints, metrics and the fine-tuned HF "
+                                     "folder under sft.output_dir. " + launch_note)
+    _add_config_args(sft, positional_config=True)
+    sft.set_defaults(func=cmd_sft)
+    train = sub.add_parser("train", help="RL training (GRPO/DAPO + VICRA + IVR-R1)",
+                           description="RL training of model.path with the algorithm section (GRPO/DAPO, "
+                                       "algorithm.vicra, algorithm.ivr); metrics in logging.dir, checkpoints in "
+                                       "checkpoint.dir, the final policy in trainer.export_dir. " + launch_note)
+    _add_config_args(train, positional_config=True)
+    train.set_defaults(func=cmd_train)
+    report = sub.add_parser("report", help="plot a run's metrics and write a markdown summary",
+                            description="Reads RUN_DIR/metrics.jsonl (or RUN_DIR/logs/metrics.jsonl), draws the "
+                                        "curves to PNG and writes report.md beside them.")
+    report.add_argument("run_dir")
+    report.add_argument("--out", default=None, help="output folder (default: RUN_DIR/report)")
+    report.set_defaults(func=cmd_report)
+
+    for name, help_text in (("launch", "launch a run with nemo-run (local, Slurm, Docker)"),):
         command = sub.add_parser(name, help=help_text, description=f"{help_text}. Status: {NOT_YET[name]}.")
         _add_config_args(command)
         command.set_defaults(func=cmd_not_yet)
@@ -164,6 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import warnings
+
+    # megatron-core warns at import about optional GPU libraries (TE, Apex) that a CPU run never uses
+    warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex) (and Apex )?(is|are) not installed.*")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    warnings.filterwarnings("ignore", message=r".*full scope is deprecated.*")
+    warnings.filterwarnings("ignore", message=r".*\.grad attribute of a Tensor that is not a leaf.*")
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     from megatron_ivr.config import ConfigError
     from megatron_ivr.data import DataError

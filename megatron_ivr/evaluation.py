@@ -41,7 +41,8 @@ def evaluate(cfg: RunConfig, progress=print) -> dict:
     family = model_family(cfg.model.path)
     rules = ImageRules(PATCH_SIZE[family] * MERGE_SIZE, cfg.data.min_pixels, cfg.data.max_pixels)
     dataset = read_dataset(split_path(cfg, cfg.eval.split), rules, cfg.data.max_bad_fraction,
-                           cfg.data.image_root, limit=cfg.eval.max_samples)
+                           cfg.data.image_root, limit=cfg.eval.max_samples,
+                           allow_outside_root=cfg.data.allow_outside_root)
     engine = LocalEngine(load_model(cfg.model.path), load_processor(cfg.model.path), cfg.eval.batch_size)
     greedy = SamplingParams(max_new_tokens=cfg.eval.max_new_tokens, temperature=0.0)
     samples = dataset.samples

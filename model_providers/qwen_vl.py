@@ -214,15 +214,18 @@ class QwenVLModel(_megatron_module()):
         return hook
 
     # --- forward --------------------------------------------------------------------------
-    def embed(self, input_ids, pixel_values=None, image_grid_thw=None):
-        """Word embeddings ``[S, B, H]`` with image features scattered into image positions."""
+    def embed(self, input_ids, pixel_values=None, image_grid_thw=None, image_mask=None):
+        """Word embeddings ``[S, B, H]`` with image features scattered into image positions.
+        ``image_mask [B, S]`` says which positions are image placeholders (the processor's
+        ``mm_token_type_ids == 1``); without it, every ``<|image_pad|>`` id is one, which is
+        wrong when a sampled response contains that token."""
         embeddings = self.language.embedding(input_ids=input_ids, position_ids=None)
         self._deepstack = None
         if pixel_values is None:
             return embeddings
         output = self.vision(pixel_values.to(self.config.params_dtype), grid_thw=image_grid_thw, return_dict=True)
         features = output.pooler_output
-        mask = input_ids == self.image_token_id
+        mask = input_ids == self.image_token_id if image_mask is None else image_mask.bool()
         if int(mask.sum()) != features.shape[0]:
             raise ValueError(f"{int(mask.sum())} image tokens in the batch but {features.shape[0]} image features")
         embeddings = embeddings.clone()
@@ -232,8 +235,9 @@ class QwenVLModel(_megatron_module()):
             self._deepstack = (mask, list(output.deepstack_features))
         return embeddings
 
-    def forward(self, input_ids, position_ids, attention_mask, pixel_values=None, image_grid_thw=None):
-        decoder_input = self.embed(input_ids, pixel_values, image_grid_thw) if self.pre_process else None
+    def forward(self, input_ids, position_ids, attention_mask, pixel_values=None, image_grid_thw=None,
+                image_mask=None):
+        decoder_input = self.embed(input_ids, pixel_values, image_grid_thw, image_mask) if self.pre_process else None
         try:
             return self.language(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                                  decoder_input=decoder_input)

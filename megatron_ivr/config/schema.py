@@ -31,6 +31,7 @@ class DataConfig:
     min_pixels: int = 28 * 28 * 4
     max_pixels: int = 448 * 448
     max_bad_fraction: float = 0.05  # stop the run when more samples than this are broken
+    allow_outside_root: bool = False  # image paths may leave the dataset's folder (``..``, absolute)
     max_prompt_tokens: int = 1024
     shuffle_seed: int = 0
 
@@ -54,8 +55,16 @@ class SyntheticDataConfig:
     min_objects: int = 3
     max_objects: int = 7
     held_out_family: Optional[str] = "arithmetic"  # appears in val/test only
+    attributes: list[str] = field(default_factory=lambda: ["size", "color", "material", "shape"])  # that vary
+    num_colors: int = 6
+    description: Literal["full", "compact"] = "full"  # compact: objects without positions
 
     def validate(self, prefix: str = "synthetic") -> None:
+        for name in self.attributes:
+            _check(name in ("size", "color", "material", "shape"), f"{prefix}.attributes",
+                   f"unknown attribute {name!r}; choose from size, color, material, shape")
+        _check("shape" in self.attributes, f"{prefix}.attributes", "must include 'shape' (every object has one)")
+        _check(1 <= self.num_colors <= 6, f"{prefix}.num_colors", f"must be in [1, 6], got {self.num_colors}")
         _check(self.image_size >= 56, f"{prefix}.image_size", f"must be >= 56, got {self.image_size}")
         _check(1 <= self.min_objects <= self.max_objects <= 12, f"{prefix}.max_objects",
                "must satisfy 1 <= min_objects <= max_objects <= 12")
@@ -210,31 +219,77 @@ class ParallelismConfig:
                "context parallelism is not supported for Qwen-VL yet (see docs/models.md)")
 
 
+LrSchedule = Literal["constant", "linear", "cosine"]
+
+
 @dataclass
 class TrainerConfig:
+    """The RL trainer (``megatron-ivr train``); ``lr`` etc. are the optimizer's for RL."""
+
     lr: float = 1e-6
+    min_lr: float = 0.0
+    lr_warmup_steps: int = 0
+    lr_schedule: LrSchedule = "constant"
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     steps: int = 10
     prompts_per_step: int = 8
-    micro_batch_size: int = 4
+    mini_batches: int = 1  # optimizer steps per RL step (the step's groups split evenly)
+    max_tokens_per_micro_batch: int = 4096  # padded tokens (rows x longest) per micro-batch
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_threads: int = 1  # torch threads per process on CPU (tiny models: 1 is fastest)
+    export_dir: Optional[str] = "runs/demo/rl/hf"  # the final policy as an HF folder (None: no export)
 
     def validate(self, prefix: str = "trainer") -> None:
         _check(self.lr > 0, f"{prefix}.lr", f"must be > 0, got {self.lr}")
+        _check(0 <= self.min_lr <= self.lr, f"{prefix}.min_lr", "must be in [0, lr]")
+        _check(self.lr_warmup_steps >= 0, f"{prefix}.lr_warmup_steps", "must be >= 0")
         _check(self.steps >= 0, f"{prefix}.steps", "must be >= 0")
         _check(self.prompts_per_step >= 1, f"{prefix}.prompts_per_step", "must be >= 1")
-        _check(self.micro_batch_size >= 1, f"{prefix}.micro_batch_size", "must be >= 1")
+        _check(1 <= self.mini_batches <= self.prompts_per_step, f"{prefix}.mini_batches",
+               f"must be in [1, prompts_per_step={self.prompts_per_step}], got {self.mini_batches}")
+        _check(self.max_tokens_per_micro_batch >= 16, f"{prefix}.max_tokens_per_micro_batch", "must be >= 16")
+        _check(self.num_threads >= 1, f"{prefix}.num_threads", "must be >= 1")
+
+
+@dataclass
+class SftConfig:
+    """SFT cold start (spec section 5; ``megatron-ivr sft``): reference responses, loss on
+    response tokens only, same model, layouts, optimizer and checkpoints as RL."""
+
+    init_path: str = "runs/demo/models/qwen2_5_vl_tiny"  # the HF folder SFT starts from
+    data_path: str = "runs/demo/data/sft.jsonl"  # rows with a 'reasoning' (or 'response') column
+    output_dir: str = "runs/demo/sft"  # checkpoints/, logs/ and the exported hf/ folder
+    steps: int = 100
+    batch_size: int = 16
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    lr_warmup_steps: int = 10
+    lr_schedule: LrSchedule = "cosine"
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    save_interval: int = 0  # 0: only at the end (and on a stop signal)
+
+    def validate(self, prefix: str = "sft") -> None:
+        _check(self.steps >= 0, f"{prefix}.steps", "must be >= 0")
+        _check(self.batch_size >= 1, f"{prefix}.batch_size", "must be >= 1")
+        _check(self.lr > 0, f"{prefix}.lr", f"must be > 0, got {self.lr}")
+        _check(0 <= self.min_lr <= self.lr, f"{prefix}.min_lr", "must be in [0, lr]")
+        _check(self.lr_warmup_steps >= 0, f"{prefix}.lr_warmup_steps", "must be >= 0")
+        _check(self.save_interval >= 0, f"{prefix}.save_interval", "must be >= 0")
 
 
 @dataclass
 class CheckpointConfig:
-    dir: str = "runs/demo/checkpoints"
-    save_interval: int = 5
-    resume: bool = True
+    dir: str = "runs/demo/rl/checkpoints"
+    save_interval: int = 5  # RL steps between checkpoints (0: only at the end and on a stop signal)
+    resume: bool = True  # start from the newest complete checkpoint in dir
     keep_last: int = 2
+
+    def validate(self, prefix: str = "checkpoint") -> None:
+        _check(self.save_interval >= 0, f"{prefix}.save_interval", "must be >= 0")
+        _check(self.keep_last >= 1, f"{prefix}.keep_last", "must be >= 1")
 
 
 @dataclass
@@ -247,9 +302,12 @@ class EvalConfig:
 
 @dataclass
 class LoggingConfig:
-    dir: str = "runs/demo/logs"
+    dir: str = "runs/demo/rl/logs"
     jsonl: bool = True
     tensorboard: bool = False
+    wandb: bool = False  # needs `pip install wandb`; project = wandb_project, run name = name
+    wandb_project: str = "megatron-ivr"
+    progress: bool = True  # a progress line per step (rewritten in place on a terminal)
     interval: int = 1
 
 
@@ -267,6 +325,7 @@ class RunConfig:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     parallel: ParallelismConfig = field(default_factory=ParallelismConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    sft: SftConfig = field(default_factory=SftConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)

@@ -25,17 +25,19 @@ class ImageError(ValueError):
     """An image could not be read or decoded."""
 
 
-def decode_image(source: Any, root: Path | None = None) -> Image.Image:
+def decode_image(source: Any, root: Path | None = None, allow_outside_root: bool = True) -> Image.Image:
     """Decode an image given as a path, raw bytes, a base64/data URI string, a PIL image,
-    or the ``{"bytes": ..., "path": ...}`` dict that Parquet datasets use."""
+    or the ``{"bytes": ..., "path": ...}`` dict that Parquet datasets use. With
+    ``allow_outside_root=False`` a path must stay inside ``root`` (no ``..``, no absolute
+    path elsewhere, no symlink out): a dataset file cannot make the trainer open any file."""
     try:
         if isinstance(source, Image.Image):
             image = source
         elif isinstance(source, dict):
             if source.get("bytes"):
-                return decode_image(source["bytes"], root)
+                return decode_image(source["bytes"], root, allow_outside_root)
             if source.get("path"):
-                return decode_image(source["path"], root)
+                return decode_image(source["path"], root, allow_outside_root)
             raise ImageError("image entry has neither 'bytes' nor 'path'")
         elif isinstance(source, (bytes, bytearray, memoryview)):
             image = Image.open(io.BytesIO(bytes(source)))
@@ -46,6 +48,9 @@ def decode_image(source: Any, root: Path | None = None) -> Image.Image:
                 path = Path(source)
                 if not path.is_absolute() and root is not None:
                     path = root / path
+                if not allow_outside_root and root is not None and not _inside(path, root):
+                    raise ImageError(f"image path {source!r} leaves the dataset folder {root} "
+                                     "(set data.allow_outside_root=true to allow it)")
                 if not path.exists():
                     raise ImageError(f"image file not found: {path}")
                 image = Image.open(path)
@@ -57,6 +62,10 @@ def decode_image(source: Any, root: Path | None = None) -> Image.Image:
         raise
     except Exception as exc:  # PIL raises many types for corrupt data
         raise ImageError(f"cannot decode image: {exc}") from exc
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path.resolve().is_relative_to(Path(root).resolve())
 
 
 def resize_for_qwen(image: Image.Image, factor: int, min_pixels: int, max_pixels: int) -> Image.Image:

@@ -76,8 +76,14 @@ def iter_rows(path: Path) -> Iterator[dict]:
     parse is yielded as ``{"__error__": ...}`` so it is reported like any bad sample."""
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
-        with open(path, encoding="utf-8") as fh:
-            for line_no, line in enumerate(fh, start=1):
+        with open(path, "rb") as fh:
+            for line_no, raw in enumerate(fh, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    yield {"id": f"{path.name}:{line_no}", "__error__": f"invalid UTF-8: {exc}",
+                           "__row__": line_no - 1}
+                    continue
                 if not line.strip():
                     continue
                 try:
@@ -102,7 +108,8 @@ def iter_rows(path: Path) -> Iterator[dict]:
         raise DataError(f"{path}: unsupported dataset format {suffix!r} (use .jsonl or .parquet)")
 
 
-def row_to_sample(row: dict, rules: ImageRules, root: Optional[Path], default_id: str) -> Sample:
+def row_to_sample(row: dict, rules: ImageRules, root: Optional[Path], default_id: str,
+                  allow_outside_root: bool = False) -> Sample:
     """Validate one row and build its sample; raise ``ValueError`` naming the problem."""
     if "__error__" in row:
         raise ValueError(row["__error__"])
@@ -120,7 +127,7 @@ def row_to_sample(row: dict, rules: ImageRules, root: Optional[Path], default_id
     images = []
     for k, raw in enumerate(raw_images):
         try:
-            image = decode_image(raw, root)
+            image = decode_image(raw, root, allow_outside_root)
         except ImageError as exc:
             raise ValueError(f"image {k}: {exc}") from None
         images.append(resize_for_qwen(image, rules.factor, rules.min_pixels, rules.max_pixels))
@@ -137,7 +144,8 @@ def row_to_sample(row: dict, rules: ImageRules, root: Optional[Path], default_id
 
 
 def read_dataset(path: str | Path, rules: ImageRules | None = None, max_bad_fraction: float = 0.05,
-                 image_root: str | Path | None = None, limit: int | None = None) -> LoadedDataset:
+                 image_root: str | Path | None = None, limit: int | None = None,
+                 allow_outside_root: bool = False) -> LoadedDataset:
     """Read and validate a dataset file; see the module docstring for the rules."""
     path = Path(path)
     if not path.exists():
@@ -148,7 +156,7 @@ def read_dataset(path: str | Path, rules: ImageRules | None = None, max_bad_frac
     for row in iter_rows(path):
         default_id = f"{path.stem}:{row.get('__row__')}"
         try:
-            result.samples.append(row_to_sample(row, rules, root, default_id))
+            result.samples.append(row_to_sample(row, rules, root, default_id, allow_outside_root))
         except ValueError as exc:
             bad = BadSample(id=str(row.get("id", default_id)), reason=str(exc), source=str(path))
             logger.warning("skipping bad sample %s in %s: %s", bad.id, path, bad.reason)

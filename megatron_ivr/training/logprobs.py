@@ -88,20 +88,38 @@ def forward_logprobs(model, batches: list[ModelBatch], attention_mask_fn, with_e
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    loss_fn = loss_fn or (lambda batch, output: _loss_for_logprobs(batch, with_entropy, output))
     iterator = iter(batches)
 
     def forward_step(data_iterator, stage_model):
         batch = next(data_iterator)
+        types = batch.extra.get("mm_token_type_ids")
         output = stage_model(batch.input_ids, batch.position_ids, attention_mask_fn(batch.input_ids.shape[1]),
-                             batch.pixel_values, batch.image_grid_thw)
+                             batch.pixel_values, batch.image_grid_thw,
+                             image_mask=(types == 1) if types is not None else None)
         return output, partial(loss_fn, batch)
 
     seq_length = max(b.input_ids.shape[1] for b in batches)
+    custom = loss_fn is not None
+    loss_fn = loss_fn or (lambda batch, output: _loss_for_logprobs(batch, with_entropy, output))
     records = get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=iterator, model=[model], num_microbatches=len(batches),
         seq_length=seq_length, micro_batch_size=batches[0].input_ids.shape[0], forward_only=forward_only)
+    if custom:
+        return broadcast_records(records)
     return broadcast_from_last_stage(records, batches, with_entropy)
+
+
+def broadcast_records(records: list[dict]) -> list[dict]:
+    """A custom loss function's records (small: scalars) from the last pipeline stage to all."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    if ps.get_pipeline_model_parallel_world_size() == 1:
+        return records
+    holder = [records if ps.is_pipeline_last_stage() else None]
+    dist.broadcast_object_list(holder, src=ps.get_pipeline_model_parallel_last_rank(),
+                               group=ps.get_pipeline_model_parallel_group())
+    return holder[0]
 
 
 def broadcast_from_last_stage(records: list[dict], batches: list[ModelBatch], with_entropy: bool) -> list[dict]:

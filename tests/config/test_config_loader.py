@@ -16,11 +16,12 @@ def write(path, text):
 def test_defaults_inheritance_and_overrides(tmp_path):
     write(tmp_path / "base.yaml", "trainer:\n  lr: 1.0e-5\n  steps: 7\nreward:\n  lam: 0.3\n")
     child = write(tmp_path / "child.yaml", "defaults: [base.yaml]\ntrainer:\n  steps: 9\n")
-    cfg = load_config(child, ["trainer.micro_batch_size=2", "algorithm.vicra.enabled=true", "trainer.lr=1e-6"])
+    cfg = load_config(child, ["trainer.max_tokens_per_micro_batch=2048", "algorithm.vicra.enabled=true",
+                              "trainer.lr=1e-6"])
     assert cfg.trainer.steps == 9  # the child wins over its default
     assert cfg.reward.lam == 0.3  # inherited
     assert cfg.trainer.lr == 1e-6  # '1e-6' (YAML 1.1 string) read as a float
-    assert cfg.trainer.micro_batch_size == 2
+    assert cfg.trainer.max_tokens_per_micro_batch == 2048
     assert cfg.algorithm.vicra.enabled is True
     assert cfg.algorithm.ivr.tau == 1.0  # untouched default of spec section 4
 

@@ -49,14 +49,14 @@ def synthetic_corpus(cfg: SyntheticDataConfig, count: int = 2000, template: str 
     corpus a tiny model's tokenizer is trained on. Covers every family and both templates."""
     for index in range(count):
         rng = _rng(cfg.seed, "corpus", index)
-        scene = random_scene(rng, cfg.min_objects, cfg.max_objects)
+        scene = random_scene(rng, cfg.min_objects, cfg.max_objects, tuple(cfg.attributes), cfg.num_colors)
         question = make_question(FAMILIES[index % len(FAMILIES)], scene, rng)
-        response = write_response(scene, question, template)
+        response = write_response(scene, question, template, cfg.description)
         yield render_prompt("response", template, question=question.text) + "\n" + response
-        yield write_response(scene, question, "r1" if template == "ivr" else "ivr")
+        yield write_response(scene, question, "r1" if template == "ivr" else "ivr", cfg.description)
         wrong = corrupt(scene, question, rng)
         if wrong is not None:
-            failed = write_response(wrong.objects, question, template)
+            failed = write_response(wrong.objects, question, template, cfg.description)
             yield render_prompt("rectify", template, question=question.text, response=failed,
                                 critique=wrong.critique)
             yield render_prompt("localize", template, question=question.text, response=failed)
@@ -84,7 +84,7 @@ def generate_dataset(cfg: SyntheticDataConfig, template: str = "ivr",
         rows = []
         for index in range(sizes[split]):
             rng = _rng(cfg.seed, split, index)
-            scene = random_scene(rng, cfg.min_objects, cfg.max_objects)
+            scene = random_scene(rng, cfg.min_objects, cfg.max_objects, tuple(cfg.attributes), cfg.num_colors)
             family = families[index % len(families)]
             question = make_question(family, scene, rng)
             image_name = f"images/{split}_{index:05d}.png"
@@ -95,14 +95,14 @@ def generate_dataset(cfg: SyntheticDataConfig, template: str = "ivr",
                          "choices": question.choices, "scene": scene_to_json(scene)})
             if split == "train":
                 prompt = render_prompt("response", template, question=question.text)
-                reference = write_response(scene, question, template)
+                reference = write_response(scene, question, template, cfg.description)
                 sft_rows.append({"id": sample_id, "images": [image_name], "question": question.text,
                                  "answer": question.answer, "family": family, "reasoning": reference,
                                  "messages": [{"role": "user", "content": prompt},
                                               {"role": "assistant", "content": reference}]})
                 wrong = corrupt(scene, question, rng)
                 if wrong is not None:
-                    failed = write_response(wrong.objects, question, template)
+                    failed = write_response(wrong.objects, question, template, cfg.description)
                     rereasoning_rows.append({
                         "id": sample_id, "images": [image_name], "question": question.text,
                         "answer": question.answer, "failed_response": failed,

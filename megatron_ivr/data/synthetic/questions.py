@@ -41,14 +41,19 @@ def noun(predicate: dict) -> str:
 def random_predicate(rng: random.Random, scene: list[SceneObject]) -> dict:
     """A predicate that usually (not always) matches something in the scene."""
     anchor = rng.choice(scene)
-    kinds = rng.choice([("color",), ("shape",), ("size",), ("material",), ("color", "shape"),
-                        ("size", "shape"), ("size", "color")])
+    shown = set(anchor.shown)
+    options = [kinds for kinds in PREDICATE_KINDS if shown.issuperset(kinds)]
+    kinds = rng.choice(options)
     predicate = {k: getattr(anchor, k) for k in kinds}
     if rng.random() < 0.15:  # sometimes ask about something absent
         key = kinds[0]
         pool = {"color": list(COLORS), "shape": SHAPES, "size": SIZES, "material": MATERIALS}[key]
         predicate[key] = rng.choice(pool)
     return predicate
+
+
+PREDICATE_KINDS = (("color",), ("shape",), ("size",), ("material",), ("color", "shape"), ("size", "shape"),
+                   ("size", "color"))
 
 
 def count(scene: list[SceneObject], predicate: dict) -> int:

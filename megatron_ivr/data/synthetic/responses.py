@@ -16,10 +16,18 @@ from typing import Optional
 from megatron_ivr.data.synthetic.questions import Question, count, final_answer, noun
 from megatron_ivr.data.synthetic.scene import COLORS, MATERIALS, SHAPES, SIZES, SceneObject
 
+DESCRIPTION_STYLES = ("full", "compact")
 
-def describe(objects: list[SceneObject]) -> str:
+
+def describe(objects: list[SceneObject], style: str = "full") -> str:
+    """``full``: every object with its grid position; ``compact``: the objects in reading order
+    without positions (a shorter response for small models)."""
+    if style not in DESCRIPTION_STYLES:
+        raise ValueError(f"unknown description style {style!r}; choose from {DESCRIPTION_STYLES}")
     if not objects:
         return "The image shows no objects."
+    if style == "compact":
+        return f"The image shows {len(objects)} objects: " + ", ".join(o.phrase() for o in objects) + "."
     items = "; ".join(f"{o.phrase()} at the {o.where()}" for o in objects)
     return f"The image shows {len(objects)} objects: {items}."
 
@@ -60,12 +68,13 @@ def reasoning(objects: list[SceneObject], question: Question) -> tuple[str, str]
     return " ".join(parts), answer
 
 
-def write_response(objects: list[SceneObject], question: Question, template: str = "ivr") -> str:
-    """A full response in the output template (spec section 1)."""
+def write_response(objects: list[SceneObject], question: Question, template: str = "ivr",
+                   style: str = "full") -> str:
+    """A full response in the output template (spec section 1); ``style`` of the description."""
     think, answer = reasoning(objects, question)
     body = f"<think>{think}</think>\n\\boxed{{{answer}}}"
     if template == "ivr":
-        return f"<desc>{describe(objects)}</desc>\n{body}"
+        return f"<desc>{describe(objects, style)}</desc>\n{body}"
     if template == "r1":
         return body
     raise ValueError(f"unknown output template {template!r}")
@@ -82,6 +91,7 @@ def corrupt(scene: list[SceneObject], question: Question, rng: random.Random,
     """Misread or miss one object so that the final answer changes; None when no edit does."""
     _, truth = reasoning(scene, question)
     pools = {"color": list(COLORS), "shape": list(SHAPES), "size": list(SIZES), "material": list(MATERIALS)}
+    pools = {key: values for key, values in pools.items() if key in scene[0].shown}
     for _ in range(tries):
         index = rng.randrange(len(scene))
         original = scene[index]

@@ -28,6 +28,10 @@ GRID = 4  # the image is a GRID x GRID board of cells, one object per cell at mo
 BACKGROUND = (235, 235, 228)
 
 
+# the value an attribute takes in every object when it does not vary (``synthetic.attributes``)
+FIXED = {"size": "large", "material": "matte"}
+
+
 @dataclass(frozen=True)
 class SceneObject:
     shape: str
@@ -36,10 +40,12 @@ class SceneObject:
     material: str
     row: int
     col: int
+    shown: tuple = ATTRIBUTES  # the attributes that vary in this task, and so are named
 
     def phrase(self) -> str:
-        """'a large red metal circle'."""
-        return f"a {self.size} {self.color} {self.material} {self.shape}"
+        """'a large red metal circle' (only the attributes that vary are named)."""
+        words = [getattr(self, key) for key in ("size", "color", "material") if key in self.shown]
+        return "a " + " ".join(words + [self.shape])
 
     def where(self) -> str:
         vertical = ("top", "upper middle", "lower middle", "bottom")[self.row]
@@ -50,15 +56,28 @@ class SceneObject:
         return all(getattr(self, key) == value for key, value in predicate.items())
 
 
-def random_scene(rng: random.Random, min_objects: int, max_objects: int) -> list[SceneObject]:
+def attribute_pools(attributes: tuple = ATTRIBUTES, num_colors: int = len(COLORS)) -> dict[str, list[str]]:
+    """The values each varying attribute draws from (shape always varies)."""
+    pools = {"color": list(COLORS)[:num_colors], "shape": list(SHAPES), "size": list(SIZES),
+             "material": list(MATERIALS)}
+    return {key: values for key, values in pools.items() if key in attributes or key == "shape"}
+
+
+def random_scene(rng: random.Random, min_objects: int, max_objects: int, attributes: tuple = ATTRIBUTES,
+                 num_colors: int = len(COLORS)) -> list[SceneObject]:
+    """Objects in distinct grid cells, in reading order. Attributes not in ``attributes`` take
+    their :data:`FIXED` value and are never named."""
     count = rng.randint(min_objects, max_objects)
     cells = rng.sample([(r, c) for r in range(GRID) for c in range(GRID)], count)
-    objects = [
-        SceneObject(shape=rng.choice(SHAPES), color=rng.choice(list(COLORS)), size=rng.choice(SIZES),
-                    material=rng.choice(MATERIALS), row=r, col=c)
-        for r, c in sorted(cells)
-    ]
-    return objects
+    pools = attribute_pools(attributes, num_colors)
+    shown = tuple(a for a in ATTRIBUTES if a in pools)
+
+    def draw(key: str) -> str:
+        return rng.choice(pools[key]) if key in pools else FIXED.get(key, "red")
+
+    return [SceneObject(shape=draw("shape"), color=draw("color"), size=draw("size"), material=draw("material"),
+                        row=r, col=c, shown=shown)
+            for r, c in sorted(cells)]
 
 
 def render_scene(objects: list[SceneObject], image_size: int) -> Image.Image:
@@ -87,4 +106,4 @@ def render_scene(objects: list[SceneObject], image_size: int) -> Image.Image:
 
 
 def scene_to_json(objects: list[SceneObject]) -> list[dict]:
-    return [asdict(o) for o in objects]
+    return [{k: v for k, v in asdict(o).items() if k != "shown"} for o in objects]

@@ -1,0 +1,177 @@
+"""The controller's half of an RL step (trainer rank 0): from prompts to scored trajectories.
+
+    draw prompts -> engine.generate (n per prompt) -> reject stale -> rewards (+ DAPO overlong
+    shaping) -> [DAPO dynamic sampling: drop uniform groups, draw more] -> [IVR-R1: critique,
+    rectify, verify] -> group advantages over the (mixed) groups
+
+The result is a list of :class:`Trajectory`, each a response to its query's *response*
+prompt (IVR-R1 trains rectified responses as responses to the original prompt, spec 4.6)
+with its engine log-probs (for TIS and the mismatch metrics), reward and advantage. It
+depends on the engine interface, the reward function and the pure algorithms only.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+from megatron_ivr.algorithms.advantages import group_advantages, overlong_penalty
+from megatron_ivr.algorithms.dynamic_sampling import fill_batch
+from megatron_ivr.algorithms.ivr import Query, ReReasoningLoop, ScoredResponse, mixed_groups
+from megatron_ivr.config.schema import RunConfig
+from megatron_ivr.data.sample import Sample
+from megatron_ivr.prompts import render_prompt
+from megatron_ivr.rollout.engine import GenerationRequest, SamplingParams, reject_stale
+from megatron_ivr.training.sampler import EpochSampler
+
+
+@dataclass
+class Trajectory:
+    sample_id: str
+    group: int  # index of its query in this step
+    prompt: str  # the response prompt (user text)
+    images: list[Image.Image]
+    response_ids: list[int]
+    rollout_logprobs: list[float]  # the engine's, one per response token
+    reward: float
+    accuracy: float
+    format: float
+    advantage: float = 0.0
+    rectified: bool = False
+    finish_reason: str = "stop"
+    weight_version: int = 0
+
+
+@dataclass
+class Experience:
+    trajectories: list[Trajectory]
+    sample_ids: list[str]  # the queries of this step, in order
+    metrics: dict = field(default_factory=dict)
+
+
+@dataclass
+class _Group:
+    sample: Sample
+    prompt: str
+    responses: list[ScoredResponse]
+    completions: list  # engine Completions, parallel to responses
+    scores: list  # RewardResults
+
+
+def step_seed(seed: int, step: int, round_index: int = 0) -> int:
+    """The engine's sampling seed for a step: fixed by (seed, step), so a resumed run samples
+    the same tokens as the uninterrupted one."""
+    return (seed * 1_000_003 + step * 101 + round_index) % (2**31)
+
+
+class ExperienceMaker:
+    def __init__(self, cfg: RunConfig, engine, reward_fn, samples: list[Sample]):
+        self.cfg, self.engine, self.reward_fn, self.samples = cfg, engine, reward_fn, samples
+        self.sampler = EpochSampler(len(samples), cfg.trainer.seed)
+        rollout = cfg.rollout
+        self.sampling = SamplingParams(max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature,
+                                       top_p=rollout.top_p, n=rollout.n)
+        self.ivr = None
+        if cfg.algorithm.ivr.enabled:
+            self.ivr = ReReasoningLoop(engine, reward_fn, cfg.algorithm.ivr, cfg.reward.template,
+                                       rollout.max_new_tokens, rollout.temperature, rollout.top_p)
+
+    def _sample_groups(self, count: int, step: int, round_index: int, metrics: dict) -> list[_Group]:
+        indices = self.sampler.draw(count)
+        samples = [self.samples[i] for i in indices]
+        prompts = [render_prompt("response", self.cfg.reward.template, question=s.question) for s in samples]
+        requests = [GenerationRequest(p, s.images, s.id) for p, s in zip(prompts, samples)]
+        sampling = SamplingParams(**{**self.sampling.__dict__, "seed": step_seed(self.cfg.trainer.seed, step,
+                                                                                  round_index)})
+        t0 = time.perf_counter()
+        completions = self.engine.generate(requests, sampling)
+        metrics["time/rollout"] = metrics.get("time/rollout", 0.0) + time.perf_counter() - t0
+        completions, stale = reject_stale(completions, self.engine.weight_version, self.cfg.rollout.max_weight_lag)
+        metrics["rollout/stale_rejected"] = metrics.get("rollout/stale_rejected", 0) + stale
+        t0 = time.perf_counter()
+        flat = [c for group in completions for c in group]
+        answers = [s.answer for s, group in zip(samples, completions) for _ in group]
+        scores = self.reward_fn([c.text for c in flat], answers) if flat else []
+        rewards = [score.total for score in scores]
+        if self.cfg.algorithm.overlong_shaping and flat:
+            penalty = overlong_penalty(torch.tensor([c.num_tokens for c in flat]), self.cfg.rollout.max_new_tokens,
+                                       self.cfg.algorithm.overlong_cache)
+            rewards = [r + float(p) for r, p in zip(rewards, penalty)]
+        metrics["time/reward"] = metrics.get("time/reward", 0.0) + time.perf_counter() - t0
+        groups, k = [], 0
+        for sample, prompt, group in zip(samples, prompts, completions):
+            responses = [ScoredResponse(c.text, list(c.token_ids), rewards[k + j], list(c.logprobs))
+                         for j, c in enumerate(group)]
+            groups.append(_Group(sample, prompt, responses, list(group), scores[k:k + len(group)]))
+            k += len(group)
+        return [g for g in groups if g.responses]
+
+    def make(self, step: int) -> Experience:
+        cfg = self.cfg
+        metrics: dict = {}
+        target = cfg.trainer.prompts_per_step
+        if cfg.algorithm.dynamic_sampling:
+            rounds = iter(range(cfg.algorithm.max_sampling_rounds))
+            groups, ds_metrics = fill_batch(lambda k: self._sample_groups(k, step, next(rounds), metrics),
+                                            lambda g: [r.reward for r in g.responses], target,
+                                            cfg.algorithm.max_sampling_rounds)
+            metrics.update(ds_metrics)
+        else:
+            groups = self._sample_groups(target, step, 0, metrics)
+        on_policy = [g.responses for g in groups]
+        rectified: list[list[ScoredResponse]] = [[] for _ in groups]
+        if self.ivr is not None and groups:
+            t0 = time.perf_counter()
+            queries = [Query(g.sample.id, g.sample.images, g.sample.question, g.sample.answer) for g in groups]
+            result = self.ivr.run(queries, on_policy)
+            rectified = result.rectified
+            metrics.update(result.metrics)
+            metrics["time/ivr"] = time.perf_counter() - t0
+        if self.ivr is not None:
+            mixed = mixed_groups(on_policy, rectified, cfg.algorithm.adv_eps, cfg.algorithm.normalize_by_std)
+            advantages = mixed.advantages.tolist()
+        else:
+            rewards = torch.tensor([r.reward for g in on_policy for r in g])
+            ids = torch.tensor([gi for gi, g in enumerate(on_policy) for _ in g])
+            advantages = group_advantages(rewards, ids, cfg.algorithm.adv_eps,
+                                          cfg.algorithm.normalize_by_std).tolist() if len(ids) else []
+        trajectories, k = [], 0
+        for gi, (group, extra) in enumerate(zip(groups, rectified)):
+            for j, response in enumerate(list(group.responses) + list(extra)):
+                score = group.scores[j] if j < len(group.scores) else None
+                completion = group.completions[j] if j < len(group.completions) else None
+                trajectories.append(Trajectory(
+                    sample_id=group.sample.id, group=gi, prompt=group.prompt, images=group.sample.images,
+                    response_ids=response.token_ids, rollout_logprobs=response.logprobs, reward=response.reward,
+                    accuracy=score.accuracy if score is not None else 1.0,
+                    format=score.format if score is not None else 1.0,
+                    advantage=advantages[k], rectified=response.rectified,
+                    finish_reason=completion.finish_reason if completion is not None else "stop",
+                    weight_version=completion.weight_version if completion is not None else self.engine.weight_version))
+                k += 1
+        metrics.update(rollout_metrics(trajectories, cfg.rollout.max_new_tokens))
+        metrics["data/epoch"] = self.sampler.epoch
+        return Experience(trajectories, [g.sample.id for g in groups], metrics)
+
+
+def rollout_metrics(trajectories: list[Trajectory], max_new_tokens: int) -> dict:
+    """Reward, accuracy, format, lengths and advantage statistics of the on-policy responses
+    (the rectified ones are counted separately by the IVR metrics)."""
+    on = [t for t in trajectories if not t.rectified]
+    if not on:
+        return {"rollout/responses": 0}
+    lengths = torch.tensor([len(t.response_ids) for t in on], dtype=torch.float32)
+    adv = torch.tensor([t.advantage for t in trajectories])
+    return {
+        "rollout/responses": len(on), "rollout/rectified": len(trajectories) - len(on),
+        "reward/mean": sum(t.reward for t in on) / len(on),
+        "reward/accuracy": sum(t.accuracy for t in on) / len(on),
+        "reward/format": sum(t.format for t in on) / len(on),
+        "response/length_mean": lengths.mean().item(), "response/length_max": lengths.max().item(),
+        "response/clipped_share": sum(t.finish_reason == "length" for t in on) / len(on),
+        "advantage/mean": adv.mean().item(), "advantage/std": adv.std().item() if adv.numel() > 1 else 0.0,
+        "advantage/abs_max": adv.abs().max().item(), "advantage/zero_share": (adv == 0).float().mean().item(),
+    }

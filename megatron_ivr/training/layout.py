@@ -1,0 +1,40 @@
+"""Check a parallel layout against the model before any process group is made, so that an
+impossible layout is a config error naming ``parallel.*`` and the model's value, not an
+assert deep inside megatron-core."""
+
+from __future__ import annotations
+
+from megatron_ivr.config.errors import ConfigError
+
+
+def layout_problems(text_config, vision_config, tp: int, pp: int, world: int) -> list[str]:
+    """Every reason why (tp, pp) cannot hold this model on ``world`` processes."""
+    problems = []
+    if world % (tp * pp):
+        problems.append(f"parallel.tensor_parallel x parallel.pipeline_parallel = {tp} x {pp} = {tp * pp} does not "
+                        f"divide the number of processes ({world}); data parallel size = world / (tp x pp)")
+    layers = text_config.num_hidden_layers
+    if layers % pp:
+        problems.append(f"parallel.pipeline_parallel={pp} must divide the model's num_hidden_layers ({layers})")
+    checks = (("num_attention_heads", text_config.num_attention_heads),
+              ("num_key_value_heads", text_config.num_key_value_heads),
+              ("intermediate_size", text_config.intermediate_size), ("vocab_size", text_config.vocab_size))
+    for name, value in checks:
+        if value % tp:
+            problems.append(f"parallel.tensor_parallel={tp} must divide the model's {name} ({value})")
+    deepstack = len(getattr(vision_config, "deepstack_visual_indexes", None) or [])
+    if deepstack and pp > 1 and layers % pp == 0 and layers // pp < deepstack:
+        problems.append(f"parallel.pipeline_parallel={pp} leaves {layers // pp} decoder layers on the first stage, "
+                        f"but Qwen3-VL's deepstack feeds the first {deepstack}")
+    return problems
+
+
+def check_layout(cfg, world: int, model_path: str) -> None:
+    from transformers import AutoConfig
+
+    hf_config = AutoConfig.from_pretrained(model_path)
+    text = getattr(hf_config, "text_config", hf_config)
+    problems = layout_problems(text, getattr(hf_config, "vision_config", None), cfg.parallel.tensor_parallel,
+                               cfg.parallel.pipeline_parallel, world)
+    if problems:
+        raise ConfigError(f"parallel layout does not fit {model_path}: " + "; ".join(problems), key="parallel")

@@ -1,0 +1,246 @@
+"""One RL step, top to bottom (GRPO/DAPO, with VICRA and IVR-R1 when enabled).
+
+    rank 0 (controller): experience = prompts -> rollouts -> rewards -> [IVR] -> advantages
+    broadcast the trajectories to every trainer rank
+    every rank, its data-parallel share of the micro-batches:
+      1. one forward-only sweep: old log-probs + entropies with the image and, for VICRA,
+         the same responses without the image (or distorted), in one schedule call
+      2. reference log-probs when beta > 0 (a frozen copy of the initial policy)
+      3. VICRA: w -> psi(w) -> per-token advantages (spec section 3)
+      4. per mini-batch: forward/backward with ``rl_loss`` (global denominators), optimizer step
+    the weight bridge pushes the new policy into the engine (version = step)
+
+The loss of a micro-batch is normalized by the *global* token (or sequence) count of its
+mini-batch, and megatron's own averaging over micro-batches and data-parallel ranks is
+undone, so the gradient is that of the whole mini-batch's objective however it is split.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from megatron_ivr.algorithms.losses import LossConfig, mismatch_metrics, rl_loss
+from megatron_ivr.algorithms.vicra import distort_batch, grounding_diagnostics, prob_diff_scores, psi
+from megatron_ivr.config.schema import RunConfig
+from megatron_ivr.training.batching import (
+    PromptCache,
+    ScoredSequence,
+    collate,
+    encode,
+    padding_share,
+    plan_micro_batches,
+    response_values,
+    scatter_responses,
+)
+from megatron_ivr.training.experience import Experience, Trajectory
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch of trajectories with every per-token tensor the loss needs, ``[B, S]``."""
+
+    indices: list[int]
+    batch: object  # ModelBatch with the image
+    no_image: Optional[object] = None  # ModelBatch without (or with distorted) images, for VICRA
+    old_logp: Optional[torch.Tensor] = None
+    entropy: Optional[torch.Tensor] = None
+    ref_logp: Optional[torch.Tensor] = None
+    rollout_logp: Optional[torch.Tensor] = None
+    advantages: Optional[torch.Tensor] = None
+    rectified: Optional[torch.Tensor] = None
+    w: Optional[torch.Tensor] = None
+
+
+def broadcast_experience(experience: Optional[Experience]) -> Experience:
+    """The controller's experience on every rank (images travel as PIL objects)."""
+    import torch.distributed as dist
+
+    holder = [experience]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+class RlStep:
+    """The trainer's half of an RL step, on every rank."""
+
+    def __init__(self, cfg: RunConfig, policy, processor, reference=None):
+        self.cfg, self.policy, self.processor, self.reference = cfg, policy, processor, reference
+        self.loss_cfg = LossConfig.from_config(cfg.algorithm)
+
+    # --- batches --------------------------------------------------------------------------
+    def _micro_batches(self, trajectories: list[Trajectory], step: int) -> tuple[list[MicroBatch], dict]:
+        from megatron.core import parallel_state as ps
+
+        cfg, vicra = self.cfg, self.cfg.algorithm.vicra
+        tokenizer = self.processor.tokenizer
+        prompts = PromptCache(self.processor)
+        items = [encode(prompts, ScoredSequence(t.prompt, t.images, t.response_ids)) for t in trajectories]
+        lengths = [item.length for item in items]
+        dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        groups = sorted({t.group for t in trajectories})
+        mini = cfg.trainer.mini_batches
+        per_mini = [set(groups[k::mini]) for k in range(mini)]  # groups dealt round-robin to mini-batches
+        plans = []
+        for members in per_mini:
+            chosen = [i for i, t in enumerate(trajectories) if t.group in members]
+            plan = plan_micro_batches([lengths[i] for i in chosen], cfg.trainer.max_tokens_per_micro_batch, dp_size)
+            plans.append([[chosen[j] for j in group] for group in plan])
+        stats = {"batch/padding_share": padding_share(lengths, [g for plan in plans for g in plan]),
+                 "batch/micro_batches": sum(len(p) for p in plans), "batch/tokens": float(sum(lengths))}
+        if vicra.enabled:
+            images = distort_batch([t.images for t in trajectories], vicra.distortion, seed=step,
+                                   patch_ratio=vicra.patch_ratio, noise_std=vicra.noise_std,
+                                   blur_radius=vicra.blur_radius)
+            no_image_items = [encode(prompts, ScoredSequence(t.prompt, imgs, t.response_ids))
+                              for t, imgs in zip(trajectories, images)]
+        if any(len(plan) < dp_size for plan in plans):
+            raise ValueError(f"a mini-batch has fewer sequences than the {dp_size} data-parallel ranks: raise "
+                             "trainer.prompts_per_step or rollout.n, or lower trainer.mini_batches")
+        out = []
+        for plan in plans:
+            mine = []
+            for group in plan[dp_rank::dp_size]:
+                batch = collate(self.policy.family, self.policy.hf_config, [items[i] for i in group],
+                                tokenizer.pad_token_id)
+                micro = MicroBatch(group, batch)
+                if vicra.enabled:
+                    micro.no_image = collate(self.policy.family, self.policy.hf_config,
+                                             [no_image_items[i] for i in group], tokenizer.pad_token_id)
+                micro.rectified = torch.tensor([trajectories[i].rectified for i in group])
+                mine.append(micro)
+            out.append(mine)
+        return out, stats
+
+    # --- 1 + 2: forward-only passes -------------------------------------------------------
+    @torch.no_grad()
+    def _score(self, minis: list[list[MicroBatch]]) -> float:
+        from megatron_ivr.training.logprobs import forward_logprobs
+        from model_providers.qwen_vl import causal_mask
+
+        t0 = time.perf_counter()
+        micros = [m for mini in minis for m in mini]
+        sweep = []
+        for micro in micros:  # old log-probs and the VICRA pass share one sweep
+            sweep.append(micro.batch)
+            if micro.no_image is not None:
+                sweep.append(micro.no_image)
+        records = forward_logprobs(self.policy.forward_model, sweep, causal_mask, with_entropy=True)
+        k = 0
+        for micro in micros:
+            micro.old_logp, micro.entropy = records[k]["logprobs"], records[k]["entropy"]
+            k += 1
+            if micro.no_image is not None:
+                no_image = response_values(records[k]["logprobs"], micro.no_image)
+                micro.w = prob_diff_scores(micro.old_logp, scatter_responses(no_image, micro.batch)) \
+                    * micro.batch.loss_mask
+                k += 1
+        if self.reference is not None:
+            ref = forward_logprobs(self.reference.model, [m.batch for m in micros], causal_mask)
+            for micro, record in zip(micros, ref):
+                micro.ref_logp = record["logprobs"]
+        return time.perf_counter() - t0
+
+    # --- 3: advantages --------------------------------------------------------------------
+    def _advantages(self, minis: list[list[MicroBatch]], trajectories: list[Trajectory]) -> None:
+        for micro in (m for mini in minis for m in mini):
+            mask = micro.batch.loss_mask
+            base = torch.tensor([trajectories[i].advantage for i in micro.indices])[:, None].expand_as(mask)
+            micro.advantages = base * psi(micro.w, mask) if micro.w is not None else base.clone()
+            rollout = scatter_responses([trajectories[i].rollout_logprobs for i in micro.indices], micro.batch)
+            # rectified responses were generated under another prompt: no engine log-probs to correct by
+            micro.rollout_logp = torch.where(micro.rectified[:, None], micro.old_logp, rollout)
+
+    # --- 4: train -------------------------------------------------------------------------
+    def _train(self, mini: list[MicroBatch], totals: dict) -> dict:
+        import torch.distributed as dist
+        from megatron.core import parallel_state as ps
+
+        from megatron_ivr.training.logprobs import vocab_parallel_logprobs
+        from megatron_ivr.training.optimizer import train_step
+        from model_providers.qwen_vl import causal_mask
+
+        dp_size = ps.get_data_parallel_world_size()
+        scale = max(len(mini), 1) * dp_size  # undo megatron's mean over micro-batches and DP ranks
+        by_batch = {id(m.batch): m for m in mini}
+
+        def loss_fn(batch, logits):
+            micro = by_batch[id(batch)]
+            mask = batch.loss_mask
+            logp = vocab_parallel_logprobs(logits, batch.targets)
+            loss, parts = rl_loss(logp, micro.old_logp, micro.advantages, mask, self.loss_cfg, micro.rectified,
+                                  micro.ref_logp, micro.rollout_logp, num_tokens=totals["tokens"],
+                                  num_sequences=totals["sequences"])
+            on_policy = mask * (~micro.rectified[:, None]).to(mask.dtype)
+            with torch.no_grad():
+                shaped = (mask - on_policy).sum().item()
+                record = {"loss": loss.item(), "kl": parts.get("loss/kl", 0.0) * (self.loss_cfg.beta > 0),
+                          "clipped": parts["loss/clip_fraction"] * on_policy.sum().item(),
+                          "on_policy_tokens": on_policy.sum().item(), "shaped_tokens": shaped}
+            return loss * scale, record
+
+        self.policy.advance_lr()
+        result = train_step(self.policy.ddp, self.policy.optimizer, [m.batch for m in mini], causal_mask, loss_fn)
+        sums = torch.tensor([[sum(r[k] for r in result["records"]) for k in
+                              ("loss", "kl", "clipped", "on_policy_tokens", "shaped_tokens")]], dtype=torch.float64)
+        dist.all_reduce(sums, group=ps.get_data_parallel_group())
+        loss, kl, clipped, on_tokens, shaped = sums[0].tolist()
+        return {"loss/total": loss, "loss/kl": kl, "loss/clip_fraction": clipped / max(on_tokens, 1.0),
+                "loss/shaped_token_share": shaped / max(on_tokens + shaped, 1.0),
+                "optim/grad_norm": result["grad_norm"], "optim/lr": self.policy.lr,
+                "optim/updated": float(result["updated"])}
+
+    def __call__(self, experience: Experience, step: int) -> dict:
+        trajectories = experience.trajectories
+        minis, metrics = self._micro_batches(trajectories, step)
+        metrics["time/logprob_passes"] = self._score(minis)
+        self._advantages(minis, trajectories)
+        metrics.update(self._diagnostics(minis))
+        t0 = time.perf_counter()
+        mini_metrics = []
+        groups = sorted({t.group for t in trajectories})
+        mini_count = self.cfg.trainer.mini_batches
+        for k, mini in enumerate(minis):
+            members = set(groups[k::mini_count])
+            chosen = [t for t in trajectories if t.group in members]
+            totals = {"tokens": float(sum(len(t.response_ids) for t in chosen)),
+                      "sequences": float(sum(1 for t in chosen if t.response_ids))}
+            mini_metrics.append(self._train(mini, totals))
+        metrics["time/train"] = time.perf_counter() - t0
+        for key in mini_metrics[0]:
+            metrics[key] = sum(m[key] for m in mini_metrics) / len(mini_metrics)
+        return metrics
+
+    def _diagnostics(self, minis: list[list[MicroBatch]]) -> dict:
+        """Entropy, VICRA grounding statistics and the rollout/trainer mismatch, summed over
+        this rank's micro-batches and reduced over data-parallel ranks."""
+        import torch.distributed as dist
+        from megatron.core import parallel_state as ps
+
+        micros = [m for mini in minis for m in mini]
+        on_masks = [m.batch.loss_mask * (~m.rectified[:, None]).float() for m in micros]
+        flat = lambda xs: torch.cat([x.reshape(-1) for x in xs]) if xs else torch.zeros(0)  # noqa: E731
+        mask = flat([m.batch.loss_mask for m in micros])
+        on_mask = flat(on_masks)
+        entropy = flat([m.entropy for m in micros])
+        old, rollout = flat([m.old_logp for m in micros]), flat([m.rollout_logp for m in micros])
+        gathered = [None] * ps.get_data_parallel_world_size()
+        local = {"mask": mask, "on_mask": on_mask, "entropy": entropy, "old": old, "rollout": rollout,
+                 "w": flat([m.w for m in micros]) if micros and micros[0].w is not None else None}
+        dist.all_gather_object(gathered, local, group=ps.get_data_parallel_group())
+        cat = {k: torch.cat([g[k] for g in gathered]) for k in local if local[k] is not None}
+        valid = cat["mask"].bool()
+        out = {"policy/entropy": cat["entropy"][valid].mean().item() if valid.any() else 0.0}
+        out.update(mismatch_metrics(cat["old"], cat["rollout"], cat["on_mask"]))
+        on = cat["on_mask"].bool()
+        if on.any():
+            ratio = torch.exp(cat["old"][on] - cat["rollout"][on])
+            out["mismatch/tis_clip_share"] = (ratio > self.loss_cfg.tis_cap).float().mean().item() \
+                if self.loss_cfg.tis_cap else 0.0
+        if "w" in cat:
+            out.update(grounding_diagnostics(cat["w"], cat["entropy"], cat["mask"],
+                                             self.cfg.algorithm.vicra.grounded_threshold))
+        return out

@@ -1,0 +1,96 @@
+"""SFT cold start (spec section 5): supervised fine-tuning on reference responses.
+
+Each step draws ``sft.batch_size`` samples in the seeded epoch order, turns each into
+(response prompt, images, reference response + end-of-turn token), and minimizes the mean
+negative log-likelihood over all response tokens of the batch (prompt tokens carry no loss).
+The denominator is the batch's total response-token count, so the loss does not depend on
+how the batch is split into micro-batches or over data-parallel ranks.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from megatron_ivr.config.schema import RunConfig
+from megatron_ivr.prompts import render_prompt
+from megatron_ivr.training.batching import (
+    PromptCache,
+    ScoredSequence,
+    collate,
+    encode,
+    padding_share,
+    plan_micro_batches,
+)
+from megatron_ivr.training.sampler import EpochSampler
+
+logger = logging.getLogger(__name__)
+
+
+def response_token_ids(tokenizer, text: str) -> list[int]:
+    """A reference response as the engine would emit it: its tokens, then end of turn."""
+    return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+class SftJob:
+    name = "sft"
+
+    def __init__(self, cfg: RunConfig, policy, processor, dataset):
+        self.cfg, self.policy, self.processor = cfg, policy, processor
+        self.samples = [s for s in dataset.samples if s.reasoning]
+        if not self.samples:
+            raise ValueError(f"{cfg.sft.data_path}: no sample has a reference response (a 'reasoning' or "
+                             "'response' column)")
+        self.total_steps = cfg.sft.steps
+        self.sampler = EpochSampler(len(self.samples), cfg.trainer.seed)
+        self.data_metrics = dataset.metrics("data/sft")
+
+    def start(self, step: int) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {"sampler": self.sampler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+
+    def step(self, step: int) -> dict:
+        import torch.distributed as dist
+        from megatron.core import parallel_state as ps
+
+        from megatron_ivr.training.logprobs import vocab_parallel_logprobs
+        from megatron_ivr.training.optimizer import train_step
+        from model_providers.qwen_vl import causal_mask
+
+        cfg, tokenizer = self.cfg, self.processor.tokenizer
+        epoch = self.sampler.epoch
+        indices = self.sampler.draw(cfg.sft.batch_size)
+        prompts = PromptCache(self.processor)
+        items = [encode(prompts, ScoredSequence(render_prompt("response", cfg.reward.template, question=s.question),
+                                                s.images, response_token_ids(tokenizer, s.reasoning)))
+                 for s in (self.samples[i] for i in indices)]
+        lengths = [item.length for item in items]
+        dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        plan = plan_micro_batches(lengths, cfg.trainer.max_tokens_per_micro_batch, dp_size)
+        mine = plan[dp_rank::dp_size]
+        batches = [collate(self.policy.family, self.policy.hf_config, [items[i] for i in group],
+                           tokenizer.pad_token_id) for group in mine]
+        total_tokens = float(sum(len(item.response_ids) for item in items))
+        scale = len(batches) * dp_size  # undo megatron's mean over micro-batches and DP ranks
+
+        def loss_fn(batch, logits):
+            logp = vocab_parallel_logprobs(logits, batch.targets) * batch.loss_mask
+            nll = -logp.sum()
+            return nll / total_tokens * scale, {"nll": nll.item()}
+
+        self.policy.advance_lr()
+        result = train_step(self.policy.ddp, self.policy.optimizer, batches, causal_mask, loss_fn)
+        nll = torch.tensor([sum(r["nll"] for r in result["records"])], dtype=torch.float64)
+        dist.all_reduce(nll, group=ps.get_data_parallel_group())
+        metrics = {"sft/loss": nll.item() / total_tokens, "sft/grad_norm": result["grad_norm"],
+                   "sft/lr": self.policy.lr, "sft/tokens": total_tokens, "sft/epoch": epoch,
+                   "batch/padding_share": padding_share(lengths, plan), "batch/micro_batches": len(plan)}
+        if step == 1:
+            metrics.update(self.data_metrics)
+        return metrics

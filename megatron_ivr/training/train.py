@@ -1,0 +1,225 @@
+"""Entry points: ``megatron-ivr sft`` and ``megatron-ivr train`` (RL).
+
+Run alone (one process) or under ``torchrun`` for any TP x PP x DP: gloo on CPU, NCCL on
+GPU. Both build the same pieces and hand a job to the shared loop (:mod:`.loop`):
+
+    init process groups -> load the policy (HF folder -> Megatron stage) -> job
+    -> run_job: resume | per step job.step -> log -> save | SIGTERM: save and exit 0
+    -> export the final policy as an HF folder
+
+RL only: rank 0 also holds the rollout engine (the in-process engine on CPU, or a client of
+SGLang servers) and the reward pool, and the weight bridge pushes the policy to the engine
+after every optimizer step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from megatron_ivr.config.loader import config_to_dict
+from megatron_ivr.config.schema import RunConfig
+from megatron_ivr.data import ImageRules, read_dataset
+from megatron_ivr.models.processor import MERGE_SIZE, PATCH_SIZE, load_processor, model_family
+from megatron_ivr.training.checkpoint import Checkpointer
+from megatron_ivr.training.loop import Progress, run_job
+from megatron_ivr.training.optimizer import OptimizerSettings
+from megatron_ivr.training.policy import ScheduleSettings, export_hf, load_policy
+
+logger = logging.getLogger(__name__)
+
+
+def _setup(cfg: RunConfig, model_path: str):
+    """Threads, process groups (checked against the model first) and the rank."""
+    import torch.distributed as dist
+
+    from megatron_ivr.training.layout import check_layout
+    from megatron_ivr.training.parallel import ParallelLayout, init_parallel
+
+    torch.set_num_threads(cfg.trainer.num_threads)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    check_layout(cfg, world, model_path)
+    init_parallel(ParallelLayout(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel), cfg.trainer.seed)
+    return dist.get_rank()
+
+
+def _writer(cfg: RunConfig, log_dir: str, rank: int):
+    from megatron_ivr.metrics import MetricsWriter
+
+    if rank != 0:
+        return None
+    writer = MetricsWriter(log_dir, cfg.logging.tensorboard, wandb_project=cfg.logging.wandb_project
+                           if cfg.logging.wandb else None, run_name=cfg.name, config=config_to_dict(cfg))
+    return writer
+
+
+def _read(cfg: RunConfig, path: str, model_path: str):
+    family = model_family(model_path)
+    rules = ImageRules(PATCH_SIZE[family] * MERGE_SIZE, cfg.data.min_pixels, cfg.data.max_pixels)
+    return read_dataset(path, rules, cfg.data.max_bad_fraction, cfg.data.image_root,
+                        allow_outside_root=cfg.data.allow_outside_root)
+
+
+def run_sft(cfg: RunConfig) -> int:
+    from megatron_ivr.training.parallel import destroy_parallel
+    from megatron_ivr.training.sft import SftJob
+
+    sft = cfg.sft
+    rank = _setup(cfg, sft.init_path)
+    out = Path(sft.output_dir)
+    processor = load_processor(sft.init_path)
+    dataset = _read(cfg, sft.data_path, sft.init_path)
+    policy = load_policy(sft.init_path, cfg.model.dtype,
+                         OptimizerSettings(lr=sft.lr, weight_decay=sft.weight_decay, clip_grad=sft.grad_clip),
+                         ScheduleSettings(sft.lr_warmup_steps, sft.steps, sft.lr_schedule, sft.min_lr),
+                         cfg.parallel.fp8)
+    job = SftJob(cfg, policy, processor, dataset)
+    writer = _writer(cfg, str(out / "logs"), rank)
+    progress = Progress("sft", job.total_steps, (("sft/loss", "loss"), ("sft/lr", "lr")),
+                        enabled=rank == 0 and cfg.logging.progress)
+    try:
+        checkpointer = Checkpointer(out / "checkpoints", cfg.checkpoint.keep_last, sft.init_path)
+        last = run_job(job, policy, checkpointer, writer, progress, sft.save_interval, cfg.checkpoint.resume)
+        if last == job.total_steps:
+            export_hf(policy, str(out / "hf"), sft.init_path)
+            progress.message(f"[sft] wrote the fine-tuned policy to {out / 'hf'}")
+    finally:
+        if writer is not None:
+            writer.close()
+        destroy_parallel()
+    return 0
+
+
+def _engine(cfg: RunConfig, processor):
+    """The rollout engine and its weight transport (rank 0 only)."""
+    from megatron_ivr.bridge.transports import transport_by_name
+
+    if cfg.rollout.backend == "local":
+        from megatron_ivr.models.tiny import load_model
+        from megatron_ivr.rollout.local import LocalEngine
+
+        engine = LocalEngine(load_model(cfg.model.path), processor,
+                             batch_size=cfg.trainer.prompts_per_step * cfg.rollout.n)
+        return engine, transport_by_name("local", engine=engine), engine.parameter_names()
+    from megatron_ivr.rollout.sglang.engine import engine_from_urls
+
+    if not cfg.rollout.server_urls:
+        raise ValueError("rollout.backend=sglang needs rollout.server_urls (start servers with the server "
+                         "manager or `megatron-ivr launch`)")
+    engine = engine_from_urls(cfg.rollout.server_urls, processor.tokenizer, api_key=cfg.rollout.api_key)
+    transport = transport_by_name(cfg.rollout.weight_transport, client=engine.client,
+                                  directory=str(Path(cfg.checkpoint.dir) / "weight_sync"),
+                                  source_model_dir=cfg.model.path)
+    return engine, transport, None
+
+
+def _engine_key_style(names, default: str) -> str:
+    """The HF naming the engine serves (the in-process transformers model uses the nested
+    names; SGLang loads the checkpoint's own style); decided on rank 0, agreed by all."""
+    import torch.distributed as dist
+
+    from model_providers.state_dict_adapter import detect_key_style
+
+    holder = [detect_key_style(names) if names else default]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+class RlJob:
+    """The RL step as the loop sees it: experience on rank 0, the trainer step on every rank,
+    then the weight sync."""
+
+    name = "rl"
+
+    def __init__(self, cfg: RunConfig, policy, processor, reference, rank: int):
+        from megatron_ivr.bridge.bridge import WeightBridge
+        from megatron_ivr.rewards import RewardFunction
+        from megatron_ivr.training.experience import ExperienceMaker
+        from megatron_ivr.training.rl import RlStep
+
+        self.cfg, self.policy, self.rank = cfg, policy, rank
+        self.total_steps = cfg.trainer.steps
+        self.rl_step = RlStep(cfg, policy, processor, reference)
+        self.engine = self.maker = self.reward_fn = None
+        transport, names = None, None
+        self.data_metrics = {}
+        if rank == 0:
+            dataset = _read(cfg, cfg.data.train_path, cfg.model.path)
+            self.data_metrics = dataset.metrics("data/train")
+            self.engine, transport, names = _engine(cfg, processor)
+            self.reward_fn = RewardFunction(cfg.reward)
+            self.maker = ExperienceMaker(cfg, self.engine, self.reward_fn, dataset.samples)
+        self.bridge = WeightBridge(policy.model, transport, expected_names=names,
+                                   bucket_bytes=cfg.rollout.bucket_mb * 1024**2,
+                                   key_style=_engine_key_style(names, policy.key_style))
+
+    def start(self, step: int) -> None:
+        if step > 0:  # resumed: the engine must serve the restored policy
+            self.bridge.sync(step)
+
+    def state_dict(self) -> dict:
+        return {"sampler": self.maker.sampler.state_dict() if self.maker else None, "engine_version": self.engine
+                .weight_version if self.engine else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.maker is not None:
+            self.maker.sampler.load_state_dict(state["sampler"])
+
+    def step(self, step: int) -> dict:
+        import time
+
+        from megatron_ivr.training.rl import broadcast_experience
+
+        experience = broadcast_experience(self.maker.make(step) if self.rank == 0 else None)
+        if not experience.trajectories:
+            raise RuntimeError(f"step {step}: the engine returned no usable responses")
+        metrics = dict(experience.metrics)
+        metrics.update(self.rl_step(experience, step))
+        t0 = time.perf_counter()
+        report = self.bridge.sync(step)
+        metrics["time/weight_sync"] = time.perf_counter() - t0
+        if report is not None:
+            metrics.update(report.metrics())
+        tokens = sum(len(t.response_ids) for t in experience.trajectories)
+        metrics["throughput/response_tokens"] = tokens
+        metrics["samples"] = experience.sample_ids
+        if step == 1:
+            metrics.update(self.data_metrics)
+        return metrics
+
+    def close(self) -> None:
+        if self.reward_fn is not None:
+            self.reward_fn.close()
+
+
+def run_rl(cfg: RunConfig) -> int:
+    from megatron_ivr.training.parallel import destroy_parallel
+
+    rank = _setup(cfg, cfg.model.path)
+    processor = load_processor(cfg.model.path)
+    trainer = cfg.trainer
+    schedule_steps = trainer.steps * trainer.mini_batches
+    policy = load_policy(cfg.model.path, cfg.model.dtype, OptimizerSettings.from_config(trainer),
+                         ScheduleSettings(trainer.lr_warmup_steps, schedule_steps, trainer.lr_schedule, trainer.min_lr),
+                         cfg.parallel.fp8)
+    reference = load_policy(cfg.model.path, cfg.model.dtype) if cfg.algorithm.beta > 0 else None
+    job = RlJob(cfg, policy, processor, reference, rank)
+    writer = _writer(cfg, cfg.logging.dir, rank)
+    progress = Progress("rl", job.total_steps, (("reward/mean", "reward"), ("reward/accuracy", "acc"),
+                                                ("loss/total", "loss")), enabled=rank == 0 and cfg.logging.progress)
+    try:
+        checkpointer = Checkpointer(cfg.checkpoint.dir, cfg.checkpoint.keep_last, cfg.model.path)
+        last = run_job(job, policy, checkpointer, writer, progress, cfg.checkpoint.save_interval,
+                       cfg.checkpoint.resume)
+        if last == job.total_steps and trainer.export_dir:
+            export_hf(policy, trainer.export_dir, cfg.model.path)
+            progress.message(f"[rl] wrote the trained policy to {trainer.export_dir}")
+    finally:
+        job.close()
+        if writer is not None:
+            writer.close()
+        destroy_parallel()
+    return 0

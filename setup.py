@@ -30,6 +30,7 @@ setup(
         "pyarrow>=14",
         "numpy>=1.26",
         "aiohttp>=3.9",  # the async SGLang client (connection pool, timeouts) and its test server
+        "matplotlib>=3.7",  # `megatron-ivr report`: the run's curves as PNG
     ],
     extras_require={
         "launch": ["nemo-run>=0.11", "leptonai==0.27.3"],  # leptonai>=0.47 breaks `import nemo_run`

@@ -160,6 +160,14 @@ def _coerce(value: Any, tp: Any, key: str, sources: dict) -> Any:
     raise ConfigError(f"{key}: unsupported annotation {tp!r}")
 
 
+def _where(sources: dict, dotted: str) -> str:
+    """Who set ``dotted`` (or, for a section, any key under it): a file or the command line."""
+    if dotted in sources:
+        return sources[dotted]
+    under = [source for key, source in sources.items() if key.startswith(dotted + ".")]
+    return under[-1] if under else "defaults"
+
+
 def build_dataclass(cls: type, tree: dict, sources: dict | None = None, prefix: str = ""):
     """Build dataclass ``cls`` from a plain dict, rejecting unknown keys and wrong types."""
     sources = sources or {}
@@ -168,7 +176,7 @@ def build_dataclass(cls: type, tree: dict, sources: dict | None = None, prefix: 
     for key in tree:
         if key not in names:
             dotted = prefix + key
-            where = sources.get(dotted, "defaults")
+            where = _where(sources, dotted)
             raise ConfigError(
                 f"unknown key '{dotted}' (set in {where}); valid keys here: {sorted(names)}"
             )

@@ -10,10 +10,12 @@ Layout of ``{dir}/step_{N:08d}/``::
     trainer_state.json  step, the job's state (sample order position, engine weight version),
                         the LR scheduler, the layout
     rng/rank_{r}.json   torch / python / numpy RNG states of rank r (JSON: nothing unpickled)
-    COMPLETE            written last: a folder without it is never loaded
+    COMPLETE            written last: the size of every file above (JSON); a folder without
+                        it, or whose files no longer match it (truncated, deleted), is skipped
 
 A save goes to ``step_N.tmp`` and is renamed when complete, so a crash mid-save leaves the
-previous checkpoint the newest loadable one. Only the newest ``keep_last`` are kept.
+previous checkpoint the newest loadable one. Resume takes the newest checkpoint that passes
+the check. Only the newest ``keep_last`` are kept.
 """
 
 from __future__ import annotations
@@ -38,14 +40,34 @@ OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
+def _file_sizes(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != COMPLETE}
+
+
+def is_complete(folder: Path) -> bool:
+    """The completion marker exists and every file it lists is there with its size."""
+    marker = folder / COMPLETE
+    try:
+        expected = json.loads(marker.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    for name, size in expected.items():
+        path = folder / name
+        if not path.is_file() or path.stat().st_size != size:
+            logger.warning("checkpoint %s is damaged (%s is missing or truncated): skipped", folder, name)
+            return False
+    return True
+
+
 def complete_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
-    """``(step, folder)`` of every complete checkpoint under ``root``, oldest first."""
+    """``(step, folder)`` of every complete, undamaged checkpoint under ``root``, oldest first."""
     root = Path(root)
     found = []
     if root.is_dir():
         for child in root.iterdir():
             match = _STEP_DIR.match(child.name)
-            if match and (child / COMPLETE).exists():
+            if match and is_complete(child):
                 found.append((int(match.group(1)), child))
     return sorted(found)
 
@@ -63,6 +85,50 @@ def set_rng_state(saved: dict) -> None:
     random.setstate((version, tuple(state), gauss))
     name, keys, pos, has_gauss, cached = saved["numpy"]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def _materialize_optimizer_state(optimizer) -> None:
+    """A fresh optimizer has no Adam state to load into: megatron fills it with a step on zero
+    gradients (its own helper). The learning rate is 0 meanwhile, so weight decay cannot move
+    a parameter; the state and parameters are then overwritten by the checkpoint."""
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if inner.optimizer.state:
+            continue
+        saved = [group["lr"] for group in inner.optimizer.param_groups]
+        for group in inner.optimizer.param_groups:
+            group["lr"] = 0.0
+        inner._init_optimizer_states_with_dummy_values()
+        for group, lr in zip(inner.optimizer.param_groups, saved):
+            group["lr"] = lr
+
+
+def _load_optimizer_state(optimizer, state: dict) -> None:
+    """``optimizer.load_state_dict`` for megatron's distributed optimizer over torch's Adam (no
+    Apex/TE): torch keeps a per-parameter ``step`` that the fully reshardable format stores
+    once in the param groups (megatron restores it from there) and not per parameter, so the
+    per-parameter copy is told to keep the restored value instead of failing on the key.
+    ``tests/training/test_rl_runs.py::test_exact_resume_after_sigkill`` checks the result."""
+    patched = []
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        original = inner._set_main_param_and_optimizer_states
+
+        def tolerant(model_param, tensors, inner=inner, original=original):
+            current = inner._get_main_param_and_optimizer_states(model_param)
+            original(model_param, {**{k: v for k, v in current.items() if k not in tensors}, **tensors})
+
+        inner._set_main_param_and_optimizer_states = tolerant
+        patched.append(inner)
+    try:
+        optimizer.load_state_dict(state)
+    finally:
+        for inner in patched:
+            del inner._set_main_param_and_optimizer_states  # back to the class method
+    # megatron gives every parameter the *same* restored ``step`` tensor; torch's foreach Adam
+    # increments each listed step in place, so a shared one would advance once per parameter
+    for inner in patched:
+        for param_state in inner.optimizer.state.values():
+            if isinstance(param_state.get("step"), torch.Tensor):
+                param_state["step"] = param_state["step"].clone()
 
 
 class Checkpointer:
@@ -100,7 +166,7 @@ class Checkpointer:
             state = dict(trainer_state, step=step, scheduler=policy.scheduler.state_dict(),
                          world_size=dist.get_world_size())
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-            (tmp / COMPLETE).write_text(f"step {step}\n")
+            (tmp / COMPLETE).write_text(json.dumps({"step": step, "files": _file_sizes(tmp)}))
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)
@@ -131,12 +197,13 @@ class Checkpointer:
         import torch.distributed as dist
         from megatron.core import dist_checkpointing
 
+        _materialize_optimizer_state(policy.optimizer)
         loaded = dist_checkpointing.load({"model": policy.model.sharded_state_dict()}, str(folder / "dist"))
         policy.model.load_state_dict(loaded["model"], strict=True)
         optimizer_state = policy.optimizer.sharded_state_dict(policy.model.sharded_state_dict(), is_loading=True,
                                                               metadata=OPTIMIZER_METADATA)
         loaded = dist_checkpointing.load({"optimizer": optimizer_state}, str(folder / "dist"))
-        policy.optimizer.load_state_dict(loaded["optimizer"])
+        _load_optimizer_state(policy.optimizer, loaded["optimizer"])
         state = json.loads((folder / "trainer_state.json").read_text())
         policy.scheduler.load_state_dict(state["scheduler"])
         rng_file = folder / "rng" / f"rank_{dist.get_rank()}.json"

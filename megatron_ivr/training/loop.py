@@ -68,8 +68,10 @@ class StopSignal:
 class Progress:
     """One line per step on a terminal (rewritten in place), plain lines otherwise."""
 
-    def __init__(self, name: str, total: int, keys: tuple[tuple[str, str], ...], enabled: bool = True):
-        self.name, self.total, self.keys, self.enabled = name, total, keys, enabled
+    def __init__(self, name: str, total: int, keys: tuple[tuple[str, str], ...], enabled: bool = True,
+                 messages: bool = True):
+        """``enabled``: the per-step line; ``messages``: resume, stop and export notices."""
+        self.name, self.total, self.keys, self.enabled, self.messages = name, total, keys, enabled, messages
         self.tty = sys.stdout.isatty()
 
     def update(self, step: int, metrics: dict, seconds: float) -> None:
@@ -83,7 +85,7 @@ class Progress:
             print(line, flush=True)
 
     def message(self, text: str) -> None:
-        if self.enabled:
+        if self.messages:
             print(("\n" if self.tty else "") + text, flush=True)
 
 

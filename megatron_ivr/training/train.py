@@ -79,7 +79,7 @@ def run_sft(cfg: RunConfig) -> int:
     job = SftJob(cfg, policy, processor, dataset)
     writer = _writer(cfg, str(out / "logs"), rank)
     progress = Progress("sft", job.total_steps, (("sft/loss", "loss"), ("sft/lr", "lr")),
-                        enabled=rank == 0 and cfg.logging.progress)
+                        enabled=rank == 0 and cfg.logging.progress, messages=rank == 0)
     try:
         checkpointer = Checkpointer(out / "checkpoints", cfg.checkpoint.keep_last, sft.init_path)
         last = run_job(job, policy, checkpointer, writer, progress, sft.save_interval, cfg.checkpoint.resume)
@@ -209,7 +209,8 @@ def run_rl(cfg: RunConfig) -> int:
     job = RlJob(cfg, policy, processor, reference, rank)
     writer = _writer(cfg, cfg.logging.dir, rank)
     progress = Progress("rl", job.total_steps, (("reward/mean", "reward"), ("reward/accuracy", "acc"),
-                                                ("loss/total", "loss")), enabled=rank == 0 and cfg.logging.progress)
+                                                ("loss/total", "loss")), enabled=rank == 0 and cfg.logging.progress,
+                        messages=rank == 0)
     try:
         checkpointer = Checkpointer(cfg.checkpoint.dir, cfg.checkpoint.keep_last, cfg.model.path)
         last = run_job(job, policy, checkpointer, writer, progress, cfg.checkpoint.save_interval,

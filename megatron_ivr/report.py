@@ -1,0 +1,117 @@
+"""``megatron-ivr report RUN_DIR``: a run's curves as PNG and a short markdown summary.
+
+Reads ``metrics.jsonl`` (in RUN_DIR or RUN_DIR/logs). A resumed run may have logged a step
+twice (before the crash and again after the resume): the last record of a step wins.
+Evaluation records (keys ``eval/...``, no step) are listed in the summary table.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from megatron_ivr.metrics import read_metrics
+
+# (title, [(metric key, label)]) per panel; panels without data are left out
+PANELS = (
+    ("reward", [("reward/mean", "reward"), ("reward/accuracy", "accuracy"), ("reward/format", "format")]),
+    ("loss", [("loss/total", "RL loss"), ("sft/loss", "SFT loss")]),
+    ("response length", [("response/length_mean", "mean"), ("response/length_max", "max")]),
+    ("entropy", [("policy/entropy", "all tokens"), ("vicra/vg_entropy", "visually grounded"),
+                 ("vicra/other_entropy", "other")]),
+    ("VICRA", [("vicra/vg_share", "grounded share"), ("vicra/w_mean", "mean w")]),
+    ("IVR-R1", [("ivr/eroded_share", "eroded share"), ("ivr/accepted_share", "accepted share")]),
+    ("rollout / trainer mismatch", [("mismatch/abs_logp_diff_mean", "mean |dlogp|"),
+                                    ("mismatch/abs_logp_diff_max", "max |dlogp|")]),
+    ("optimizer", [("optim/grad_norm", "grad norm"), ("sft/grad_norm", "SFT grad norm")]),
+    ("seconds per phase", [("time/rollout", "rollout"), ("time/ivr", "IVR"), ("time/logprob_passes", "log-probs"),
+                           ("time/train", "train"), ("time/weight_sync", "sync"), ("time/step", "step")]),
+)
+
+
+def find_metrics(run_dir: str | Path) -> Path:
+    run_dir = Path(run_dir)
+    for candidate in (run_dir / "metrics.jsonl", run_dir / "logs" / "metrics.jsonl"):
+        if candidate.exists():
+            return candidate
+    raise FileNotFoundError(f"{run_dir}: no metrics.jsonl here or in logs/")
+
+
+def load_steps(path: Path) -> tuple[dict[int, dict], list[dict]]:
+    """Per-step records (last one wins) and the records without a step (evaluations)."""
+    steps, other = {}, []
+    for record in read_metrics(path):
+        if "step" in record:
+            steps[int(record["step"])] = record
+        else:
+            other.append(record)
+    return dict(sorted(steps.items())), other
+
+
+def plot(steps: dict[int, dict], out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(title, [(k, label) for k, label in series if any(k in r for r in steps.values())])
+              for title, series in PANELS]
+    panels = [(title, series) for title, series in panels if series]
+    cols = 3
+    rows = max(1, math.ceil(len(panels) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.2 * rows), squeeze=False)
+    for ax, (title, series) in zip(axes.flat, panels):
+        for key, label in series:
+            xs = [s for s, r in steps.items() if isinstance(r.get(key), (int, float))]
+            ax.plot(xs, [steps[s][key] for s in xs], label=label, marker="." if len(xs) < 40 else None)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    path = out / "curves.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def _mean(values: list) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def summary_markdown(steps: dict[int, dict], evaluations: list[dict], metrics_path: Path, image: str) -> str:
+    lines = [f"# Run report: {metrics_path.parent}", "", f"Metrics: `{metrics_path}` ({len(steps)} steps).", ""]
+    if steps:
+        ordered = list(steps.values())
+        window = max(1, len(ordered) // 5)
+        first, last = ordered[:window], ordered[-window:]
+        lines += [f"| metric | first {window} steps | last {window} steps |", "| --- | --- | --- |"]
+        for key in ("reward/mean", "reward/accuracy", "reward/format", "sft/loss", "loss/total",
+                    "response/length_mean", "policy/entropy", "vicra/vg_share", "ivr/accepted_share",
+                    "mismatch/abs_logp_diff_max", "time/step"):
+            a = [r[key] for r in first if key in r]
+            b = [r[key] for r in last if key in r]
+            if a and b:
+                lines.append(f"| {key} | {_mean(a):.4g} | {_mean(b):.4g} |")
+        total = sum(r.get("time/step", 0.0) for r in ordered)
+        lines += ["", f"Training time (sum of step times): {total:.0f} s.", ""]
+    for record in evaluations:
+        accuracy = {k: v for k, v in record.items() if k.startswith("eval/") and k.endswith("/accuracy")}
+        if accuracy:
+            lines += ["| evaluation | accuracy |", "| --- | --- |"]
+            lines += [f"| {k[:-len('/accuracy')]} | {v:.3f} |" for k, v in sorted(accuracy.items())]
+            lines.append("")
+    lines += [f"![curves]({image})", ""]
+    return "\n".join(lines)
+
+
+def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    metrics_path = find_metrics(run_dir)
+    out = Path(out) if out else Path(run_dir) / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    steps, evaluations = load_steps(metrics_path)
+    image = plot(steps, out)
+    (out / "report.md").write_text(summary_markdown(steps, evaluations, metrics_path, image.name))
+    return out / "report.md"

@@ -1,0 +1,64 @@
+"""Helpers for the end-to-end trainer tests: a run config over the session's tiny model and
+synthetic data, and the `megatron-ivr` command alone or under torchrun."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from megatron_ivr.metrics import read_metrics
+from megatron_ivr.training.parallel import free_port
+
+# A random tiny model never writes a correct boxed answer, so every reward would be 0 and
+# every advantage 0. DAPO's overlong shaping makes rewards depend on length, and IVR-R1
+# with tau = -0.5 treats strongly penalized responses as eroded and accepts rewrites scored
+# (without the length penalty) at 0: every loss path (clipped, shaped, TIS) then carries weight.
+RL_OVERRIDES = [
+    "trainer.steps=3", "trainer.prompts_per_step=4", "trainer.lr=1e-3", "trainer.max_tokens_per_micro_batch=400",
+    "rollout.n=4", "rollout.max_new_tokens=24", "algorithm.overlong_shaping=true", "algorithm.overlong_cache=16",
+    "algorithm.vicra.enabled=true", "algorithm.ivr.enabled=true", "algorithm.ivr.tau=-0.5",
+    "algorithm.ivr.critique_max_new_tokens=12", "algorithm.ivr.max_rounds=1", "checkpoint.save_interval=0",
+    "logging.progress=false",
+]
+
+
+def write_config(run_dir: Path, model_dir: Path, data_dir: Path) -> Path:
+    config = {
+        "name": "test",
+        "data": {"train_path": str(data_dir / "train.jsonl"), "val_path": str(data_dir / "val.jsonl"),
+                 "test_path": str(data_dir / "test.jsonl"), "min_pixels": 3136, "max_pixels": 12544},
+        "model": {"path": str(model_dir)},
+        "sft": {"init_path": str(model_dir), "data_path": str(data_dir / "sft.jsonl"),
+                "output_dir": str(run_dir / "sft"), "steps": 4, "batch_size": 8, "lr": 1e-3,
+                "lr_warmup_steps": 2},
+        "trainer": {"device": "cpu", "export_dir": str(run_dir / "export")},
+        "checkpoint": {"dir": str(run_dir / "checkpoints")},
+        "logging": {"dir": str(run_dir / "logs")},
+    }
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def command(subcommand: str, config: Path, overrides: list[str], nproc: int = 1) -> list[str]:
+    if nproc == 1:
+        return [sys.executable, "-m", "megatron_ivr.cli", subcommand, str(config), *overrides]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+            str(free_port()), "-m", "megatron_ivr.cli", subcommand, str(config), *overrides]
+
+
+def run(subcommand: str, config: Path, overrides: list[str], nproc: int = 1, timeout: int = 400):
+    result = subprocess.run(command(subcommand, config, overrides, nproc), env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-6000:])
+    return result
+
+
+def step_records(log_dir: Path) -> dict[int, dict]:
+    """The last record of each step (a resumed run may log a step twice)."""
+    return {int(r["step"]): r for r in read_metrics(log_dir / "metrics.jsonl") if "step" in r}

@@ -1,0 +1,185 @@
+"""End to end: `megatron-ivr train` (RL with IVR-R1 and VICRA) on the tiny Qwen2.5-VL, alone
+and under torchrun: step-0 consistency with the engine, layout invariance, exact resume
+after SIGKILL, a clean stop on SIGTERM, a damaged checkpoint skipped, broken samples."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from tests.training.runs import RL_OVERRIDES, command, run, step_records, write_config
+
+LAYOUTS = {  # name: (processes, overrides)
+    "tp1": (1, []),
+    "tp2": (2, ["parallel.tensor_parallel=2"]),
+    "pp2": (2, ["parallel.pipeline_parallel=2"]),
+    "dp2": (2, []),
+    "tp2pp2": (4, ["parallel.tensor_parallel=2", "parallel.pipeline_parallel=2"]),
+}
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, tiny_models, synthetic_dir):
+    """The 3-step run at TP1 that the other layouts are compared with."""
+    run_dir = tmp_path_factory.mktemp("rl_tp1")
+    config = write_config(run_dir, tiny_models["qwen2_5_vl"], synthetic_dir)
+    run("train", config, RL_OVERRIDES)
+    return run_dir, step_records(run_dir / "logs")
+
+
+def test_rl_run_trains_and_logs(reference_run):
+    run_dir, steps = reference_run
+    assert sorted(steps) == [1, 2, 3]
+    for record in steps.values():
+        assert record["optim/updated"] == 1.0
+        assert record["optim/grad_norm"] > 0  # the shaped rewards give non-zero advantages
+        assert record["rollout/responses"] == 16
+        assert record["weight_sync/version"] == record["step"]
+        assert len(record["samples"]) == 4
+        for key in ("reward/mean", "response/length_mean", "advantage/std", "loss/clip_fraction", "vicra/vg_share",
+                    "ivr/eroded_share", "ivr/accepted", "mismatch/kl", "batch/padding_share", "time/rollout",
+                    "time/logprob_passes", "time/train", "time/weight_sync", "weight_sync/bytes", "policy/entropy"):
+            assert key in record, key
+    assert sum(r["ivr/accepted"] for r in steps.values()) > 0  # rectified responses were trained
+    assert sum(r["loss/shaped_token_share"] for r in steps.values()) > 0
+    # a sample is drawn once per epoch: 3 steps x 4 prompts from 100 training samples, no repeats
+    drawn = [s for r in steps.values() for s in r["samples"]]
+    assert len(drawn) == len(set(drawn)) == 12
+    assert (run_dir / "export" / "model.safetensors").exists()
+    assert (run_dir / "checkpoints" / "step_00000003" / "COMPLETE").exists()
+
+
+def test_step0_engine_and_trainer_logprobs_agree(reference_run):
+    """Before any update the engine (transformers, KV cache, left padding) and the trainer
+    (Megatron, right padding) score the same sampled tokens: fp32 CPU, <= 1e-5."""
+    _, steps = reference_run
+    assert steps[1]["mismatch/abs_logp_diff_max"] <= 1e-5
+    # after each update the bridge keeps them equal too
+    assert max(r["mismatch/abs_logp_diff_max"] for r in steps.values()) <= 1e-5
+
+
+@pytest.mark.parametrize("layout", ["tp2", "pp2", "dp2", "tp2pp2"])
+def test_layout_invariance(layout, reference_run, tmp_path, tiny_models, synthetic_dir):
+    _, reference = reference_run
+    nproc, overrides = LAYOUTS[layout]
+    config = write_config(tmp_path, tiny_models["qwen2_5_vl"], synthetic_dir)
+    run("train", config, RL_OVERRIDES + overrides, nproc=nproc)
+    steps = step_records(tmp_path / "logs")
+    for step, record in reference.items():
+        other = steps[step]
+        assert other["samples"] == record["samples"]
+        assert other["throughput/response_tokens"] == record["throughput/response_tokens"]  # same tokens sampled
+        assert other["loss/total"] == pytest.approx(record["loss/total"], abs=1e-5)
+        assert other["optim/grad_norm"] == pytest.approx(record["optim/grad_norm"], rel=1e-5)
+        assert other["reward/mean"] == pytest.approx(record["reward/mean"], abs=1e-9)
+
+
+def _wait_for(predicate, process, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        if process.poll() is not None:
+            raise AssertionError(f"the run ended early: {process.communicate()}")
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+def _logged_steps(log_dir) -> set:
+    path = log_dir / "metrics.jsonl"
+    if not path.exists():
+        return set()
+    return {json.loads(line)["step"] for line in path.read_text().splitlines() if '"step"' in line}
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL torchrun and its workers (which it starts in their own process groups)."""
+    import psutil
+
+    parent = psutil.Process(pid)
+    processes = parent.children(recursive=True) + [parent]
+    for proc in processes:
+        proc.send_signal(signal.SIGKILL)
+    psutil.wait_procs(processes, timeout=30)
+
+
+def test_exact_resume_after_sigkill(tmp_path, tiny_models, synthetic_dir):
+    """2 processes (TP2). The uninterrupted run and a run killed (SIGKILL, every process) in
+    step 3 after the step-2 checkpoint and then resumed train the same samples with the same
+    losses."""
+    overrides = RL_OVERRIDES + ["trainer.steps=4", "checkpoint.save_interval=2", "parallel.tensor_parallel=2"]
+    whole = tmp_path / "whole"
+    run("train", write_config(whole, tiny_models["qwen2_5_vl"], synthetic_dir), overrides, nproc=2)
+    expected = step_records(whole / "logs")
+
+    broken = tmp_path / "broken"
+    config = write_config(broken, tiny_models["qwen2_5_vl"], synthetic_dir)
+    process = subprocess.Popen(command("train", config, overrides, nproc=2), env=dict(os.environ, OMP_NUM_THREADS="1"),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        _wait_for(lambda: 2 in _logged_steps(broken / "logs"), process, 300)  # logged after its checkpoint
+        _kill_tree(process.pid)  # step 3 is under way
+    finally:
+        process.wait()
+    assert 3 not in _logged_steps(broken / "logs")
+    result = run("train", config, overrides, nproc=2)
+    assert "resumed from" in result.stdout and "step 2" in result.stdout
+    resumed = step_records(broken / "logs")
+    assert sorted(resumed) == [1, 2, 3, 4]
+    for step in (1, 2, 3, 4):
+        assert resumed[step]["samples"] == expected[step]["samples"]
+        assert resumed[step]["loss/total"] == pytest.approx(expected[step]["loss/total"], abs=1e-6)
+        assert resumed[step]["optim/grad_norm"] == pytest.approx(expected[step]["optim/grad_norm"], rel=1e-6)
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path, tiny_models, synthetic_dir):
+    config = write_config(tmp_path, tiny_models["qwen2_5_vl"], synthetic_dir)
+    overrides = RL_OVERRIDES + ["trainer.steps=50"]
+    process = subprocess.Popen(command("train", config, overrides), env=dict(os.environ, OMP_NUM_THREADS="1"),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: 1 in _logged_steps(tmp_path / "logs"), process, 300)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr[-4000:]
+    assert "stopped by signal" in stdout
+    saved = sorted((tmp_path / "checkpoints").glob("step_*/COMPLETE"))
+    assert len(saved) == 1
+    last = max(_logged_steps(tmp_path / "logs"))
+    assert saved[0].parent.name == f"step_{last:08d}" and last < 50
+
+
+def test_damaged_newest_checkpoint_is_skipped(tmp_path, tiny_models, synthetic_dir):
+    config = write_config(tmp_path, tiny_models["qwen2_5_vl"], synthetic_dir)
+    overrides = RL_OVERRIDES + ["trainer.steps=2", "checkpoint.save_interval=1", "checkpoint.keep_last=3"]
+    run("train", config, overrides)
+    newest = tmp_path / "checkpoints" / "step_00000002"
+    shard = max((newest / "dist").glob("*.distcp"), key=lambda p: p.stat().st_size)
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # truncated, as by a crash or a full disk
+    result = run("train", config, overrides[:-3] + ["trainer.steps=3", "checkpoint.save_interval=1"])
+    assert "resumed from" in result.stdout and "step_00000001" in result.stdout
+
+
+def test_broken_samples_are_reported_and_skipped(tmp_path, tiny_models, synthetic_dir):
+    """3% of the training rows are broken (missing image, invalid UTF-8, empty question):
+    the run trains to the end, names them, and logs the bad share."""
+    rows = (synthetic_dir / "train.jsonl").read_bytes().splitlines()
+    data = tmp_path / "data"
+    data.mkdir()
+    broken = list(rows)
+    broken[5] = broken[5].replace(b'"images/', b'"images/missing_')
+    broken[17] = b'{"id": "bad-utf8", "question": "\xff\xfe", "answer": "1"}'
+    broken[40] = json.dumps({"id": "empty-q", "question": "", "answer": "2", "images": []}).encode()
+    (data / "train.jsonl").write_bytes(b"\n".join(broken) + b"\n")
+    config = write_config(tmp_path / "run", tiny_models["qwen2_5_vl"], synthetic_dir)
+    result = run("train", config, RL_OVERRIDES + ["trainer.steps=1", f"data.train_path={data / 'train.jsonl'}",
+                                                               f"data.image_root={synthetic_dir}"])
+    record = step_records(tmp_path / "run" / "logs")[1]
+    assert record["data/train/bad_samples"] == 3
+    assert record["data/train/bad_fraction"] == pytest.approx(3 / len(rows))
+    for bad_id in ("train-00005", "train.jsonl:18", "empty-q"):  # the UTF-8 line is named by file and line
+        assert f"skipping bad sample {bad_id}" in result.stderr

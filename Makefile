@@ -18,10 +18,19 @@ $(VENV)/.installed: setup.py
 
 setup: $(VENV)/.installed
 
+RUN ?= runs/demo
+MIVR := $(VENV)/bin/megatron-ivr
+
+# synthetic task -> tiny Qwen2.5-VL -> SFT (HF -> Megatron on load) -> RL (IVR-R1 + VICRA)
+# -> greedy test accuracy of the SFT and the RL policy -> report with plots ($(RUN)/report)
 demo: setup
-	$(VENV)/bin/megatron-ivr data synth -c $(CONFIG)
-	$(VENV)/bin/megatron-ivr model tiny -c $(CONFIG)
-	$(VENV)/bin/megatron-ivr eval -c $(CONFIG)
+	$(MIVR) data synth -c $(CONFIG)
+	$(MIVR) model tiny -c $(CONFIG)
+	$(MIVR) sft $(CONFIG)
+	$(MIVR) eval -c $(CONFIG) model.path=$(RUN)/sft/hf logging.dir=$(RUN)/eval/sft
+	$(MIVR) train $(CONFIG)
+	$(MIVR) eval -c $(CONFIG) model.path=$(RUN)/rl/hf logging.dir=$(RUN)/eval/rl
+	$(MIVR) report $(RUN)
 
 test: setup
 	$(VENV)/bin/ruff check .

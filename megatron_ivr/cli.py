@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "...`) any TP x PP x DP, DP = N / (TP x PP). Resumes from the newest complete checkpoint; "
                    "SIGTERM/SIGINT save and exit 0.")
     sft = sub.add_parser("sft", help="SFT cold start on reference responses (spec section 5)",
-                         description="Supervised fine-tuning on reference responses (sft.data_path), loss on "
+                         description="Supervised fine-tuning on reference responses (sft.data_paths), loss on "
                                      "response tokens only; writes checkpoints, metrics and the fine-tuned HF "
                                      "folder under sft.output_dir. " + launch_note)
     _add_config_args(sft, positional_config=True)

@@ -29,12 +29,27 @@ PANELS = (
 )
 
 
-def find_metrics(run_dir: str | Path) -> Path:
+def find_runs(run_dir: str | Path) -> dict[str, Path]:
+    """Training metrics files under ``run_dir``: its own (``metrics.jsonl`` or ``logs/``) or,
+    for a pipeline folder like ``runs/demo``, those of its ``sft/`` and ``rl/`` stages."""
     run_dir = Path(run_dir)
-    for candidate in (run_dir / "metrics.jsonl", run_dir / "logs" / "metrics.jsonl"):
-        if candidate.exists():
-            return candidate
-    raise FileNotFoundError(f"{run_dir}: no metrics.jsonl here or in logs/")
+    found = {}
+    for name, candidate in (("run", run_dir / "metrics.jsonl"), ("run", run_dir / "logs" / "metrics.jsonl"),
+                            ("sft", run_dir / "sft" / "logs" / "metrics.jsonl"),
+                            ("rl", run_dir / "rl" / "logs" / "metrics.jsonl")):
+        if candidate.exists() and name not in found:
+            found[name] = candidate
+    return found
+
+
+def find_evaluations(run_dir: str | Path) -> dict[str, dict]:
+    """The last evaluation summary of each ``eval/NAME/metrics.jsonl`` under ``run_dir``."""
+    out = {}
+    for path in sorted(Path(run_dir).glob("eval/*/metrics.jsonl")):
+        records = [r for r in read_metrics(path) if any(k.startswith("eval/") for k in r)]
+        if records:
+            out[path.parent.name] = records[-1]
+    return out
 
 
 def load_steps(path: Path) -> tuple[dict[int, dict], list[dict]]:
@@ -48,7 +63,7 @@ def load_steps(path: Path) -> tuple[dict[int, dict], list[dict]]:
     return dict(sorted(steps.items())), other
 
 
-def plot(steps: dict[int, dict], out: Path) -> Path:
+def plot(steps: dict[int, dict], out: Path, name: str = "curves") -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -71,7 +86,7 @@ def plot(steps: dict[int, dict], out: Path) -> Path:
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     fig.tight_layout()
-    path = out / "curves.png"
+    path = out / f"{name}.png"
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
@@ -81,37 +96,59 @@ def _mean(values: list) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def summary_markdown(steps: dict[int, dict], evaluations: list[dict], metrics_path: Path, image: str) -> str:
-    lines = [f"# Run report: {metrics_path.parent}", "", f"Metrics: `{metrics_path}` ({len(steps)} steps).", ""]
+def run_table(name: str, steps: dict[int, dict], metrics_path: Path, image: str) -> list[str]:
+    lines = [f"## {name}: `{metrics_path}` ({len(steps)} steps)", ""]
     if steps:
         ordered = list(steps.values())
         window = max(1, len(ordered) // 5)
         first, last = ordered[:window], ordered[-window:]
         lines += [f"| metric | first {window} steps | last {window} steps |", "| --- | --- | --- |"]
         for key in ("reward/mean", "reward/accuracy", "reward/format", "sft/loss", "loss/total",
-                    "response/length_mean", "policy/entropy", "vicra/vg_share", "ivr/accepted_share",
-                    "mismatch/abs_logp_diff_max", "time/step"):
+                    "response/length_mean", "policy/entropy", "vicra/vg_share", "ivr/eroded_share",
+                    "ivr/accepted_share", "mismatch/abs_logp_diff_max", "time/step"):
             a = [r[key] for r in first if key in r]
             b = [r[key] for r in last if key in r]
             if a and b:
                 lines.append(f"| {key} | {_mean(a):.4g} | {_mean(b):.4g} |")
         total = sum(r.get("time/step", 0.0) for r in ordered)
         lines += ["", f"Training time (sum of step times): {total:.0f} s.", ""]
-    for record in evaluations:
-        accuracy = {k: v for k, v in record.items() if k.startswith("eval/") and k.endswith("/accuracy")}
-        if accuracy:
-            lines += ["| evaluation | accuracy |", "| --- | --- |"]
-            lines += [f"| {k[:-len('/accuracy')]} | {v:.3f} |" for k, v in sorted(accuracy.items())]
-            lines.append("")
-    lines += [f"![curves]({image})", ""]
-    return "\n".join(lines)
+    lines += [f"![{name}]({image})", ""]
+    return lines
+
+
+def evaluation_table(evaluations: dict[str, dict]) -> list[str]:
+    """Accuracy per question family (rows) for each evaluated policy (columns)."""
+    if not evaluations:
+        return []
+    keys = sorted({k for record in evaluations.values() for k in record
+                   if k.startswith("eval/") and k.endswith("/accuracy")})
+    names = list(evaluations)
+    lines = ["## Greedy evaluation (accuracy)", "", "| subset | " + " | ".join(names) + " |",
+             "| --- |" + " --- |" * len(names)]
+    for key in keys:
+        subset = key[len("eval/"):-len("/accuracy")]
+        count = next((r.get(key[:-len("accuracy")] + "count") for r in evaluations.values()), None)
+        label = subset + (f" (n={int(count)})" if count else "")
+        cells = [f"{evaluations[n][key]:.3f}" if key in evaluations[n] else "-" for n in names]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    metrics_path = find_metrics(run_dir)
+    runs = find_runs(run_dir)
+    evaluations = find_evaluations(run_dir)
+    if not runs and not evaluations:
+        raise FileNotFoundError(f"{run_dir}: no metrics.jsonl here, in logs/, sft/logs/, rl/logs/ or eval/*/")
     out = Path(out) if out else Path(run_dir) / "report"
     out.mkdir(parents=True, exist_ok=True)
-    steps, evaluations = load_steps(metrics_path)
-    image = plot(steps, out)
-    (out / "report.md").write_text(summary_markdown(steps, evaluations, metrics_path, image.name))
+    lines = [f"# Run report: {run_dir}", ""]
+    table = evaluation_table(evaluations)
+    lines += table
+    for name, path in runs.items():
+        steps, _ = load_steps(path)
+        image = plot(steps, out, f"curves_{name}")
+        lines += run_table(name, steps, path, image.name)
+    (out / "report.md").write_text("\n".join(lines))
+    if table:
+        print("\n".join(table))
     return out / "report.md"

@@ -57,7 +57,9 @@ class SyntheticDataConfig:
     held_out_family: Optional[str] = "arithmetic"  # appears in val/test only
     attributes: list[str] = field(default_factory=lambda: ["size", "color", "material", "shape"])  # that vary
     num_colors: int = 6
-    description: Literal["full", "compact"] = "full"  # compact: objects without positions
+    description: Literal["full", "compact", "cells"] = "full"  # compact: no positions; cells: every cell
+    grid: int = 4  # the board is grid x grid cells (2, 3 or 4); one cell = one image token when
+    # image_size = grid * 28 (Qwen2.5-VL) or grid * 32 (Qwen3-VL)
 
     def validate(self, prefix: str = "synthetic") -> None:
         for name in self.attributes:
@@ -65,9 +67,12 @@ class SyntheticDataConfig:
                    f"unknown attribute {name!r}; choose from size, color, material, shape")
         _check("shape" in self.attributes, f"{prefix}.attributes", "must include 'shape' (every object has one)")
         _check(1 <= self.num_colors <= 6, f"{prefix}.num_colors", f"must be in [1, 6], got {self.num_colors}")
+        _check(self.grid in (2, 3, 4), f"{prefix}.grid", f"must be 2, 3 or 4, got {self.grid}")
+        _check(self.max_objects <= self.grid**2, f"{prefix}.max_objects",
+               f"must be <= grid^2 = {self.grid**2}, got {self.max_objects}")
         _check(self.image_size >= 56, f"{prefix}.image_size", f"must be >= 56, got {self.image_size}")
-        _check(1 <= self.min_objects <= self.max_objects <= 12, f"{prefix}.max_objects",
-               "must satisfy 1 <= min_objects <= max_objects <= 12")
+        _check(1 <= self.min_objects <= self.max_objects, f"{prefix}.max_objects",
+               "must satisfy 1 <= min_objects <= max_objects")
         for name in ("num_train", "num_val", "num_test"):
             _check(getattr(self, name) >= 0, f"{prefix}.{name}", "must be >= 0")
 
@@ -135,7 +140,7 @@ class RolloutConfig:
     api_key: Optional[str] = None
     host: str = "127.0.0.1"  # servers bind to loopback unless configured
     max_weight_lag: int = 1  # reject samples from a policy more than this many steps old
-    weight_transport: Literal["local", "tensor", "disk"] = "local"
+    weight_transport: Literal["local", "tensor", "distributed", "disk"] = "local"
     bucket_mb: int = 512
 
     def validate(self, prefix: str = "rollout") -> None:
@@ -259,7 +264,8 @@ class SftConfig:
     response tokens only, same model, layouts, optimizer and checkpoints as RL."""
 
     init_path: str = "runs/demo/models/qwen2_5_vl_tiny"  # the HF folder SFT starts from
-    data_path: str = "runs/demo/data/sft.jsonl"  # rows with a 'reasoning' (or 'response') column
+    # rows with a 'reasoning' (or 'response') column, or one-turn chat 'messages'; files are concatenated
+    data_paths: list[str] = field(default_factory=lambda: ["runs/demo/data/sft.jsonl"])
     output_dir: str = "runs/demo/sft"  # checkpoints/, logs/ and the exported hf/ folder
     steps: int = 100
     batch_size: int = 16
@@ -273,6 +279,7 @@ class SftConfig:
 
     def validate(self, prefix: str = "sft") -> None:
         _check(self.steps >= 0, f"{prefix}.steps", "must be >= 0")
+        _check(len(self.data_paths) >= 1, f"{prefix}.data_paths", "must name at least one file")
         _check(self.batch_size >= 1, f"{prefix}.batch_size", "must be >= 1")
         _check(self.lr > 0, f"{prefix}.lr", f"must be > 0, got {self.lr}")
         _check(0 <= self.min_lr <= self.lr, f"{prefix}.min_lr", "must be in [0, lr]")

@@ -4,7 +4,8 @@ Column layouts understood (the common VLM-RL ones): question in ``question`` |
 ``problem`` | ``query`` | ``prompt``; answer in ``answer`` | ``ground_truth`` |
 ``solution``; images in ``images`` (list) | ``image`` (one), each a path, bytes, base64 /
 data URI or a ``{"bytes", "path"}`` dict; optional ``id``, ``reasoning`` | ``response``,
-``family``. ``<image>`` placeholders in the question are removed: the chat template places
+``family``; a one-turn chat ``messages`` list (user, assistant) gives an SFT row its own
+prompt (``meta["prompt"]``) and reference reply. ``<image>`` placeholders in the question are removed: the chat template places
 the image tokens.
 
 Every row is validated as it is read. A bad row (missing or corrupt image, empty
@@ -108,6 +109,27 @@ def iter_rows(path: Path) -> Iterator[dict]:
         raise DataError(f"{path}: unsupported dataset format {suffix!r} (use .jsonl or .parquet)")
 
 
+def _text(content) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # [{"type": "image"}, {"type": "text", "text": ...}]
+        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return ""
+
+
+def _chat_pair(messages) -> tuple[Optional[str], Optional[str]]:
+    """(user text, assistant text) of a one-turn ``messages`` list; (None, None) otherwise."""
+    if not isinstance(messages, list):
+        return None, None
+    user = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
+    reply = [m for m in messages if isinstance(m, dict) and m.get("role") == "assistant"]
+    if len(user) != 1 or len(reply) != 1:
+        return None, None
+    prompt = _text(user[0].get("content")).replace("<image>", "").strip()
+    answer = _text(reply[0].get("content")).strip()
+    return (prompt, answer) if prompt and answer else (None, None)
+
+
 def row_to_sample(row: dict, rules: ImageRules, root: Optional[Path], default_id: str,
                   allow_outside_root: bool = False) -> Sample:
     """Validate one row and build its sample; raise ``ValueError`` naming the problem."""
@@ -132,6 +154,10 @@ def row_to_sample(row: dict, rules: ImageRules, root: Optional[Path], default_id
             raise ValueError(f"image {k}: {exc}") from None
         images.append(resize_for_qwen(image, rules.factor, rules.min_pixels, rules.max_pixels))
     reasoning = _first(row, REASONING_KEYS)
+    meta = {k: v for k, v in row.items() if k in ("choices", "split", "scene")}
+    prompt, reply = _chat_pair(row.get("messages"))
+    if reply is not None:  # a chat-format SFT row: its own prompt and reference reply
+        meta["prompt"], reasoning = prompt, reply
     return Sample(
         id=str(row.get("id", default_id)),
         images=images,
@@ -139,7 +165,7 @@ def row_to_sample(row: dict, rules: ImageRules, root: Optional[Path], default_id
         answer=str(answer).strip(),
         reasoning=reasoning if isinstance(reasoning, str) else None,
         family=row.get("family"),
-        meta={k: v for k, v in row.items() if k in ("choices", "split", "scene")},
+        meta=meta,
     )
 
 

@@ -174,4 +174,6 @@ def rollout_metrics(trajectories: list[Trajectory], max_new_tokens: int) -> dict
         "response/clipped_share": sum(t.finish_reason == "length" for t in on) / len(on),
         "advantage/mean": adv.mean().item(), "advantage/std": adv.std().item() if adv.numel() > 1 else 0.0,
         "advantage/abs_max": adv.abs().max().item(), "advantage/zero_share": (adv == 0).float().mean().item(),
+        "rollout/weight_version_min": min(t.weight_version for t in on),
+        "rollout/weight_version_max": max(t.weight_version for t in on),
     }

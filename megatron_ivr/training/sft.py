@@ -1,7 +1,9 @@
 """SFT cold start (spec section 5): supervised fine-tuning on reference responses.
 
-Each step draws ``sft.batch_size`` samples in the seeded epoch order, turns each into
-(response prompt, images, reference response + end-of-turn token), and minimizes the mean
+Each step draws ``sft.batch_size`` samples in the seeded epoch order (over all of
+``sft.data_paths``), turns each into (prompt, images, reference response + end-of-turn
+token): the response prompt for a question with a reference answer, or a chat row's own
+prompt (e.g. the IVR-R1 critique and rectification examples), and minimizes the mean
 negative log-likelihood over all response tokens of the batch (prompt tokens carry no loss).
 The denominator is the batch's total response-token count, so the loss does not depend on
 how the batch is split into micro-batches or over data-parallel ranks.
@@ -36,15 +38,22 @@ def response_token_ids(tokenizer, text: str) -> list[int]:
 class SftJob:
     name = "sft"
 
-    def __init__(self, cfg: RunConfig, policy, processor, dataset):
+    def __init__(self, cfg: RunConfig, policy, processor, datasets: list):
         self.cfg, self.policy, self.processor = cfg, policy, processor
-        self.samples = [s for s in dataset.samples if s.reasoning]
+        self.samples = [s for dataset in datasets for s in dataset.samples if s.reasoning]
         if not self.samples:
-            raise ValueError(f"{cfg.sft.data_path}: no sample has a reference response (a 'reasoning' or "
-                             "'response' column)")
+            raise ValueError(f"{cfg.sft.data_paths}: no sample has a reference response (a 'reasoning' or "
+                             "'response' column, or chat 'messages')")
         self.total_steps = cfg.sft.steps
         self.sampler = EpochSampler(len(self.samples), cfg.trainer.seed)
-        self.data_metrics = dataset.metrics("data/sft")
+        self.data_metrics = {}
+        for index, dataset in enumerate(datasets):
+            self.data_metrics.update(dataset.metrics(f"data/sft/{index}"))
+
+    def prompt(self, sample) -> str:
+        """A chat row's own prompt, else the response prompt of the run's output template."""
+        return sample.meta.get("prompt") or render_prompt("response", self.cfg.reward.template,
+                                                          question=sample.question)
 
     def start(self, step: int) -> None:
         pass
@@ -67,8 +76,7 @@ class SftJob:
         epoch = self.sampler.epoch
         indices = self.sampler.draw(cfg.sft.batch_size)
         prompts = PromptCache(self.processor)
-        items = [encode(prompts, ScoredSequence(render_prompt("response", cfg.reward.template, question=s.question),
-                                                s.images, response_token_ids(tokenizer, s.reasoning)))
+        items = [encode(prompts, ScoredSequence(self.prompt(s), s.images, response_token_ids(tokenizer, s.reasoning)))
                  for s in (self.samples[i] for i in indices)]
         lengths = [item.length for item in items]
         dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()

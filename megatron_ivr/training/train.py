@@ -71,12 +71,12 @@ def run_sft(cfg: RunConfig) -> int:
     rank = _setup(cfg, sft.init_path)
     out = Path(sft.output_dir)
     processor = load_processor(sft.init_path)
-    dataset = _read(cfg, sft.data_path, sft.init_path)
+    datasets = [_read(cfg, path, sft.init_path) for path in sft.data_paths]
     policy = load_policy(sft.init_path, cfg.model.dtype,
                          OptimizerSettings(lr=sft.lr, weight_decay=sft.weight_decay, clip_grad=sft.grad_clip),
                          ScheduleSettings(sft.lr_warmup_steps, sft.steps, sft.lr_schedule, sft.min_lr),
                          cfg.parallel.fp8)
-    job = SftJob(cfg, policy, processor, dataset)
+    job = SftJob(cfg, policy, processor, datasets)
     writer = _writer(cfg, str(out / "logs"), rank)
     progress = Progress("sft", job.total_steps, (("sft/loss", "loss"), ("sft/lr", "lr")),
                         enabled=rank == 0 and cfg.logging.progress, messages=rank == 0)
@@ -159,6 +159,8 @@ class RlJob:
     def start(self, step: int) -> None:
         if step > 0:  # resumed: the engine must serve the restored policy
             self.bridge.sync(step)
+            if self.engine is not None:
+                self.engine.set_weight_version(step)
 
     def state_dict(self) -> dict:
         return {"sampler": self.maker.sampler.state_dict() if self.maker else None, "engine_version": self.engine
@@ -180,6 +182,8 @@ class RlJob:
         metrics.update(self.rl_step(experience, step))
         t0 = time.perf_counter()
         report = self.bridge.sync(step)
+        if self.engine is not None:
+            self.engine.set_weight_version(step)  # what the engine serves now: samples are checked against it
         metrics["time/weight_sync"] = time.perf_counter() - t0
         if report is not None:
             metrics.update(report.metrics())

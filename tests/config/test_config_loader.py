@@ -76,3 +76,12 @@ def test_yaml_is_loaded_safely(tmp_path):
     path = write(tmp_path / "evil.yaml", "name: !!python/object/apply:os.system ['echo hacked']\n")
     with pytest.raises(ConfigError, match="invalid YAML"):
         load_config(path)
+
+
+def test_unknown_section_from_the_command_line_is_blamed_on_it():
+    import pytest
+
+    from megatron_ivr.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"unknown key 'no_such_key' \(set in command line\)"):
+        load_config(None, ["no_such_key.zzz=1"])

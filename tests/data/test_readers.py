@@ -32,7 +32,7 @@ def test_three_percent_broken_samples_are_reported_exactly_and_skipped(synthetic
     path = tmp_path / "broken.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
-    dataset = read_dataset(path, max_bad_fraction=0.05)
+    dataset = read_dataset(path, max_bad_fraction=0.05, allow_outside_root=True)
     assert len(dataset.samples) == 97
     assert sorted(b.id for b in dataset.bad) == ["train-00010", "train-00042", "train-00077"]
     reasons = {b.id: b.reason for b in dataset.bad}
@@ -43,7 +43,7 @@ def test_three_percent_broken_samples_are_reported_exactly_and_skipped(synthetic
     assert dataset.bad_fraction == pytest.approx(0.03)
     # the same file fails as a whole when the limit is below the bad share, naming the offenders
     with pytest.raises(DataError, match=r"3 of 100 samples are bad.*train-00010"):
-        read_dataset(path, max_bad_fraction=0.02)
+        read_dataset(path, max_bad_fraction=0.02, allow_outside_root=True)
 
 
 def test_invalid_json_line_and_empty_question_are_bad_samples(tmp_path, synthetic_dir):
@@ -55,7 +55,7 @@ def test_invalid_json_line_and_empty_question_are_bad_samples(tmp_path, syntheti
         + json.dumps({"id": "blank", "question": "<image> ", "answer": "3", "images": [image]}) + "\n"
         + json.dumps({"id": "text-only", "problem": "What is 2+2?", "answer": 4}) + "\n"
     )
-    dataset = read_dataset(path, max_bad_fraction=1.0)
+    dataset = read_dataset(path, max_bad_fraction=1.0, allow_outside_root=True)
     assert [s.id for s in dataset.samples] == ["ok", "text-only"]
     assert dataset.samples[0].question == "How many?"  # <image> placeholder removed
     assert dataset.samples[1].images == [] and dataset.samples[1].answer == "4"
@@ -113,3 +113,38 @@ def test_missing_file_and_unknown_format(tmp_path):
     (tmp_path / "data.csv").write_text("a,b\n")
     with pytest.raises(DataError, match="unsupported dataset format"):
         read_dataset(tmp_path / "data.csv")
+
+
+def test_image_paths_that_leave_the_dataset_folder_are_refused(synthetic_dir, tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.png").write_bytes((synthetic_dir / "images/train_00000.png").read_bytes())
+    rows = [{"id": "inside", "question": "q", "answer": "1", "images": ["images/a.png"]},
+            {"id": "dotdot", "question": "q", "answer": "1", "images": ["../../etc/hostname"]},
+            {"id": "absolute", "question": "q", "answer": "1", "images": [str(synthetic_dir / "images/train_00000.png")]}]
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dataset = read_dataset(path, max_bad_fraction=1.0)
+    assert [s.id for s in dataset.samples] == ["inside"]
+    assert {b.id: "leaves the dataset folder" in b.reason for b in dataset.bad} == {"dotdot": True, "absolute": True}
+    allowed = read_dataset(path, max_bad_fraction=1.0, allow_outside_root=True)
+    assert [s.id for s in allowed.samples] == ["inside", "absolute"]  # ../../etc/hostname is no image
+
+
+def test_a_line_of_invalid_utf8_is_reported_by_line_and_skipped(synthetic_dir, tmp_path):
+    good = (synthetic_dir / "train.jsonl").read_bytes().splitlines()[:3]
+    path = synthetic_dir / "utf8_test.jsonl"
+    try:
+        path.write_bytes(b"\n".join([good[0], b'{"question": "\xff\xfe", "answer": "1"}', good[1], good[2]]) + b"\n")
+        dataset = read_dataset(path, max_bad_fraction=0.5)
+    finally:
+        path.unlink()
+    assert len(dataset.samples) == 3
+    assert dataset.bad[0].id == "utf8_test.jsonl:2" and "invalid UTF-8" in dataset.bad[0].reason
+
+
+def test_chat_rows_carry_their_own_prompt(synthetic_dir):
+    dataset = read_dataset(synthetic_dir / "rereasoning_sft.jsonl", ImageRules(28, 3136, 12544), limit=2)
+    critique, rectify = dataset.samples
+    assert critique.id.endswith("/critique") and critique.meta["prompt"].startswith("Question:")
+    assert "first wrong step" in critique.reasoning
+    assert rectify.reasoning.startswith("<desc>") and "<critique>" in rectify.meta["prompt"]

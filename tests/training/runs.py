@@ -32,7 +32,7 @@ def write_config(run_dir: Path, model_dir: Path, data_dir: Path) -> Path:
         "data": {"train_path": str(data_dir / "train.jsonl"), "val_path": str(data_dir / "val.jsonl"),
                  "test_path": str(data_dir / "test.jsonl"), "min_pixels": 3136, "max_pixels": 12544},
         "model": {"path": str(model_dir)},
-        "sft": {"init_path": str(model_dir), "data_path": str(data_dir / "sft.jsonl"),
+        "sft": {"init_path": str(model_dir), "data_paths": [str(data_dir / "sft.jsonl")],
                 "output_dir": str(run_dir / "sft"), "steps": 4, "batch_size": 8, "lr": 1e-3,
                 "lr_warmup_steps": 2},
         "trainer": {"device": "cpu", "export_dir": str(run_dir / "export")},

@@ -6,6 +6,7 @@ Output layout (``output_dir``)::
     train.jsonl  val.jsonl  test.jsonl        id, images, question, answer, family, split, scene
     sft.jsonl                                 + messages (user prompt, reference response)
     rereasoning.jsonl                         critique and rectification examples (IVR-R1)
+    rereasoning_sft.jsonl                     the same as chat rows (critique, rectification) for SFT
     manifest.json                             the generating config and per-split family counts
 
 Deterministic by ``seed``: every sample draws from its own ``random.Random`` seeded from
@@ -49,7 +50,8 @@ def synthetic_corpus(cfg: SyntheticDataConfig, count: int = 2000, template: str 
     corpus a tiny model's tokenizer is trained on. Covers every family and both templates."""
     for index in range(count):
         rng = _rng(cfg.seed, "corpus", index)
-        scene = random_scene(rng, cfg.min_objects, cfg.max_objects, tuple(cfg.attributes), cfg.num_colors)
+        scene = random_scene(rng, cfg.min_objects, cfg.max_objects, tuple(cfg.attributes), cfg.num_colors,
+                             cfg.grid)
         question = make_question(FAMILIES[index % len(FAMILIES)], scene, rng)
         response = write_response(scene, question, template, cfg.description)
         yield render_prompt("response", template, question=question.text) + "\n" + response
@@ -78,17 +80,18 @@ def generate_dataset(cfg: SyntheticDataConfig, template: str = "ivr",
     (out / "images").mkdir(parents=True, exist_ok=True)
     sizes = {"train": cfg.num_train, "val": cfg.num_val, "test": cfg.num_test}
     manifest = {"config": asdict(cfg), "template": template, "families": {}}
-    sft_rows, rereasoning_rows = [], []
+    sft_rows, rereasoning_rows, rereasoning_sft_rows = [], [], []
     for split in SPLITS:
         families = families_for(split, cfg.held_out_family)
         rows = []
         for index in range(sizes[split]):
             rng = _rng(cfg.seed, split, index)
-            scene = random_scene(rng, cfg.min_objects, cfg.max_objects, tuple(cfg.attributes), cfg.num_colors)
+            scene = random_scene(rng, cfg.min_objects, cfg.max_objects, tuple(cfg.attributes), cfg.num_colors,
+                             cfg.grid)
             family = families[index % len(families)]
             question = make_question(family, scene, rng)
             image_name = f"images/{split}_{index:05d}.png"
-            render_scene(scene, cfg.image_size).save(out / image_name)
+            render_scene(scene, cfg.image_size, cfg.grid).save(out / image_name)
             sample_id = f"{split}-{index:05d}"
             rows.append({"id": sample_id, "images": [image_name], "question": question.text,
                          "answer": question.answer, "family": family, "split": split,
@@ -112,12 +115,21 @@ def generate_dataset(cfg: SyntheticDataConfig, template: str = "ivr",
                         "rectify_prompt": render_prompt("rectify", template, question=question.text,
                                                         response=failed, critique=wrong.critique),
                         "rectified_response": reference})
+                    row = rereasoning_rows[-1]
+                    for kind, prompt_key, reply_key in (("critique", "critique_prompt", "critique"),
+                                                        ("rectify", "rectify_prompt", "rectified_response")):
+                        rereasoning_sft_rows.append({
+                            "id": f"{sample_id}/{kind}", "images": [image_name], "question": question.text,
+                            "answer": question.answer, "family": family,
+                            "messages": [{"role": "user", "content": row[prompt_key]},
+                                         {"role": "assistant", "content": row[reply_key]}]})
             if progress is not None:
                 progress(split, index + 1, sizes[split])
         _write_jsonl(out / f"{split}.jsonl", rows)
         manifest["families"][split] = dict(Counter(r["family"] for r in rows))
     _write_jsonl(out / "sft.jsonl", sft_rows)
     _write_jsonl(out / "rereasoning.jsonl", rereasoning_rows)
+    _write_jsonl(out / "rereasoning_sft.jsonl", rereasoning_sft_rows)
     manifest["rereasoning_examples"] = len(rereasoning_rows)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest

@@ -41,6 +41,7 @@ class SceneObject:
     row: int
     col: int
     shown: tuple = ATTRIBUTES  # the attributes that vary in this task, and so are named
+    grid: int = GRID  # the board is grid x grid cells
 
     def phrase(self) -> str:
         """'a large red metal circle' (only the attributes that vary are named)."""
@@ -48,12 +49,19 @@ class SceneObject:
         return "a " + " ".join(words + [self.shape])
 
     def where(self) -> str:
-        vertical = ("top", "upper middle", "lower middle", "bottom")[self.row]
-        horizontal = ("left", "center-left", "center-right", "right")[self.col]
-        return f"{vertical} {horizontal}"
+        return cell_name(self.row, self.col, self.grid)
 
     def matches(self, predicate: dict) -> bool:
         return all(getattr(self, key) == value for key, value in predicate.items())
+
+
+_ROWS = {2: ("top", "bottom"), 3: ("top", "middle", "bottom"), 4: ("top", "upper middle", "lower middle", "bottom")}
+_COLS = {2: ("left", "right"), 3: ("left", "center", "right"), 4: ("left", "center-left", "center-right", "right")}
+
+
+def cell_name(row: int, col: int, grid: int) -> str:
+    """'top left', 'upper middle center-right', ... for a 2x2, 3x3 or 4x4 board."""
+    return f"{_ROWS[grid][row]} {_COLS[grid][col]}"
 
 
 def attribute_pools(attributes: tuple = ATTRIBUTES, num_colors: int = len(COLORS)) -> dict[str, list[str]]:
@@ -64,11 +72,11 @@ def attribute_pools(attributes: tuple = ATTRIBUTES, num_colors: int = len(COLORS
 
 
 def random_scene(rng: random.Random, min_objects: int, max_objects: int, attributes: tuple = ATTRIBUTES,
-                 num_colors: int = len(COLORS)) -> list[SceneObject]:
+                 num_colors: int = len(COLORS), grid: int = GRID) -> list[SceneObject]:
     """Objects in distinct grid cells, in reading order. Attributes not in ``attributes`` take
     their :data:`FIXED` value and are never named."""
     count = rng.randint(min_objects, max_objects)
-    cells = rng.sample([(r, c) for r in range(GRID) for c in range(GRID)], count)
+    cells = rng.sample([(r, c) for r in range(grid) for c in range(grid)], count)
     pools = attribute_pools(attributes, num_colors)
     shown = tuple(a for a in ATTRIBUTES if a in pools)
 
@@ -76,14 +84,14 @@ def random_scene(rng: random.Random, min_objects: int, max_objects: int, attribu
         return rng.choice(pools[key]) if key in pools else FIXED.get(key, "red")
 
     return [SceneObject(shape=draw("shape"), color=draw("color"), size=draw("size"), material=draw("material"),
-                        row=r, col=c, shown=shown)
+                        row=r, col=c, shown=shown, grid=grid)
             for r, c in sorted(cells)]
 
 
-def render_scene(objects: list[SceneObject], image_size: int) -> Image.Image:
+def render_scene(objects: list[SceneObject], image_size: int, grid: int = GRID) -> Image.Image:
     image = Image.new("RGB", (image_size, image_size), BACKGROUND)
     draw = ImageDraw.Draw(image)
-    cell = image_size / GRID
+    cell = image_size / (objects[0].grid if objects else grid)
     for obj in objects:
         cx, cy = (obj.col + 0.5) * cell, (obj.row + 0.5) * cell
         radius = cell * (0.44 if obj.size == "large" else 0.24)
@@ -106,4 +114,4 @@ def render_scene(objects: list[SceneObject], image_size: int) -> Image.Image:
 
 
 def scene_to_json(objects: list[SceneObject]) -> list[dict]:
-    return [{k: v for k, v in asdict(o).items() if k != "shown"} for o in objects]
+    return [{k: v for k, v in asdict(o).items() if k not in ("shown", "grid")} for o in objects]

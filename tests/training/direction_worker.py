@@ -1,0 +1,52 @@
+"""One RL optimizer step on two fixed trajectories (advantage +1 and -1): prints the change
+of each one's mean log-prob as JSON. Usage: python direction_worker.py MODEL_DIR DATA_DIR"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+
+def main() -> None:
+    model_dir, data_dir = sys.argv[1], Path(sys.argv[2])
+    torch.set_num_threads(1)
+    from megatron_ivr.config import load_config
+    from megatron_ivr.data import ImageRules, read_dataset
+    from megatron_ivr.models.processor import load_processor
+    from megatron_ivr.training.experience import Experience, Trajectory
+    from megatron_ivr.training.optimizer import OptimizerSettings
+    from megatron_ivr.training.parallel import ParallelLayout, init_parallel
+    from megatron_ivr.training.policy import ScheduleSettings, load_policy
+    from megatron_ivr.training.rl import RlStep
+
+    init_parallel(ParallelLayout())
+    cfg = load_config(None, [f"model.path={model_dir}", "algorithm.vicra.enabled=true"])
+    processor = load_processor(model_dir)
+    policy = load_policy(model_dir, optim=OptimizerSettings(lr=1e-3), schedule=ScheduleSettings(total_steps=1))
+    sample = read_dataset(data_dir / "train.jsonl", ImageRules(28, 3136, 12544), limit=1).samples[0]
+    ids = processor.tokenizer("<desc>The image shows 3 objects.</desc>", add_special_tokens=False)["input_ids"]
+    other = processor.tokenizer("<think>so 7</think> \\boxed{7}", add_special_tokens=False)["input_ids"]
+    trajectories = [Trajectory(sample.id, 0, sample.question, sample.images, r, [0.0] * len(r), 0.0, 0.0, 0.0,
+                               advantage=a) for r, a in ((ids, 1.0), (other, -1.0))]
+    step = RlStep(cfg, policy, processor)
+
+    def mean_logps():
+        minis, _ = step._micro_batches(trajectories, 1)
+        step._score(minis)
+        micro = minis[0][0]
+        sums = (micro.old_logp * micro.batch.loss_mask).sum(1) / micro.batch.loss_mask.sum(1)
+        return [sums[micro.indices.index(i)].item() for i in range(2)]
+
+    before = mean_logps()
+    step(Experience(trajectories, [sample.id]), 1)
+    after = mean_logps()
+    print(json.dumps({"delta": [a - b for a, b in zip(after, before)]}))
+
+
+if __name__ == "__main__":
+    main()

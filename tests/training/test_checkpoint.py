@@ -1,0 +1,41 @@
+import json
+import random
+
+import numpy as np
+import torch
+
+from megatron_ivr.training.checkpoint import COMPLETE, complete_checkpoints, rng_state, set_rng_state
+
+
+def _fake(root, step, complete=True):
+    folder = root / f"step_{step:08d}"
+    (folder / "dist").mkdir(parents=True)
+    (folder / "dist" / "shard.distcp").write_bytes(b"x" * 100)
+    (folder / "trainer_state.json").write_text("{}")
+    if complete:
+        files = {"dist/shard.distcp": 100, "trainer_state.json": 2}
+        (folder / COMPLETE).write_text(json.dumps({"step": step, "files": files}))
+    return folder
+
+
+def test_only_complete_and_undamaged_checkpoints_count(tmp_path):
+    _fake(tmp_path, 1)
+    _fake(tmp_path, 2)
+    _fake(tmp_path, 3, complete=False)  # crashed mid-save
+    (tmp_path / "step_00000004.tmp").mkdir()
+    assert [s for s, _ in complete_checkpoints(tmp_path)] == [1, 2]
+    shard = tmp_path / "step_00000002" / "dist" / "shard.distcp"
+    shard.write_bytes(b"x" * 10)  # truncated
+    assert [s for s, _ in complete_checkpoints(tmp_path)] == [1]
+    (tmp_path / "step_00000001" / "dist" / "shard.distcp").unlink()
+    assert complete_checkpoints(tmp_path) == []
+
+
+def test_rng_states_round_trip_through_json():
+    torch.manual_seed(1), random.seed(2), np.random.seed(3)
+    saved = json.loads(json.dumps(rng_state()))
+    expected = (torch.rand(3), random.random(), np.random.rand())
+    torch.manual_seed(9), random.seed(9), np.random.seed(9)
+    set_rng_state(saved)
+    assert torch.equal(torch.rand(3), expected[0])
+    assert random.random() == expected[1] and np.random.rand() == expected[2]

@@ -1,0 +1,24 @@
+from types import SimpleNamespace
+
+from megatron_ivr.training.layout import layout_problems
+
+TEXT = SimpleNamespace(num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=256,
+                       vocab_size=512)
+
+
+def test_a_layout_that_fits_has_no_problem():
+    assert layout_problems(TEXT, None, tp=2, pp=2, world=8) == []
+
+
+def test_each_impossible_layout_names_the_key_and_the_model_value():
+    problems = layout_problems(TEXT, None, tp=3, pp=3, world=4)
+    text = " ".join(problems)
+    assert "parallel.pipeline_parallel=3 must divide the model's num_hidden_layers (4)" in text
+    assert "parallel.tensor_parallel=3 must divide the model's num_key_value_heads (2)" in text
+    assert "does not divide the number of processes (4)" in text
+
+
+def test_deepstack_layers_must_sit_on_the_first_stage():
+    vision = SimpleNamespace(deepstack_visual_indexes=[0, 1, 2])
+    problems = layout_problems(TEXT, vision, tp=1, pp=2, world=2)
+    assert any("deepstack feeds the first 3" in p for p in problems)

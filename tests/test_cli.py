@@ -21,7 +21,7 @@ def test_config_show_prints_the_resolved_config(capsys):
     assert main(["config", "show", "configs/demo_cpu.yaml", "trainer.lr=3e-6", "algorithm.ivr.enabled=true"]) == 0
     shown = yaml.safe_load(capsys.readouterr().out)
     assert shown["trainer"]["lr"] == 3e-6 and shown["algorithm"]["ivr"]["enabled"] is True
-    assert shown["model"]["family"] == "qwen2_5_vl" and shown["eval"]["max_new_tokens"] == 64
+    assert shown["model"]["family"] == "qwen2_5_vl" and shown["eval"]["max_new_tokens"] == 128
 
 
 def test_bad_override_is_a_clear_error(capsys):
@@ -30,7 +30,7 @@ def test_bad_override_is_a_clear_error(capsys):
     assert "unknown key 'trainer.lrr'" in err and "command line" in err
 
 
-@pytest.mark.parametrize("command", ["train", "launch"])
+@pytest.mark.parametrize("command", ["launch"])
 def test_unimplemented_commands_say_so(command, capsys):
     assert main([command]) == 2
     assert "not implemented yet" in capsys.readouterr().err
@@ -42,3 +42,11 @@ def test_data_inspect_lists_bad_samples(tmp_path, capsys):
     assert main(["data", "inspect", str(path)]) == 0
     out = capsys.readouterr().out
     assert "1 good, 1 bad" in out and "bad x: empty or missing answer" in out
+
+
+def test_an_impossible_layout_is_a_config_error_before_anything_starts(tiny_models, capsys):
+    code = main(["train", "configs/demo_cpu.yaml", f"model.path={tiny_models['qwen2_5_vl']}",
+                 "parallel.tensor_parallel=3"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "parallel.tensor_parallel=3 must divide the model's num_key_value_heads (2)" in err

@@ -57,7 +57,8 @@ class SyntheticDataConfig:
     held_out_family: Optional[str] = "arithmetic"  # appears in val/test only
     attributes: list[str] = field(default_factory=lambda: ["size", "color", "material", "shape"])  # that vary
     num_colors: int = 6
-    description: Literal["full", "compact", "cells"] = "full"  # compact: no positions; cells: every cell
+    # compact: no positions; cells: every cell in order; counts: how many of each kind
+    description: Literal["full", "compact", "cells", "counts"] = "full"
     grid: int = 4  # the board is grid x grid cells (2, 3 or 4); one cell = one image token when
     # image_size = grid * 28 (Qwen2.5-VL) or grid * 32 (Qwen3-VL)
 
@@ -100,6 +101,9 @@ class TinyModelConfig:
     num_kv_heads: int = 2
     vision_depth: int = 2
     vision_hidden_size: int = 32
+    # None: the family's own (1e6 / 5e6). With a tiny head_dim those leave MRoPE's height and
+    # width slots with frequencies so low that the cells of a small image are indistinguishable
+    rope_theta: Optional[float] = None
     seed: int = 0
 
     def validate(self, prefix: str = "tiny_model") -> None:

@@ -5,8 +5,8 @@ Column layouts understood (the common VLM-RL ones): question in ``question`` |
 ``solution``; images in ``images`` (list) | ``image`` (one), each a path, bytes, base64 /
 data URI or a ``{"bytes", "path"}`` dict; optional ``id``, ``reasoning`` | ``response``,
 ``family``; a one-turn chat ``messages`` list (user, assistant) gives an SFT row its own
-prompt (``meta["prompt"]``) and reference reply. ``<image>`` placeholders in the question are removed: the chat template places
-the image tokens.
+prompt (``meta["prompt"]``) and reference reply. ``<image>`` placeholders in the question
+are removed: the chat template places the image tokens.
 
 Every row is validated as it is read. A bad row (missing or corrupt image, empty
 question, missing answer) becomes a :class:`BadSample` with its id and reason, is logged

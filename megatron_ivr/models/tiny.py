@@ -48,13 +48,13 @@ def tiny_config(family: str, cfg: TinyModelConfig, tokenizer):
                   intermediate_size=cfg.vision_hidden_size * 2, out_hidden_size=cfg.hidden_size,
                   patch_size=PATCH_SIZE[family], spatial_merge_size=2, temporal_patch_size=2)
     if family == "qwen2_5_vl":
-        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1000000.0,
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": cfg.rope_theta or 1000000.0,
                                    "mrope_section": _mrope_section(head_dim)}
         vision.update(window_size=56, fullatt_block_indexes=[cfg.vision_depth - 1])
         return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **token_ids)
     if family == "qwen3_vl":
         text.update(head_dim=head_dim)
-        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 5000000.0,
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": cfg.rope_theta or 5000000.0,
                                    "mrope_section": _mrope_section(head_dim), "mrope_interleaved": True}
         vision.update(num_position_embeddings=64, deepstack_visual_indexes=[0])
         return Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **token_ids)

@@ -120,7 +120,8 @@ def test_image_paths_that_leave_the_dataset_folder_are_refused(synthetic_dir, tm
     (tmp_path / "images" / "a.png").write_bytes((synthetic_dir / "images/train_00000.png").read_bytes())
     rows = [{"id": "inside", "question": "q", "answer": "1", "images": ["images/a.png"]},
             {"id": "dotdot", "question": "q", "answer": "1", "images": ["../../etc/hostname"]},
-            {"id": "absolute", "question": "q", "answer": "1", "images": [str(synthetic_dir / "images/train_00000.png")]}]
+            {"id": "absolute", "question": "q", "answer": "1",
+             "images": [str(synthetic_dir / "images/train_00000.png")]}]
     path = tmp_path / "data.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     dataset = read_dataset(path, max_bad_fraction=1.0)

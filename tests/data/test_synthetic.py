@@ -89,3 +89,33 @@ def test_rereasoning_examples_fail_then_get_rectified(synthetic_dir):
         assert accuracy_reward(row["rectified_response"], row["answer"]) == 1.0
         assert "<desc>" in row["critique"] and row["failed_response"] in row["rectify_prompt"]
         assert row["critique"] in row["rectify_prompt"]
+
+
+def test_task_options_shape_the_scenes_and_descriptions(tmp_path):
+    import json
+
+    cfg = SyntheticDataConfig(output_dir=str(tmp_path), num_train=40, num_val=0, num_test=0, grid=3, image_size=84,
+                              attributes=["color", "shape"], num_colors=2, min_objects=1, max_objects=6,
+                              description="cells")
+    generate_dataset(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    sft = [json.loads(line) for line in (tmp_path / "sft.jsonl").read_text().splitlines()]
+    for row, trace in zip(rows, sft):
+        assert all(o["color"] in ("red", "green") and o["size"] == "large" and o["material"] == "matte"
+                   and 0 <= o["row"] < 3 and 0 <= o["col"] < 3 for o in row["scene"])
+        assert not any(word in row["question"] for word in ("metal", "matte", "small", "large"))
+        desc = trace["reasoning"].split("</desc>")[0]
+        items = [x.strip() for part in desc.split("Row ")[1:] for x in part.split(":", 1)[1].rstrip(". ").split(",")]
+        assert len(items) == 9 and sum(x != "empty" for x in items) == len(row["scene"])
+        for o in row["scene"]:
+            assert items[o["row"] * 3 + o["col"]] == f"{o['color']} {o['shape']}"
+    assert (tmp_path / "rereasoning_sft.jsonl").exists()
+
+
+def test_board_size_must_hold_the_objects():
+    import pytest
+
+    from megatron_ivr.config import ConfigError
+
+    with pytest.raises(ConfigError, match="synthetic.max_objects"):
+        SyntheticDataConfig(grid=2, max_objects=5).validate()

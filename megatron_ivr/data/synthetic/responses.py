@@ -16,16 +16,25 @@ from typing import Optional
 from megatron_ivr.data.synthetic.questions import Question, count, final_answer, noun
 from megatron_ivr.data.synthetic.scene import COLORS, MATERIALS, SHAPES, SIZES, SceneObject
 
-DESCRIPTION_STYLES = ("full", "compact", "cells")
+DESCRIPTION_STYLES = ("full", "compact", "cells", "counts")
 
 
 def describe(objects: list[SceneObject], style: str = "full") -> str:
     """``full``: every object with its grid position; ``compact``: the objects in reading order
     without positions; ``cells``: every cell of the board in reading order, row by row, empty
     ones included (the k-th item always describes the k-th cell: the easiest to read off an
-    image for a small model)."""
+    image for a small model); ``counts``: how many of each kind, kinds in a fixed order
+    (colour, then shape), no positions."""
     if style not in DESCRIPTION_STYLES:
         raise ValueError(f"unknown description style {style!r}; choose from {DESCRIPTION_STYLES}")
+    if style == "counts" and objects:
+        kinds: dict[str, int] = {}
+        order = {name: i for i, name in enumerate(list(COLORS) + list(SHAPES) + list(SIZES) + list(MATERIALS))}
+        for o in sorted(objects, key=lambda o: (order[o.color], order[o.shape], order[o.size], order[o.material])):
+            name = o.phrase()[2:]
+            kinds[name] = kinds.get(name, 0) + 1
+        parts = [f"{n} {name}{'s' if n > 1 else ''}" for name, n in kinds.items()]
+        return f"The image shows {len(objects)} objects: " + ", ".join(parts) + "."
     if style == "cells":
         grid = objects[0].grid if objects else 3
         by_cell = {(o.row, o.col): o.phrase()[2:] for o in objects}

@@ -52,8 +52,16 @@ def command(subcommand: str, config: Path, overrides: list[str], nproc: int = 1)
             str(free_port()), "-m", "megatron_ivr.cli", subcommand, str(config), *overrides]
 
 
+def clean_env() -> dict:
+    """This process's environment without the rendezvous variables that an in-process test's
+    ``init_parallel`` left behind (a child would try to listen on the same port)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    return dict(env, OMP_NUM_THREADS="1")
+
+
 def run(subcommand: str, config: Path, overrides: list[str], nproc: int = 1, timeout: int = 400):
-    result = subprocess.run(command(subcommand, config, overrides, nproc), env=dict(os.environ, OMP_NUM_THREADS="1"),
+    result = subprocess.run(command(subcommand, config, overrides, nproc), env=clean_env(),
                             capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-6000:])
     return result

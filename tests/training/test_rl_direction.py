@@ -4,17 +4,18 @@ more likely, one with a negative advantage less likely (the clipped surrogate, V
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
+
+from tests.training.runs import clean_env
 
 WORKER = Path(__file__).with_name("direction_worker.py")
 
 
 def test_positive_advantage_raises_and_negative_lowers_the_logprob(tiny_models, synthetic_dir):
     result = subprocess.run([sys.executable, str(WORKER), str(tiny_models["qwen2_5_vl"]), str(synthetic_dir)],
-                            env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+                            env=clean_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     up, down = json.loads(result.stdout.strip().splitlines()[-1])["delta"]
     assert up > 0.01 and down < -0.01

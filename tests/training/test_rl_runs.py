@@ -5,14 +5,13 @@ after SIGKILL, a clean stop on SIGTERM, a damaged checkpoint skipped, broken sam
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import time
 
 import pytest
 
-from tests.training.runs import RL_OVERRIDES, command, run, step_records, write_config
+from tests.training.runs import RL_OVERRIDES, clean_env, command, run, step_records, write_config
 
 LAYOUTS = {  # name: (processes, overrides)
     "tp1": (1, []),
@@ -119,7 +118,7 @@ def test_exact_resume_after_sigkill(tmp_path, tiny_models, synthetic_dir):
 
     broken = tmp_path / "broken"
     config = write_config(broken, tiny_models["qwen2_5_vl"], synthetic_dir)
-    process = subprocess.Popen(command("train", config, overrides, nproc=2), env=dict(os.environ, OMP_NUM_THREADS="1"),
+    process = subprocess.Popen(command("train", config, overrides, nproc=2), env=clean_env(),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         _wait_for(lambda: 2 in _logged_steps(broken / "logs"), process, 300)  # logged after its checkpoint
@@ -140,7 +139,7 @@ def test_exact_resume_after_sigkill(tmp_path, tiny_models, synthetic_dir):
 def test_sigterm_saves_and_exits_cleanly(tmp_path, tiny_models, synthetic_dir):
     config = write_config(tmp_path, tiny_models["qwen2_5_vl"], synthetic_dir)
     overrides = RL_OVERRIDES + ["trainer.steps=50"]
-    process = subprocess.Popen(command("train", config, overrides), env=dict(os.environ, OMP_NUM_THREADS="1"),
+    process = subprocess.Popen(command("train", config, overrides), env=clean_env(),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for(lambda: 1 in _logged_steps(tmp_path / "logs"), process, 300)
     process.send_signal(signal.SIGTERM)

@@ -43,9 +43,10 @@ def find_runs(run_dir: str | Path) -> dict[str, Path]:
 
 
 def find_evaluations(run_dir: str | Path) -> dict[str, dict]:
-    """The last evaluation summary of each ``eval/NAME/metrics.jsonl`` under ``run_dir``."""
+    """The last evaluation summary of each ``eval/NAME/metrics.jsonl`` under ``run_dir``, in
+    the order they were written (the demo: sft, then rl)."""
     out = {}
-    for path in sorted(Path(run_dir).glob("eval/*/metrics.jsonl")):
+    for path in sorted(Path(run_dir).glob("eval/*/metrics.jsonl"), key=lambda p: p.stat().st_mtime):
         records = [r for r in read_metrics(path) if any(k.startswith("eval/") for k in r)]
         if records:
             out[path.parent.name] = records[-1]

@@ -47,6 +47,16 @@ def wrap_for_training(model, settings: OptimizerSettings):
     return ddp, optimizer
 
 
+def global_loss_scale(num_micro_batches: int) -> float:
+    """The factor that turns a loss already normalized by global (whole-batch) denominators
+    into what megatron expects: its schedule divides each micro-batch's loss by the number of
+    micro-batches and its DDP averages gradients over data-parallel ranks; multiplying by both
+    makes the summed gradient that of the whole batch's objective, however it is split."""
+    from megatron.core import parallel_state as ps
+
+    return float(max(num_micro_batches, 1) * ps.get_data_parallel_world_size())
+
+
 def train_step(ddp, optimizer, batches, attention_mask_fn, loss_fn=None) -> dict:
     """One optimizer step over ``batches`` (one micro-batch each): forward, backward through
     megatron's schedule, gradient reductions, clipping and the update. Returns the records of

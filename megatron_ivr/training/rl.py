@@ -72,7 +72,10 @@ class RlStep:
         self.loss_cfg = LossConfig.from_config(cfg.algorithm)
 
     # --- batches --------------------------------------------------------------------------
-    def _micro_batches(self, trajectories: list[Trajectory], step: int) -> tuple[list[MicroBatch], dict]:
+    def _micro_batches(self, trajectories: list[Trajectory], step: int
+                       ) -> tuple[list[list[MicroBatch]], list[dict], dict]:
+        """This rank's micro-batches per mini-batch, each mini-batch's global loss denominators,
+        and batch statistics."""
         from megatron.core import parallel_state as ps
 
         cfg, vicra = self.cfg, self.cfg.algorithm.vicra
@@ -84,11 +87,14 @@ class RlStep:
         groups = sorted({t.group for t in trajectories})
         mini = cfg.trainer.mini_batches
         per_mini = [set(groups[k::mini]) for k in range(mini)]  # groups dealt round-robin to mini-batches
-        plans = []
+        plans, totals = [], []
         for members in per_mini:
             chosen = [i for i, t in enumerate(trajectories) if t.group in members]
             plan = plan_micro_batches([lengths[i] for i in chosen], cfg.trainer.max_tokens_per_micro_batch, dp_size)
             plans.append([[chosen[j] for j in group] for group in plan])
+            # the mini-batch's global loss denominators (all its responses, on every DP rank)
+            totals.append({"tokens": float(sum(len(trajectories[i].response_ids) for i in chosen)),
+                                 "sequences": float(sum(1 for i in chosen if trajectories[i].response_ids))})
         stats = {"batch/padding_share": padding_share(lengths, [g for plan in plans for g in plan]),
                  "batch/micro_batches": sum(len(p) for p in plans), "batch/tokens": float(sum(lengths))}
         if vicra.enabled:
@@ -113,7 +119,7 @@ class RlStep:
                 micro.rectified = torch.tensor([trajectories[i].rectified for i in group])
                 mine.append(micro)
             out.append(mine)
-        return out, stats
+        return out, totals, stats
 
     # --- 1 + 2: forward-only passes -------------------------------------------------------
     @torch.no_grad()
@@ -160,11 +166,10 @@ class RlStep:
         from megatron.core import parallel_state as ps
 
         from megatron_ivr.training.logprobs import vocab_parallel_logprobs
-        from megatron_ivr.training.optimizer import train_step
+        from megatron_ivr.training.optimizer import global_loss_scale, train_step
         from model_providers.qwen_vl import causal_mask
 
-        dp_size = ps.get_data_parallel_world_size()
-        scale = max(len(mini), 1) * dp_size  # undo megatron's mean over micro-batches and DP ranks
+        scale = global_loss_scale(len(mini))
         by_batch = {id(m.batch): m for m in mini}
 
         def loss_fn(batch, logits):
@@ -195,20 +200,12 @@ class RlStep:
 
     def __call__(self, experience: Experience, step: int) -> dict:
         trajectories = experience.trajectories
-        minis, metrics = self._micro_batches(trajectories, step)
+        minis, totals, metrics = self._micro_batches(trajectories, step)
         metrics["time/logprob_passes"] = self._score(minis)
         self._advantages(minis, trajectories)
         metrics.update(self._diagnostics(minis))
         t0 = time.perf_counter()
-        mini_metrics = []
-        groups = sorted({t.group for t in trajectories})
-        mini_count = self.cfg.trainer.mini_batches
-        for k, mini in enumerate(minis):
-            members = set(groups[k::mini_count])
-            chosen = [t for t in trajectories if t.group in members]
-            totals = {"tokens": float(sum(len(t.response_ids) for t in chosen)),
-                      "sequences": float(sum(1 for t in chosen if t.response_ids))}
-            mini_metrics.append(self._train(mini, totals))
+        mini_metrics = [self._train(mini, mini_totals) for mini, mini_totals in zip(minis, totals)]
         metrics["time/train"] = time.perf_counter() - t0
         for key in mini_metrics[0]:
             metrics[key] = sum(m[key] for m in mini_metrics) / len(mini_metrics)

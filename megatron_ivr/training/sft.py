@@ -69,7 +69,7 @@ class SftJob:
         from megatron.core import parallel_state as ps
 
         from megatron_ivr.training.logprobs import vocab_parallel_logprobs
-        from megatron_ivr.training.optimizer import train_step
+        from megatron_ivr.training.optimizer import global_loss_scale, train_step
         from model_providers.qwen_vl import causal_mask
 
         cfg, tokenizer = self.cfg, self.processor.tokenizer
@@ -85,7 +85,7 @@ class SftJob:
         batches = [collate(self.policy.family, self.policy.hf_config, [items[i] for i in group],
                            tokenizer.pad_token_id) for group in mine]
         total_tokens = float(sum(len(item.response_ids) for item in items))
-        scale = len(batches) * dp_size  # undo megatron's mean over micro-batches and DP ranks
+        scale = global_loss_scale(len(batches))
 
         def loss_fn(batch, logits):
             logp = vocab_parallel_logprobs(logits, batch.targets) * batch.loss_mask

@@ -36,7 +36,7 @@ def main() -> None:
     step = RlStep(cfg, policy, processor)
 
     def mean_logps():
-        minis, _ = step._micro_batches(trajectories, 1)
+        minis, _, _ = step._micro_batches(trajectories, 1)
         step._score(minis)
         micro = minis[0][0]
         sums = (micro.old_logp * micro.batch.loss_mask).sum(1) / micro.batch.loss_mask.sum(1)

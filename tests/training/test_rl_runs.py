@@ -182,3 +182,13 @@ def test_broken_samples_are_reported_and_skipped(tmp_path, tiny_models, syntheti
     assert record["data/train/bad_fraction"] == pytest.approx(3 / len(rows))
     for bad_id in ("train-00005", "train.jsonl:18", "empty-q"):  # the UTF-8 line is named by file and line
         assert f"skipping bad sample {bad_id}" in result.stderr
+
+
+def test_mini_batches_make_one_optimizer_step_each(tmp_path, tiny_models, synthetic_dir):
+    """trainer.mini_batches=2: the step's 4 groups become two optimizer steps. With 4 warmup
+    steps the learning rate is 1/4 then 2/4 of its peak (logged as their mean)."""
+    config = write_config(tmp_path, tiny_models["qwen2_5_vl"], synthetic_dir)
+    run("train", config, RL_OVERRIDES + ["trainer.steps=1", "trainer.mini_batches=2", "trainer.lr_warmup_steps=4"])
+    record = step_records(tmp_path / "logs")[1]
+    assert record["optim/lr"] == pytest.approx(1e-3 * (0.25 + 0.5) / 2)
+    assert record["optim/updated"] == 1.0 and record["optim/grad_norm"] > 0

@@ -23,8 +23,8 @@ from typing import Optional
 
 import torch
 
-from megatron_ivr.algorithms.losses import LossConfig, mismatch_metrics, rl_loss
-from megatron_ivr.algorithms.vicra import distort_batch, grounding_diagnostics, prob_diff_scores, psi
+from megatron_ivr.algorithms.losses import LossConfig, rl_loss
+from megatron_ivr.algorithms.vicra import distort_batch, prob_diff_scores, psi
 from megatron_ivr.config.schema import RunConfig
 from megatron_ivr.training.batching import (
     PromptCache,
@@ -212,32 +212,40 @@ class RlStep:
         return metrics
 
     def _diagnostics(self, minis: list[list[MicroBatch]]) -> dict:
-        """Entropy, VICRA grounding statistics and the rollout/trainer mismatch, summed over
-        this rank's micro-batches and reduced over data-parallel ranks."""
+        """Entropy, VICRA grounding statistics (spec 3) and the rollout/trainer mismatch (spec 2),
+        from per-rank sums and maxima reduced over data-parallel ranks (no per-token gather)."""
         import torch.distributed as dist
         from megatron.core import parallel_state as ps
 
-        micros = [m for mini in minis for m in mini]
-        on_masks = [m.batch.loss_mask * (~m.rectified[:, None]).float() for m in micros]
-        flat = lambda xs: torch.cat([x.reshape(-1) for x in xs]) if xs else torch.zeros(0)  # noqa: E731
-        mask = flat([m.batch.loss_mask for m in micros])
-        on_mask = flat(on_masks)
-        entropy = flat([m.entropy for m in micros])
-        old, rollout = flat([m.old_logp for m in micros]), flat([m.rollout_logp for m in micros])
-        gathered = [None] * ps.get_data_parallel_world_size()
-        local = {"mask": mask, "on_mask": on_mask, "entropy": entropy, "old": old, "rollout": rollout,
-                 "w": flat([m.w for m in micros]) if micros and micros[0].w is not None else None}
-        dist.all_gather_object(gathered, local, group=ps.get_data_parallel_group())
-        cat = {k: torch.cat([g[k] for g in gathered]) for k in local if local[k] is not None}
-        valid = cat["mask"].bool()
-        out = {"policy/entropy": cat["entropy"][valid].mean().item() if valid.any() else 0.0}
-        out.update(mismatch_metrics(cat["old"], cat["rollout"], cat["on_mask"]))
-        on = cat["on_mask"].bool()
-        if on.any():
-            ratio = torch.exp(cat["old"][on] - cat["rollout"][on])
-            out["mismatch/tis_clip_share"] = (ratio > self.loss_cfg.tis_cap).float().mean().item() \
-                if self.loss_cfg.tis_cap else 0.0
-        if "w" in cat:
-            out.update(grounding_diagnostics(cat["w"], cat["entropy"], cat["mask"],
-                                             self.cfg.algorithm.vicra.grounded_threshold))
+        threshold, cap = self.cfg.algorithm.vicra.grounded_threshold, self.loss_cfg.tis_cap
+        sums = torch.zeros(11, dtype=torch.float64)
+        peak = torch.zeros(1, dtype=torch.float64)
+        for micro in (m for mini in minis for m in mini):
+            valid = micro.batch.loss_mask.bool()
+            on = valid & ~micro.rectified[:, None]
+            diff = (micro.old_logp - micro.rollout_logp)[on].double()
+            entropy = micro.entropy.double()
+            grounded = valid & (micro.w > threshold) if micro.w is not None else torch.zeros_like(valid)
+            other = valid & ~grounded
+            sums += torch.stack([
+                valid.sum(), entropy[valid].sum(), on.sum(), diff.abs().sum(), (diff.exp() - diff - 1).sum(),
+                (diff.exp() > cap).sum() if cap else torch.tensor(0.0), grounded.sum(), entropy[grounded].sum(),
+                other.sum(), entropy[other].sum(),
+                micro.w[valid].double().sum() if micro.w is not None else torch.tensor(0.0)]).double()
+            if diff.numel():
+                peak = torch.maximum(peak, diff.abs().max().reshape(1))
+        dist.all_reduce(sums, group=ps.get_data_parallel_group())
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=ps.get_data_parallel_group())
+        (tokens, entropy_sum, on_tokens, abs_diff, kl, clipped, vg, vg_entropy, others, other_entropy,
+         w_sum) = sums.tolist()
+        out = {"policy/entropy": entropy_sum / max(tokens, 1.0),
+               "mismatch/abs_logp_diff_mean": abs_diff / max(on_tokens, 1.0),
+               "mismatch/abs_logp_diff_max": peak.item(), "mismatch/kl": kl / max(on_tokens, 1.0),
+               "mismatch/tis_clip_share": clipped / max(on_tokens, 1.0)}
+        if self.cfg.algorithm.vicra.enabled:
+            vg_mean = vg_entropy / vg if vg else 0.0
+            other_mean = other_entropy / others if others else 0.0
+            out.update({"vicra/vg_share": vg / max(tokens, 1.0), "vicra/vg_entropy": vg_mean,
+                        "vicra/other_entropy": other_mean, "vicra/entropy_gap": vg_mean - other_mean,
+                        "vicra/w_mean": w_sum / max(tokens, 1.0)})
         return out

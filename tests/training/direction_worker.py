@@ -43,9 +43,25 @@ def main() -> None:
         return [sums[micro.indices.index(i)].item() for i in range(2)]
 
     before = mean_logps()
+    diagnostics = reference_diagnostics(step, trajectories)
     step(Experience(trajectories, [sample.id]), 1)
     after = mean_logps()
-    print(json.dumps({"delta": [a - b for a, b in zip(after, before)]}))
+    print(json.dumps({"delta": [a - b for a, b in zip(after, before)], **diagnostics}))
+
+
+def reference_diagnostics(step, trajectories) -> dict:
+    """The step's reduced diagnostics and the pure functions of spec 2 / 3 on the same tensors."""
+    from megatron_ivr.algorithms.losses import mismatch_metrics
+    from megatron_ivr.algorithms.vicra import grounding_diagnostics
+
+    minis, _, _ = step._micro_batches(trajectories, 1)
+    step._score(minis)
+    step._advantages(minis, trajectories)
+    micro = minis[0][0]
+    mask = micro.batch.loss_mask
+    expected = mismatch_metrics(micro.old_logp, micro.rollout_logp, mask)
+    expected.update(grounding_diagnostics(micro.w, micro.entropy, mask, step.cfg.algorithm.vicra.grounded_threshold))
+    return {"reduced": step._diagnostics(minis), "expected": expected}
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.training.runs import clean_env
 
 WORKER = Path(__file__).with_name("direction_worker.py")
@@ -17,5 +19,9 @@ def test_positive_advantage_raises_and_negative_lowers_the_logprob(tiny_models, 
     result = subprocess.run([sys.executable, str(WORKER), str(tiny_models["qwen2_5_vl"]), str(synthetic_dir)],
                             env=clean_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
-    up, down = json.loads(result.stdout.strip().splitlines()[-1])["delta"]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    up, down = out["delta"]
     assert up > 0.01 and down < -0.01
+    # the step's diagnostics (sums reduced over ranks) equal the spec's pure functions
+    for key, value in out["expected"].items():
+        assert out["reduced"][key] == pytest.approx(value, rel=1e-6, abs=1e-9), key

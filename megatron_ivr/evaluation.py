@@ -1,8 +1,18 @@
-"""Greedy evaluation of a Hugging Face policy on a dataset split (spec section 5: temperature 0,
-the same grader as the training reward).
+"""Greedy evaluation (spec section 5: temperature 0, the same grader as the training reward).
 
-Writes one record per sample (``eval_{split}_samples.jsonl``) and the summary (overall and
-per question family) to the run's ``metrics.jsonl``.
+``megatron-ivr eval`` evaluates ``model.path`` (a Hugging Face folder, or a Megatron
+checkpoint of this system: a trainer ``step_N`` folder or a converter checkpoint, converted
+to HF on the fly) on either
+
+- a split of the configured dataset (``eval.split``: train | val | test), or
+- public benchmarks in their own file layouts (``eval.benchmarks``: name -> file or folder,
+  read by :mod:`megatron_ivr.data.benchmarks`), several in one command.
+
+Generation goes through the engine interface: the in-process engine, or SGLang servers
+(``rollout.backend=sglang`` with ``rollout.server_urls``) for throughput. For each suite it
+writes one record per sample (``eval_{name}_samples.jsonl``), the summary (overall and per
+subset / question family) to ``metrics.jsonl``, and all suites as one markdown table
+(``eval_summary.md``), all under ``logging.dir``.
 """
 
 from __future__ import annotations
@@ -19,11 +29,9 @@ from megatron_ivr.config.schema import RunConfig
 from megatron_ivr.data import ImageRules, read_dataset
 from megatron_ivr.metrics import MetricsWriter
 from megatron_ivr.models.processor import MERGE_SIZE, PATCH_SIZE, load_processor, model_family
-from megatron_ivr.models.tiny import load_model
 from megatron_ivr.prompts import render_prompt
 from megatron_ivr.rewards import RewardFunction
 from megatron_ivr.rollout import GenerationRequest, SamplingParams
-from megatron_ivr.rollout.local import LocalEngine
 
 logger = logging.getLogger(__name__)
 
@@ -35,47 +43,114 @@ def split_path(cfg: RunConfig, split: str) -> str:
     return path
 
 
+def resolve_policy(model_path: str, work_dir: Path) -> str:
+    """An HF folder for ``model_path``: itself, or a Megatron checkpoint converted once into
+    ``work_dir/policy_hf`` (exact: the converters round-trip bit for bit)."""
+    from model_providers.convert import META_NAME, megatron_to_hf
+
+    path = Path(model_path)
+    source = next((p for p in (path, path / "dist") if (p / META_NAME).exists()), None)
+    if source is None:
+        return model_path
+    out = work_dir / "policy_hf"
+    marker = out / "converted_from.txt"
+    if not (marker.exists() and marker.read_text() == str(source.resolve())):
+        megatron_to_hf(source, out)
+        marker.write_text(str(source.resolve()))
+    return str(out)
+
+
+def make_engine(cfg: RunConfig, model_path: str, processor):
+    if cfg.rollout.backend == "sglang":
+        from megatron_ivr.rollout.sglang.engine import engine_from_urls
+
+        if not cfg.rollout.server_urls:
+            raise ValueError("rollout.backend=sglang needs rollout.server_urls for evaluation")
+        return engine_from_urls(cfg.rollout.server_urls, processor.tokenizer, api_key=cfg.rollout.api_key)
+    from megatron_ivr.models.tiny import load_model
+    from megatron_ivr.rollout.local import LocalEngine
+
+    return LocalEngine(load_model(model_path), processor, cfg.eval.batch_size)
+
+
+def grading_tolerance(sample) -> float:
+    """Relative tolerance for the grader: 1e-4, or half a unit of the benchmark's stated
+    precision (MathVista grades ``1.454`` right against ``1.45`` at precision 2)."""
+    precision = sample.meta.get("precision")
+    if precision is None:
+        return 1e-4
+    try:
+        gold = abs(float(sample.answer))
+    except ValueError:
+        return 1e-4
+    return 0.5 * 10.0 ** -precision / max(1.0, gold)
+
+
+def evaluate_samples(engine, reward_fn, samples, cfg: RunConfig, label: str, progress=print) -> list[dict]:
+    greedy = SamplingParams(max_new_tokens=cfg.eval.max_new_tokens, temperature=0.0)
+    records, start = [], time.time()
+    for begin in range(0, len(samples), cfg.eval.batch_size):
+        batch = samples[begin:begin + cfg.eval.batch_size]
+        requests = [GenerationRequest(render_prompt("response", cfg.reward.template, question=s.question),
+                                      s.images, s.id) for s in batch]
+        completions = [group[0].text for group in engine.generate(requests, greedy)]
+        rewards = reward_fn(completions, [s.answer for s in batch], [grading_tolerance(s) for s in batch])
+        for sample, completion, reward in zip(batch, completions, rewards):
+            records.append({"id": sample.id, "family": sample.family, "answer": sample.answer,
+                            "response": completion, "reward": reward.total, "format": reward.format,
+                            "accuracy": reward.accuracy})
+        progress(f"eval {label}: {len(records)}/{len(samples)} samples, {time.time() - start:.1f}s")
+    return records
+
+
+def _suites(cfg: RunConfig, rules: ImageRules):
+    """(name, loaded dataset) per suite: the benchmarks when given, else the split."""
+    if not cfg.eval.benchmarks:
+        yield cfg.eval.split, read_dataset(split_path(cfg, cfg.eval.split), rules, cfg.data.max_bad_fraction,
+                                           cfg.data.image_root, limit=cfg.eval.max_samples,
+                                           allow_outside_root=cfg.data.allow_outside_root)
+        return
+    from megatron_ivr.data.benchmarks import read_benchmark
+
+    for name, path in cfg.eval.benchmarks.items():
+        yield name, read_benchmark(name, path, rules, limit=cfg.eval.max_samples,
+                                   max_bad_fraction=cfg.data.max_bad_fraction)
+
+
 @torch.no_grad()
 def evaluate(cfg: RunConfig, progress=print) -> dict:
+    """Evaluate every suite; returns the summaries of all of them in one dict."""
     torch.set_num_threads(cfg.trainer.num_threads)
-    family = model_family(cfg.model.path)
-    rules = ImageRules(PATCH_SIZE[family] * MERGE_SIZE, cfg.data.min_pixels, cfg.data.max_pixels)
-    dataset = read_dataset(split_path(cfg, cfg.eval.split), rules, cfg.data.max_bad_fraction,
-                           cfg.data.image_root, limit=cfg.eval.max_samples,
-                           allow_outside_root=cfg.data.allow_outside_root)
-    engine = LocalEngine(load_model(cfg.model.path), load_processor(cfg.model.path), cfg.eval.batch_size)
-    greedy = SamplingParams(max_new_tokens=cfg.eval.max_new_tokens, temperature=0.0)
-    samples = dataset.samples
     log_dir = Path(cfg.logging.dir)
     log_dir.mkdir(parents=True, exist_ok=True)
-    records = []
-    start = time.time()
+    model_path = resolve_policy(cfg.model.path, log_dir)
+    family = model_family(model_path)
+    rules = ImageRules(PATCH_SIZE[family] * MERGE_SIZE, cfg.data.min_pixels, cfg.data.max_pixels)
+    processor = load_processor(model_path)
+    engine = make_engine(cfg, model_path, processor)
+    summary: dict = {}
+    tables = []
     with RewardFunction(cfg.reward) as reward_fn:
-        for begin in range(0, len(samples), cfg.eval.batch_size):
-            batch = samples[begin:begin + cfg.eval.batch_size]
-            requests = [GenerationRequest(render_prompt("response", cfg.reward.template, question=s.question),
-                                          s.images, s.id) for s in batch]
-            completions = [group[0].text for group in engine.generate(requests, greedy)]
-            rewards = reward_fn(completions, [s.answer for s in batch])
-            for sample, completion, reward in zip(batch, completions, rewards):
-                records.append({"id": sample.id, "family": sample.family, "answer": sample.answer,
-                                "response": completion, "reward": reward.total, "format": reward.format,
-                                "accuracy": reward.accuracy})
-            progress(f"eval {cfg.eval.split}: {len(records)}/{len(samples)} samples, "
-                     f"{time.time() - start:.1f}s")
-    with open(log_dir / f"eval_{cfg.eval.split}_samples.jsonl", "w", encoding="utf-8") as fh:
-        for record in records:
-            fh.write(json.dumps(record) + "\n")
-    summary = summarize(records, prefix=f"eval/{cfg.eval.split}")
-    summary.update(dataset.metrics(prefix=f"eval/{cfg.eval.split}/data"))
-    summary[f"eval/{cfg.eval.split}/seconds"] = time.time() - start
+        for name, dataset in _suites(cfg, rules):
+            start = time.time()
+            records = evaluate_samples(engine, reward_fn, dataset.samples, cfg, name, progress)
+            with open(log_dir / f"eval_{name}_samples.jsonl", "w", encoding="utf-8") as fh:
+                for record in records:
+                    fh.write(json.dumps(record) + "\n")
+            part = summarize(records, prefix=f"eval/{name}")
+            part.update(dataset.metrics(prefix=f"eval/{name}/data"))
+            part[f"eval/{name}/seconds"] = time.time() - start
+            summary.update(part)
+            tables.append(markdown_table(name, part))
+    (log_dir / "eval_summary.md").write_text(
+        f"# Greedy evaluation of {cfg.model.path}\n\n" + "\n".join(tables), encoding="utf-8")
     with MetricsWriter(log_dir, cfg.logging.tensorboard) as writer:
         writer.log(summary)
     return summary
 
 
 def summarize(records: list[dict], prefix: str) -> dict:
-    """Mean reward, accuracy and format rate, overall and per question family."""
+    """Mean reward, accuracy and format rate, overall and per question family / subset."""
     groups = defaultdict(list)
     for record in records:
         groups["all"].append(record)
@@ -88,3 +163,21 @@ def summarize(records: list[dict], prefix: str) -> dict:
             summary[f"{key}/{metric}"] = sum(r[metric] for r in rows) / len(rows)
         summary[f"{key}/count"] = len(rows)
     return summary
+
+
+def markdown_table(name: str, summary: dict) -> str:
+    """One suite: overall, then each subset, with counts; bad rows skipped are stated."""
+    prefix = f"eval/{name}"
+    lines = [f"## {name}", "", "| subset | n | accuracy | format |", "| --- | --- | --- | --- |",
+             f"| all | {summary[prefix + '/count']} | {summary[prefix + '/accuracy']:.3f} | "
+             f"{summary[prefix + '/format']:.3f} |"]
+    subsets = sorted(k[len(prefix) + 1:-len("/accuracy")] for k in summary
+                     if k.startswith(prefix + "/") and k.endswith("/accuracy") and k != prefix + "/accuracy")
+    for subset in subsets:
+        key = f"{prefix}/{subset}"
+        lines.append(f"| {subset} | {summary[key + '/count']} | {summary[key + '/accuracy']:.3f} | "
+                     f"{summary[key + '/format']:.3f} |")
+    bad = summary.get(f"{prefix}/data/bad_samples", 0)
+    if bad:
+        lines.append(f"\n{bad} unreadable row(s) skipped (ids in the log).")
+    return "\n".join(lines) + "\n"

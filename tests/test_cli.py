@@ -30,10 +30,15 @@ def test_bad_override_is_a_clear_error(capsys):
     assert "unknown key 'trainer.lrr'" in err and "command line" in err
 
 
-@pytest.mark.parametrize("command", ["launch"])
-def test_unimplemented_commands_say_so(command, capsys):
-    assert main([command]) == 2
-    assert "not implemented yet" in capsys.readouterr().err
+def test_launch_help_names_the_modes_and_a_bad_mode_is_refused(capsys):
+    with pytest.raises(SystemExit) as help_exit:
+        main(["launch", "--help"])
+    assert help_exit.value.code == 0
+    text = capsys.readouterr().out
+    assert all(word in text for word in ("local", "slurm", "docker", "--dryrun", "colocated", "disaggregated"))
+    with pytest.raises(SystemExit) as bad:
+        main(["launch", "kubernetes", "configs/demo_cpu.yaml"])
+    assert bad.value.code == 2 and "invalid choice" in capsys.readouterr().err
 
 
 def test_data_inspect_lists_bad_samples(tmp_path, capsys):

@@ -33,3 +33,71 @@ def test_evaluate_tiny_model(tiny_models, synthetic_dir, tmp_path):
     assert summary["eval/test/count"] == 8
     assert summary["eval/test/reward"] == pytest.approx(sum(r["reward"] for r in records) / 8)
     assert read_metrics(tmp_path / "metrics.jsonl")[-1]["eval/test/count"] == 8
+
+
+def _benchmark_files(tmp_path):
+    """A MathVista Parquet file and an MMStar TSV (with one broken row each)."""
+    import base64
+
+    from tests.data.test_benchmarks import png, write_parquet
+
+    meta = {"task": "figure question answering"}
+    vista = write_parquet(tmp_path / "mathvista" / "testmini.parquet", [
+        {"pid": str(i), "question": f"How many bars? ({i})", "choices": None, "answer": str(i),
+         "question_type": "free_form", "answer_type": "integer", "precision": None, "metadata": meta,
+         "image": f"images/{i}.jpg", "decoded_image": {"bytes": png((40 * i, 90, 20)) if i else b"x", "path": None}}
+        for i in range(4)])
+    b64 = base64.b64encode(png()).decode()
+    tsv = tmp_path / "mmstar" / "MMStar.tsv"
+    tsv.parent.mkdir()
+    tsv.write_text("index\tquestion\tA\tB\tC\tD\tanswer\tcategory\timage\n"
+                   + "".join(f"{i}\tWhich colour? {i}\tred\tblue\tgreen\tgrey\tA\tcoarse perception\t{b64}\n"
+                             for i in range(3)))
+    return vista, tsv
+
+
+def test_eval_of_a_megatron_checkpoint_matches_its_hf_source(tiny_models, tmp_path):
+    """Several benchmarks in one call; a Megatron checkpoint (a trainer-style step folder with
+    dist/, saved at TP2) gives exactly the greedy outputs of the HF folder it came from."""
+    from model_providers.convert import hf_to_megatron
+
+    vista, tsv = _benchmark_files(tmp_path)
+    hf = tiny_models["qwen2_5_vl"]
+    megatron = hf_to_megatron(hf, tmp_path / "step_00000007" / "dist", tp=2)
+    responses = {}
+    for name, path in (("hf", hf), ("megatron", megatron.parent)):
+        cfg = load_config("configs/demo_cpu.yaml", [
+            f"model.path={path}", f"logging.dir={tmp_path / name}", f"eval.benchmarks.mathvista={vista}",
+            f"eval.benchmarks.mmstar={tsv}", "eval.max_samples=null", "eval.batch_size=4", "eval.max_new_tokens=12",
+            "data.max_bad_fraction=0.5"])
+        summary = evaluate(cfg, progress=lambda line: None)
+        assert summary["eval/mathvista/count"] == 3 and summary["eval/mathvista/data/bad_samples"] == 1
+        assert summary["eval/mmstar/count"] == 3
+        assert summary["eval/mathvista/figure question answering/count"] == 3
+        responses[name] = {bench: [json.loads(x)["response"] for x in
+                                   (tmp_path / name / f"eval_{bench}_samples.jsonl").read_text().splitlines()]
+                           for bench in ("mathvista", "mmstar")}
+        table = (tmp_path / name / "eval_summary.md").read_text()
+        assert "## mathvista" in table and "| figure question answering | 3 |" in table
+        assert "1 unreadable row(s) skipped" in table
+    assert (tmp_path / "megatron" / "policy_hf" / "config.json").exists()  # converted on the fly
+    assert responses["megatron"] == responses["hf"]
+    assert any(r for r in responses["hf"]["mathvista"])  # the model generated text
+
+
+def test_precision_sets_the_grading_tolerance():
+    from megatron_ivr.data.sample import Sample
+    from megatron_ivr.evaluation import grading_tolerance
+    from megatron_ivr.rewards.accuracy import grade_answer
+
+    sample = Sample(id="1", images=[], question="q", answer="1.45", meta={"precision": 2})
+    assert grade_answer("1.454", "1.45", grading_tolerance(sample)) == 1.0
+    assert grade_answer("1.456", "1.45", grading_tolerance(sample)) == 0.0
+    assert grading_tolerance(Sample(id="2", images=[], question="q", answer="7")) == 1e-4
+
+
+def test_unknown_benchmark_is_a_config_error():
+    from megatron_ivr.config import ConfigError
+
+    with pytest.raises(ConfigError, match="eval.benchmarks"):
+        load_config(None, ["eval.benchmarks.mathvistaa=/x"])

@@ -211,13 +211,17 @@ class DistributedTransport:
 
 
 def transport_by_name(name: str, engine=None, client=None, directory: Optional[str] = None,
-                      source_model_dir: Optional[str] = None):
+                      source_model_dir: Optional[str] = None, master_address: Optional[str] = None,
+                      server_tp_size: int = 1):
+    """``master_address``: where the servers reach this process for ``distributed``
+    (default 127.0.0.1)."""
     if name == "local":
         return LocalTransport(engine)
     if name == "tensor":
-        return TensorTransport(client)
+        return TensorTransport(client, server_tp_size=server_tp_size)
     if name == "disk":
         return DiskTransport(client, directory, source_model_dir)
     if name == "distributed":
-        return DistributedTransport(client)
+        return DistributedTransport(client, master_address=master_address or "127.0.0.1",
+                                    server_tp_size=server_tp_size)
     raise ValueError(f"unknown weight transport {name!r}; choose local, tensor, disk or distributed")

@@ -136,6 +136,16 @@ def _coerce(value: Any, tp: Any, key: str, sources: dict) -> Any:
             raise ConfigError(f"{key} (set in {where}): expected a list, got {value!r}")
         (item_type,) = typing.get_args(tp) or (Any,)
         return [_coerce(v, item_type, f"{key}[{i}]", sources) for i, v in enumerate(value)]
+    if origin is dict:  # e.g. launch.env: string keys, scalar values read as strings (FOO: 1 -> "1")
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} (set in {where}): expected a mapping, got {value!r}")
+        _, value_type = typing.get_args(tp) or (str, Any)
+        out = {}
+        for k, v in value.items():
+            if value_type is str and isinstance(v, (int, float, bool)):
+                v = str(v)
+            out[str(k)] = _coerce(v, value_type, f"{key}.{k}", sources)
+        return out
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key} (set in {where}): expected a section (mapping), got {value!r}")

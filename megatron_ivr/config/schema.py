@@ -146,6 +146,13 @@ class RolloutConfig:
     max_weight_lag: int = 1  # reject samples from a policy more than this many steps old
     weight_transport: Literal["local", "tensor", "distributed", "disk"] = "local"
     bucket_mb: int = 512
+    server_tp_size: int = 1  # tensor-parallel size of each SGLang server (weights go to every TP rank)
+    # the address SGLang servers reach trainer rank 0 at for the `distributed` transport
+    # (None: 127.0.0.1, servers on the same machine); the Slurm launcher sets the trainer head node
+    sync_master_address: Optional[str] = None
+    # colocated GPUs: the servers release their memory (weights, KV cache) after the rollouts and
+    # take it back before the weight sync (SGLang's release/resume_memory_occupation; no-op on CPU)
+    offload_during_train: bool = False
 
     def validate(self, prefix: str = "rollout") -> None:
         _check(self.n >= 1, f"{prefix}.n", "must be >= 1")
@@ -154,6 +161,7 @@ class RolloutConfig:
         _check(self.max_new_tokens >= 1, f"{prefix}.max_new_tokens", "must be >= 1")
         _check(self.max_weight_lag >= 0, f"{prefix}.max_weight_lag", "must be >= 0")
         _check(self.bucket_mb >= 1, f"{prefix}.bucket_mb", "must be >= 1")
+        _check(self.server_tp_size >= 1, f"{prefix}.server_tp_size", "must be >= 1")
 
 
 @dataclass
@@ -305,10 +313,24 @@ class CheckpointConfig:
 
 @dataclass
 class EvalConfig:
+    """``megatron-ivr eval``: greedy accuracy on a split, or on public benchmarks."""
+
     split: Literal["train", "val", "test"] = "test"
-    max_samples: int = 64
+    # name -> file or folder in the benchmark's own layout (megatron_ivr/data/benchmarks.py), e.g.
+    # eval.benchmarks.mathvista=/data/MathVista/testmini.parquet; when set, the split is not used
+    benchmarks: dict[str, str] = field(default_factory=dict)
+    max_samples: Optional[int] = 64  # per suite (None: all)
     batch_size: int = 16
     max_new_tokens: int = 96
+
+    def validate(self, prefix: str = "eval") -> None:
+        from megatron_ivr.data.benchmarks import BENCHMARKS
+
+        for name in self.benchmarks:
+            _check(name in BENCHMARKS, f"{prefix}.benchmarks", f"unknown benchmark {name!r}; choose from "
+                   f"{', '.join(sorted(BENCHMARKS))}")
+        _check(self.max_samples is None or self.max_samples >= 1, f"{prefix}.max_samples", "must be >= 1 or null")
+        _check(self.batch_size >= 1, f"{prefix}.batch_size", "must be >= 1")
 
 
 @dataclass
@@ -320,6 +342,65 @@ class LoggingConfig:
     wandb_project: str = "megatron-ivr"
     progress: bool = True  # a progress line per step (rewritten in place on a terminal)
     interval: int = 1
+
+
+Placement = Literal["colocated", "disaggregated"]
+
+
+@dataclass
+class LaunchConfig:
+    """How ``megatron-ivr launch {local,slurm,docker}`` places the run (launch/, docs/cluster.md).
+
+    *colocated*: every node runs its SGLang server(s) and its trainer ranks on the same GPUs;
+    the servers release their memory while the trainer trains. *disaggregated*: a Slurm
+    heterogeneous job, ``rollout_nodes`` nodes of SGLang servers and ``nodes`` trainer nodes.
+    """
+
+    job_name: str = "megatron-ivr"
+    job_dir: str = "runs/launch"  # where nemo-run writes the job folders (scripts, logs, run config)
+    placement: Placement = "colocated"
+    nodes: int = 1  # trainer nodes
+    gpus_per_node: int = 8  # trainer processes per node (on CPU: processes for `launch local`)
+    rollout_nodes: int = 0  # disaggregated only: nodes of SGLang servers
+    servers_per_node: int = 1  # SGLang servers per node; each gets gpus_per_node / servers_per_node GPUs
+    server_port: int = 30000  # the first server of a node; the next ones count up
+    server_host: str = "127.0.0.1"  # bind address; servers read from other nodes need 0.0.0.0 (+ rollout.api_key)
+    server_mem_fraction: Optional[float] = None  # SGLang --mem-fraction-static (colocated: leave room to train)
+    server_args: list[str] = field(default_factory=list)  # more `sglang.launch_server` flags
+    server_startup_timeout_s: int = 1200
+    sglang_python: str = "/opt/sglang/bin/python"  # the SGLang environment in the image (local: auto)
+    master_port: int = 29500  # torchrun rendezvous port on the trainer head node
+    container_image: Optional[str] = None  # Slurm (Pyxis) / Docker image
+    container_mounts: list[str] = field(default_factory=list)  # "host:container" pairs
+    env: dict[str, str] = field(default_factory=dict)  # exported to every process of the job
+    account: Optional[str] = None
+    partition: Optional[str] = None
+    qos: Optional[str] = None
+    time: str = "04:00:00"
+    exclusive: bool = True
+    preempt_signal_s: int = 300  # SIGTERM this many seconds before the time limit: the trainer saves
+    max_requeues: int = 5  # a run stopped before its last step (time limit, preemption) is requeued
+    ssh_host: Optional[str] = None  # submit through SSH (None: sbatch on this machine)
+    ssh_user: Optional[str] = None
+    remote_job_dir: Optional[str] = None  # the job folder on the cluster when submitting over SSH
+
+    def validate(self, prefix: str = "launch") -> None:
+        _check(self.nodes >= 1, f"{prefix}.nodes", "must be >= 1")
+        _check(self.gpus_per_node >= 1, f"{prefix}.gpus_per_node", "must be >= 1")
+        _check(self.servers_per_node >= 1, f"{prefix}.servers_per_node", "must be >= 1")
+        _check(self.gpus_per_node % self.servers_per_node == 0, f"{prefix}.servers_per_node",
+               f"must divide gpus_per_node={self.gpus_per_node}, got {self.servers_per_node}")
+        _check(self.rollout_nodes >= 0, f"{prefix}.rollout_nodes", "must be >= 0")
+        _check(self.placement == "colocated" or self.rollout_nodes >= 1, f"{prefix}.rollout_nodes",
+               "placement=disaggregated needs rollout_nodes >= 1")
+        _check(self.server_mem_fraction is None or 0 < self.server_mem_fraction < 1,
+               f"{prefix}.server_mem_fraction", "must be in (0, 1)")
+        _check(self.preempt_signal_s >= 0, f"{prefix}.preempt_signal_s", "must be >= 0")
+        _check(self.max_requeues >= 0, f"{prefix}.max_requeues", "must be >= 0")
+        for mount in self.container_mounts:
+            _check(":" in mount, f"{prefix}.container_mounts", f"{mount!r} must look like host_path:container_path")
+        _check(self.ssh_host is None or self.remote_job_dir is not None, f"{prefix}.remote_job_dir",
+               "is needed with launch.ssh_host (the job folder on the cluster)")
 
 
 @dataclass
@@ -340,6 +421,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
 
     def validate(self) -> None:
         for name in self.__dataclass_fields__:

@@ -36,10 +36,14 @@ class RewardFunction:
         # the outer limit leaves math-verify's own alarm the first chance to fire
         self.pool = TimeLimitedPool(accuracy_reward, cfg.num_workers, cfg.grader_timeout_s + 1.0, default=0.0)
 
-    def __call__(self, responses: Sequence[str], answers: Sequence[str]) -> list[RewardResult]:
+    def __call__(self, responses: Sequence[str], answers: Sequence[str],
+                 rel_tols: Sequence[float] | None = None) -> list[RewardResult]:
+        """``rel_tols``: per-answer relative tolerance for numbers (default 1e-4; evaluation
+        passes a benchmark's stated precision)."""
         if len(responses) != len(answers):
             raise ValueError(f"{len(responses)} responses but {len(answers)} answers")
-        accuracy = self.pool.map([(r, a, 1e-4, self._inner_timeout) for r, a in zip(responses, answers)])
+        rel_tols = rel_tols if rel_tols is not None else [1e-4] * len(answers)
+        accuracy = self.pool.map([(r, a, tol, self._inner_timeout) for r, a, tol in zip(responses, answers, rel_tols)])
         results = []
         for response, acc in zip(responses, accuracy):
             fmt = format_reward(response, self.cfg.template)

@@ -54,6 +54,12 @@ class RolloutEngine(Protocol):
     @property
     def weight_version(self) -> int: ...
 
+    def release_memory(self) -> None:
+        """Free the engine's accelerator memory while the trainer trains (colocated placement)."""
+
+    def resume_memory(self) -> None:
+        """Take it back before the weight sync."""
+
 
 def reject_stale(groups: list[list[Completion]], current_version: int, max_lag: int
                  ) -> tuple[list[list[Completion]], int]:

@@ -50,6 +50,12 @@ class LocalEngine:
     def resume(self) -> None:
         pass
 
+    def release_memory(self) -> None:
+        pass  # in-process model on the controller: nothing is shared with the trainer
+
+    def resume_memory(self) -> None:
+        pass
+
     def update_weights(self, named_tensors, version: int) -> None:
         """Load Hugging Face-named tensors in place; every name must exist (none dropped)."""
         params = dict(self.model.named_parameters())

@@ -35,6 +35,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"
+FINISHED = "FINISHED"  # in the checkpoint root: the run reached its last step (launchers stop requeueing)
 # optimizer state in the model's parameter space, gathered per parameter: loads at another layout too
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -131,6 +132,31 @@ def _load_optimizer_state(optimizer, state: dict) -> None:
                 param_state["step"] = param_state["step"].clone()
 
 
+def _writer_queue_survives_sigterm() -> None:
+    """Workaround (megatron-core 0.16): dist_checkpointing's writer collects results through a
+    ``multiprocessing`` Manager started once, with the *spawn* context, at the first save. A
+    spawned interpreter does not keep our SIGTERM handler, so the SIGTERM that Slurm sends to
+    every process of a job step before the time limit kills the Manager, and the very save
+    that the signal asks for fails (BrokenPipeError). Started here with SIGTERM ignored (an
+    ignored signal survives exec), the Manager outlives the signal; the trainer ranks keep
+    their own handler. Found by tests/launch/test_scripts.py."""
+    import signal
+    import threading
+
+    try:
+        from megatron.core.dist_checkpointing.strategies import filesystem_async
+    except ImportError:
+        return
+    if getattr(filesystem_async, "_results_queue", "absent") is not None or threading.current_thread() is not \
+            threading.main_thread() or not hasattr(filesystem_async, "_get_write_results_queue"):
+        return
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        filesystem_async._get_write_results_queue()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 class Checkpointer:
     def __init__(self, root: str | Path, keep_last: int = 2, source_dir: Optional[str] = None):
         self.root = Path(root)
@@ -140,6 +166,11 @@ class Checkpointer:
     def newest(self) -> Optional[tuple[int, Path]]:
         found = complete_checkpoints(self.root)
         return found[-1] if found else None
+
+    def mark_finished(self, step: int) -> None:
+        """Rank 0: the run has completed all its steps (a stop by signal does not write this)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / FINISHED).write_text(json.dumps({"step": step}))
 
     def save(self, step: int, policy, trainer_state: dict) -> float:
         """Collective: every rank writes its shards. Returns the seconds taken."""
@@ -155,6 +186,7 @@ class Checkpointer:
             for sub in ("rng", "dist"):
                 (tmp / sub).mkdir(parents=True)
         dist.barrier()
+        _writer_queue_survives_sigterm()
         state = {"model": policy.model.sharded_state_dict()}
         state["optimizer"] = policy.optimizer.sharded_state_dict(policy.model.sharded_state_dict(),
                                                                  metadata=OPTIMIZER_METADATA)

@@ -124,5 +124,7 @@ def run_job(job: Job, policy, checkpointer: Checkpointer, writer, progress: Prog
                 break
     finally:
         stop.restore()
+    if step == job.total_steps and dist.get_rank() == 0:
+        checkpointer.mark_finished(step)
     dist.barrier()
     return step

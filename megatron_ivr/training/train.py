@@ -112,7 +112,8 @@ def _engine(cfg: RunConfig, processor):
     engine = engine_from_urls(cfg.rollout.server_urls, processor.tokenizer, api_key=cfg.rollout.api_key)
     transport = transport_by_name(cfg.rollout.weight_transport, client=engine.client,
                                   directory=str(Path(cfg.checkpoint.dir) / "weight_sync"),
-                                  source_model_dir=cfg.model.path)
+                                  source_model_dir=cfg.model.path, master_address=cfg.rollout.sync_master_address,
+                                  server_tp_size=cfg.rollout.server_tp_size)
     return engine, transport, None
 
 
@@ -175,12 +176,17 @@ class RlJob:
 
         from megatron_ivr.training.rl import broadcast_experience
 
+        offload = self.engine is not None and self.cfg.rollout.offload_during_train
         experience = broadcast_experience(self.maker.make(step) if self.rank == 0 else None)
+        if offload:
+            self.engine.release_memory()  # colocated: the GPUs are the trainer's until the sync
         if not experience.trajectories:
             raise RuntimeError(f"step {step}: the engine returned no usable responses")
         metrics = dict(experience.metrics)
         metrics.update(self.rl_step(experience, step))
         t0 = time.perf_counter()
+        if offload:
+            self.engine.resume_memory()
         report = self.bridge.sync(step)
         if self.engine is not None:
             self.engine.set_weight_version(step)  # what the engine serves now: samples are checked against it

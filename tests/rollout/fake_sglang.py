@@ -19,6 +19,7 @@ class FakeSGLang:
         self.version = "default"
         self.fail_generate = 0  # the next N /generate calls answer 500
         self.hang_generate = False
+        self.device = "cuda"  # what /server_info reports
         self.port = None
         self._loop = asyncio.new_event_loop()
         self._runner = None
@@ -62,6 +63,11 @@ class FakeSGLang:
     async def health(self, request):
         return web.Response(text="ok")
 
+    async def server_info(self, request):
+        if not self._auth(request):
+            return web.json_response({"error": "unauthorized"}, status=401)
+        return web.json_response({"device": self.device, "tp_size": 1})
+
     # --- lifecycle -------------------------------------------------------------------
     def start(self) -> FakeSGLang:
         ready = threading.Event()
@@ -70,6 +76,7 @@ class FakeSGLang:
             app = web.Application()
             app.router.add_get("/health", self.health)
             app.router.add_get("/health_generate", self.health)
+            app.router.add_get("/server_info", self.server_info)
             app.router.add_post("/{tail:.*}", self.handle)
             self._runner = web.AppRunner(app)
             await self._runner.setup()

@@ -118,3 +118,20 @@ def test_router_takes_generation_and_workers_take_admin_calls(servers):
         router.stop()
     assert [p for p, _ in router.requests] == ["/generate"] * 4
     assert all([p for p, _ in s.requests] == ["/flush_cache"] for s in servers)
+
+
+@pytest.mark.parametrize("device, expected", [("cuda", ["/release_memory_occupation", "/resume_memory_occupation"]),
+                                              ("cpu", [])])
+def test_memory_release_goes_to_gpu_servers_only(servers, device, expected):
+    """Colocated runs free the servers' memory while training; SGLang's CPU engine crashes on
+    that call (measured with 0.5.23), so CPU servers are asked once and then left alone."""
+    for server in servers:
+        server.device = device
+    engine = SGLangEngine(SGLangClient([s.url for s in servers], api_key="secret"), tokenizer=None)
+    for _ in range(2):
+        engine.release_memory()
+        engine.resume_memory()
+    engine.client.close()
+    for server in servers:
+        paths = [path for path, _ in server.requests]
+        assert paths == expected * 2

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import base64
 import io
+import logging
 import uuid
 from typing import Optional
 
 from megatron_ivr.prompts import chat_prompt
 from megatron_ivr.rollout.engine import Completion, GenerationRequest, SamplingParams
 from megatron_ivr.rollout.sglang.client import SGLangClient
+
+logger = logging.getLogger(__name__)
 
 
 def image_data_uri(image) -> str:
@@ -35,6 +38,7 @@ class SGLangEngine:
         self.client = client
         self.tokenizer = tokenizer
         self._weight_version = weight_version
+        self._on_gpu: Optional[bool] = None  # asked once, at the first memory release
 
     @property
     def weight_version(self) -> int:
@@ -72,6 +76,28 @@ class SGLangEngine:
 
     def resume(self) -> None:
         self.client.call_all("/continue_generation", {})
+
+    def _servers_on_gpu(self) -> bool:
+        """SGLang 0.5.23's CPU engine crashes on ``/release_memory_occupation`` (it calls
+        ``torch.cuda.synchronize``; measured here), so the memory calls go to GPU servers only."""
+        if self._on_gpu is None:
+            infos = self.client.call_all("/server_info", method="GET")
+            self._on_gpu = all(isinstance(i, dict) and i.get("device", "cuda") != "cpu" for i in infos)
+            if not self._on_gpu:
+                logger.warning("rollout.offload_during_train: the SGLang servers run on CPU, which cannot release "
+                               "memory; the release/resume calls are skipped")
+        return self._on_gpu
+
+    def release_memory(self) -> None:
+        """Colocated GPUs: the servers free their weights and KV cache while the trainer trains
+        (the servers need ``--enable-memory-saver``)."""
+        if self._servers_on_gpu():
+            self.client.call_all("/release_memory_occupation", {})
+
+    def resume_memory(self) -> None:
+        """Take the memory back before the weight sync and the next rollouts."""
+        if self._servers_on_gpu():
+            self.client.call_all("/resume_memory_occupation", {})
 
     def set_weight_version(self, version: int) -> None:
         self._weight_version = version

@@ -31,7 +31,7 @@ class ServerSpec:
     host: str = "127.0.0.1"
     device: str = "cpu"
     api_key: Optional[str] = None
-    max_total_tokens: int = 8192
+    max_total_tokens: Optional[int] = 8192  # None: SGLang sizes the KV cache from GPU memory
     extra_args: list[str] = field(default_factory=list)
     python: str = sys.executable  # the SGLang environment's interpreter
     log_path: Optional[str] = None
@@ -42,8 +42,9 @@ class ServerSpec:
 
     def command(self) -> list[str]:
         args = [self.python, "-m", "sglang.launch_server", "--model-path", self.model_path, "--host", self.host,
-                "--port", str(self.port), "--max-total-tokens", str(self.max_total_tokens), "--dtype", "float32"
-                if self.device == "cpu" else "auto"]
+                "--port", str(self.port), "--dtype", "float32" if self.device == "cpu" else "auto"]
+        if self.max_total_tokens is not None:
+            args += ["--max-total-tokens", str(self.max_total_tokens)]
         if self.device == "cpu":
             args += CPU_FLAGS
         if self.api_key:

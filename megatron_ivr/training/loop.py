@@ -104,6 +104,10 @@ def run_job(job: Job, policy, checkpointer: Checkpointer, writer, progress: Prog
         job.load_state_dict(state["job"])
         start_step = state["step"]
         progress.message(f"[{job.name}] resumed from {folder} (step {start_step}) in {time.perf_counter() - t0:.1f}s")
+        if start_step >= job.total_steps:
+            progress.message(f"[{job.name}] the newest checkpoint is at step {start_step}, at or past the last step "
+                             f"({job.total_steps}): nothing to train (raise the step count, or point the "
+                             f"checkpoint dir elsewhere / set checkpoint.resume=false for a new run)")
     job.start(start_step)
     stop = StopSignal()
     step = start_step
@@ -124,7 +128,7 @@ def run_job(job: Job, policy, checkpointer: Checkpointer, writer, progress: Prog
                 break
     finally:
         stop.restore()
-    if step == job.total_steps and dist.get_rank() == 0:
+    if step >= job.total_steps and dist.get_rank() == 0:
         checkpointer.mark_finished(step)
     dist.barrier()
     return step

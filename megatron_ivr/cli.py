@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -74,7 +75,14 @@ def cmd_eval(args) -> int:
     from megatron_ivr.evaluation import evaluate
 
     cfg = _config(args)
-    summary = evaluate(cfg, progress=lambda line: print(line, flush=True))
+    tty = sys.stdout.isatty()
+
+    def progress(line: str) -> None:  # a bar rewritten in place on a terminal, plain lines otherwise
+        count = re.search(r"(\d+)/(\d+) samples", line)
+        done = count is not None and count.group(1) == count.group(2)
+        print("\r" + line if tty else line, end="\n" if (done or not tty) else "", flush=True)
+
+    summary = evaluate(cfg, progress=progress)
     for name in cfg.eval.benchmarks or [cfg.eval.split]:
         prefix = f"eval/{name}"
         print(f"{prefix}: accuracy={summary[prefix + '/accuracy']:.3f} format={summary[prefix + '/format']:.3f} "

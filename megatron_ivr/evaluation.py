@@ -99,7 +99,9 @@ def evaluate_samples(engine, reward_fn, samples, cfg: RunConfig, label: str, pro
             records.append({"id": sample.id, "family": sample.family, "answer": sample.answer,
                             "response": completion, "reward": reward.total, "format": reward.format,
                             "accuracy": reward.accuracy})
-        progress(f"eval {label}: {len(records)}/{len(samples)} samples, {time.time() - start:.1f}s")
+        filled = 24 * len(records) // max(1, len(samples))
+        progress(f"eval {label}: [{'#' * filled}{'.' * (24 - filled)}] {len(records)}/{len(samples)} samples, "
+                 f"{time.time() - start:.1f}s")
     return records
 
 

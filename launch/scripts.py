@@ -87,8 +87,8 @@ def _server_block(cfg: RunConfig, device: str) -> list[str]:
     for index, spec in enumerate(server_specs(cfg, device)):
         tp = server_tp_size(cfg, device)
         gpus = ",".join(str(g) for g in range(index * tp, (index + 1) * tp))
-        env = "SGLANG_VLM_CACHE_SIZE_MB=0"
-        env += f" CUDA_VISIBLE_DEVICES={gpus}" if device == "cuda" else " SGLANG_USE_CPU_ENGINE=1"
+        overrides = dict(spec.env_overrides(), **({"CUDA_VISIBLE_DEVICES": gpus} if device == "cuda" else {}))
+        env = " ".join(f"{key}={value}" for key, value in overrides.items())
         api = ' --api-key "$MEGATRON_IVR_API_KEY"' if cfg.rollout.api_key else ""
         lines += [f"{env} setsid {shlex.join(spec.command())}{api} \\",
                   f'    > "$log_dir/sglang_node${{node_rank}}_{index}.log" 2>&1 &',

@@ -32,6 +32,7 @@ from megatron_ivr.models.processor import MERGE_SIZE, PATCH_SIZE, load_processor
 from megatron_ivr.prompts import render_prompt
 from megatron_ivr.rewards import RewardFunction
 from megatron_ivr.rollout import GenerationRequest, SamplingParams
+from megatron_ivr.rollout.factory import make_engine
 
 logger = logging.getLogger(__name__)
 
@@ -58,19 +59,6 @@ def resolve_policy(model_path: str, work_dir: Path) -> str:
         megatron_to_hf(source, out)
         marker.write_text(str(source.resolve()))
     return str(out)
-
-
-def make_engine(cfg: RunConfig, model_path: str, processor):
-    if cfg.rollout.backend == "sglang":
-        from megatron_ivr.rollout.sglang.engine import engine_from_urls
-
-        if not cfg.rollout.server_urls:
-            raise ValueError("rollout.backend=sglang needs rollout.server_urls for evaluation")
-        return engine_from_urls(cfg.rollout.server_urls, processor.tokenizer, api_key=cfg.rollout.api_key)
-    from megatron_ivr.models.tiny import load_model
-    from megatron_ivr.rollout.local import LocalEngine
-
-    return LocalEngine(load_model(model_path), processor, cfg.eval.batch_size)
 
 
 def grading_tolerance(sample) -> float:
@@ -129,7 +117,7 @@ def evaluate(cfg: RunConfig, progress=print) -> dict:
     family = model_family(model_path)
     rules = ImageRules(PATCH_SIZE[family] * MERGE_SIZE, cfg.data.min_pixels, cfg.data.max_pixels)
     processor = load_processor(model_path)
-    engine = make_engine(cfg, model_path, processor)
+    engine = make_engine(cfg.rollout, model_path, processor, cfg.eval.batch_size)
     summary: dict = {}
     tables = []
     with RewardFunction(cfg.reward) as reward_fn:

@@ -96,20 +96,11 @@ def run_sft(cfg: RunConfig) -> int:
 def _engine(cfg: RunConfig, processor):
     """The rollout engine and its weight transport (rank 0 only)."""
     from megatron_ivr.bridge.transports import transport_by_name
+    from megatron_ivr.rollout.factory import make_engine
 
+    engine = make_engine(cfg.rollout, cfg.model.path, processor, cfg.trainer.prompts_per_step * cfg.rollout.n)
     if cfg.rollout.backend == "local":
-        from megatron_ivr.models.tiny import load_model
-        from megatron_ivr.rollout.local import LocalEngine
-
-        engine = LocalEngine(load_model(cfg.model.path), processor,
-                             batch_size=cfg.trainer.prompts_per_step * cfg.rollout.n)
         return engine, transport_by_name("local", engine=engine), engine.parameter_names()
-    from megatron_ivr.rollout.sglang.engine import engine_from_urls
-
-    if not cfg.rollout.server_urls:
-        raise ValueError("rollout.backend=sglang needs rollout.server_urls (start servers with the server "
-                         "manager or `megatron-ivr launch`)")
-    engine = engine_from_urls(cfg.rollout.server_urls, processor.tokenizer, api_key=cfg.rollout.api_key)
     transport = transport_by_name(cfg.rollout.weight_transport, client=engine.client,
                                   directory=str(Path(cfg.checkpoint.dir) / "weight_sync"),
                                   source_model_dir=cfg.model.path, master_address=cfg.rollout.sync_master_address,

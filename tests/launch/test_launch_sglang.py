@@ -8,21 +8,15 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
-
-import pytest
 
 from launch.scripts import render_node_script
 from megatron_ivr.config import load_config
-from megatron_ivr.rollout.sglang.server import probe, sglang_python
+from megatron_ivr.rollout.sglang.server import probe
 from megatron_ivr.training.parallel import free_port
+from tests.sglang_tier import MARKS, PYTHON
 from tests.training.runs import RL_OVERRIDES, clean_env, step_records, write_config
 
-ROOT = Path(__file__).resolve().parents[2]
-PYTHON = sglang_python(ROOT)
-pytestmark = [pytest.mark.sglang,
-              pytest.mark.skipif(PYTHON is None, reason="no SGLang environment: run tests/harness/sglang_cpu/"
-                                                        "setup_env.sh (or set SGLANG_PYTHON)")]
+pytestmark = MARKS
 
 
 def test_colocated_node_script_with_a_real_sglang_server(tiny_models, synthetic_dir, tmp_path):

@@ -5,19 +5,12 @@ with the trainer's within 1e-4 after the push."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import pytest
-
-from megatron_ivr.rollout.sglang.server import ServerManager, ServerSpec, sglang_python
+from megatron_ivr.rollout.sglang.server import ServerManager, ServerSpec
 from megatron_ivr.training.parallel import free_port
+from tests.sglang_tier import MARKS, PYTHON
 from tests.training.runs import RL_OVERRIDES, run, step_records, write_config
 
-ROOT = Path(__file__).resolve().parents[2]
-PYTHON = sglang_python(ROOT)
-pytestmark = [pytest.mark.sglang,
-              pytest.mark.skipif(PYTHON is None, reason="no SGLang environment: run tests/harness/sglang_cpu/"
-                                                        "setup_env.sh (or set SGLANG_PYTHON)")]
+pytestmark = MARKS
 
 
 def test_two_rl_steps_with_sglang_rollouts(tiny_models, synthetic_dir, tmp_path):

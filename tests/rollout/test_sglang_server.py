@@ -25,14 +25,11 @@ from megatron_ivr.prompts import chat_messages
 from megatron_ivr.rollout import GenerationRequest, SamplingParams
 from megatron_ivr.rollout.sglang.client import SGLangClient
 from megatron_ivr.rollout.sglang.engine import SGLangEngine
-from megatron_ivr.rollout.sglang.server import ServerManager, ServerSpec, sglang_python
+from megatron_ivr.rollout.sglang.server import ServerManager, ServerSpec
 from megatron_ivr.training.parallel import free_port
+from tests.sglang_tier import MARKS, PYTHON
 
-ROOT = Path(__file__).resolve().parents[2]
-PYTHON = sglang_python(ROOT)
-pytestmark = [pytest.mark.sglang,
-              pytest.mark.skipif(PYTHON is None, reason="no SGLang environment: run tests/harness/sglang_cpu/"
-                                                        "setup_env.sh (or set SGLANG_PYTHON)")]
+pytestmark = MARKS
 
 
 scene = probe_image  # the bridge's probe scene: two coloured squares

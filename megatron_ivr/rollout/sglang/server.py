@@ -51,10 +51,18 @@ class ServerSpec:
             args += ["--api-key", self.api_key]
         return args + list(self.extra_args)
 
-    def environment(self) -> dict:
-        env = dict(os.environ, SGLANG_VLM_CACHE_SIZE_MB="0")
+    def env_overrides(self) -> dict:
+        """What a server needs on top of its environment (the launch scripts export the same):
+        the multimodal cache off, and the CPU engine on CPU."""
+        env = {"SGLANG_VLM_CACHE_SIZE_MB": "0"}
         if self.device == "cpu":
-            env.update(SGLANG_USE_CPU_ENGINE="1", OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"))
+            env["SGLANG_USE_CPU_ENGINE"] = "1"
+        return env
+
+    def environment(self) -> dict:
+        env = dict(os.environ, **self.env_overrides())
+        if self.device == "cpu":
+            env.setdefault("OMP_NUM_THREADS", "1")
         return env
 
 

@@ -1,0 +1,21 @@
+"""The engine a run's config asks for: SGLang servers (``rollout.backend=sglang`` with
+``rollout.server_urls``) or the in-process engine. Training and evaluation both build theirs here."""
+
+from __future__ import annotations
+
+from megatron_ivr.config.schema import RolloutConfig
+
+
+def make_engine(rollout: RolloutConfig, model_path: str, processor, batch_size: int):
+    """``batch_size``: requests the in-process engine generates together (ignored by SGLang)."""
+    if rollout.backend == "sglang":
+        from megatron_ivr.rollout.sglang.engine import engine_from_urls
+
+        if not rollout.server_urls:
+            raise ValueError("rollout.backend=sglang needs rollout.server_urls (start servers with the server "
+                             "manager or `megatron-ivr launch`)")
+        return engine_from_urls(rollout.server_urls, processor.tokenizer, api_key=rollout.api_key)
+    from megatron_ivr.models.tiny import load_model
+    from megatron_ivr.rollout.local import LocalEngine
+
+    return LocalEngine(load_model(model_path), processor, batch_size=batch_size)

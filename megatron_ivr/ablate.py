@@ -35,7 +35,6 @@ ARMS: dict[str, list[str]] = {
     "ivr-r1": [*_OFF, "algorithm.name=grpo", "algorithm.ivr.enabled=true"],
     "ivr-r1+vicra": [*_OFF, "algorithm.name=grpo", "algorithm.ivr.enabled=true", "algorithm.vicra.enabled=true"],
     # the papers' other ablations (not in the default set)
-    "grpo+vicra-kl": [*_OFF, "algorithm.name=grpo", "algorithm.vicra.enabled=true", "algorithm.vicra.score=kl"],
     "grpo+vicra-blacken": [*_OFF, "algorithm.name=grpo", "algorithm.vicra.enabled=true",
                            "algorithm.vicra.distortion=blacken"],
     "grpo+vicra-noise": [*_OFF, "algorithm.name=grpo", "algorithm.vicra.enabled=true",

@@ -218,6 +218,9 @@ class AlgorithmConfig:
         _check(self.ivr.max_rounds >= 1, f"{prefix}.ivr.max_rounds", "must be >= 1")
         _check(self.ivr.gamma > 0, f"{prefix}.ivr.gamma", "must be > 0")
         _check(0 < self.vicra.patch_ratio <= 1, f"{prefix}.vicra.patch_ratio", "must be in (0, 1]")
+        _check(self.vicra.score == "prob_diff", f"{prefix}.vicra.score",
+               "only 'prob_diff' is built into the trainer: the 'kl' score needs both passes' full next-token "
+               "distributions at every response token (algorithms/vicra.py::kl_scores is the formula, not wired)")
 
 
 @dataclass
@@ -253,6 +256,11 @@ class TrainerConfig:
     prompts_per_step: int = 8
     mini_batches: int = 1  # optimizer steps per RL step (the step's groups split evenly)
     max_tokens_per_micro_batch: int = 4096  # padded tokens (rows x longest) per micro-batch
+    # a group's responses share one copy of their prompt and image in a row (exact; local attention spec)
+    share_prompts: bool = True
+    pack_length: int = 0  # > 0: several groups/sequences share rows of this many tokens (local spec)
+    # a separate old-log-prob pass even with one mini-batch, where the training forward's own are exact
+    recompute_old_logprobs: bool = False
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_threads: int = 1  # torch threads per process on CPU (tiny models: 1 is fastest)
@@ -267,6 +275,7 @@ class TrainerConfig:
         _check(1 <= self.mini_batches <= self.prompts_per_step, f"{prefix}.mini_batches",
                f"must be in [1, prompts_per_step={self.prompts_per_step}], got {self.mini_batches}")
         _check(self.max_tokens_per_micro_batch >= 16, f"{prefix}.max_tokens_per_micro_batch", "must be >= 16")
+        _check(self.pack_length >= 0, f"{prefix}.pack_length", "must be >= 0 (0: no row packing)")
         _check(self.num_threads >= 1, f"{prefix}.num_threads", "must be >= 1")
 
 

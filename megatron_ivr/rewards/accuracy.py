@@ -71,6 +71,11 @@ def grade_answer(pred: Optional[str], gold: str, rel_tol: float = 1e-4, timeout_
         return 0.0
 
 
+def load_grader() -> None:
+    """Import math-verify (sympy) ahead of the first answer: a grading worker's warm-up."""
+    import math_verify  # noqa: F401
+
+
 def accuracy_reward(response: str, gold: str, rel_tol: float = 1e-4, timeout_s: int = 5) -> float:
     """Spec section 1 ``r_accuracy``: grade the last boxed answer; no box gives 0."""
     return grade_answer(last_boxed(response), gold, rel_tol, timeout_s)

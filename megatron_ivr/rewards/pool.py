@@ -5,6 +5,10 @@
 process that runs calls in its main thread. A call still running after ``timeout_s`` has
 its worker killed and replaced, and yields ``default``; so does a call whose worker dies.
 A pathological answer therefore costs at most ``timeout_s`` of one worker, never a hang.
+
+A worker's start (interpreter, imports, the optional ``warmup``) is not counted against any
+call: a worker announces itself when ready, and calls go only to ready workers. Counting it
+made a loaded machine's fresh workers miss their first call, get replaced, and miss again.
 """
 
 from __future__ import annotations
@@ -14,10 +18,16 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import wait
-from typing import Any
+from typing import Any, Optional
 
 
-def _worker_loop(fn: Callable, conn) -> None:
+_READY = "ready"
+
+
+def _worker_loop(fn: Callable, conn, warmup: Optional[Callable] = None) -> None:
+    if warmup is not None:
+        warmup()
+    conn.send(_READY)
     while True:
         try:
             message = conn.recv()
@@ -34,15 +44,20 @@ def _worker_loop(fn: Callable, conn) -> None:
 
 
 class TimeLimitedPool:
-    def __init__(self, fn: Callable, num_workers: int = 1, timeout_s: float = 5.0, default: Any = 0.0):
-        self.fn, self.timeout_s, self.default = fn, timeout_s, default
+    def __init__(self, fn: Callable, num_workers: int = 1, timeout_s: float = 5.0, default: Any = 0.0,
+                 warmup: Optional[Callable] = None, startup_timeout_s: float = 300.0):
+        """``warmup`` runs once in each worker before it takes calls (slow imports);
+        ``startup_timeout_s`` bounds a worker's start (then :meth:`map` raises)."""
+        self.fn, self.timeout_s, self.default, self.warmup = fn, timeout_s, default, warmup
+        self.startup_timeout_s = startup_timeout_s
         self._ctx = mp.get_context("spawn")
         self._workers: list = [self._spawn() for _ in range(num_workers)]
+        self._starting: dict[int, float] = {slot: time.monotonic() for slot in range(num_workers)}
         self.timeouts = 0  # calls cut off so far (a metric)
 
     def _spawn(self):
         parent, child = self._ctx.Pipe()
-        process = self._ctx.Process(target=_worker_loop, args=(self.fn, child), daemon=True)
+        process = self._ctx.Process(target=_worker_loop, args=(self.fn, child, self.warmup), daemon=True)
         process.start()
         child.close()
         return process, parent
@@ -53,12 +68,28 @@ class TimeLimitedPool:
         process.join(timeout=5)
         conn.close()
         self._workers[slot] = self._spawn()
+        self._starting[slot] = time.monotonic()
+
+    def _started(self, slot: int, ready: list) -> bool:
+        """Whether the starting worker in ``slot`` has announced itself (raises past the limit)."""
+        conn = self._workers[slot][1]
+        if conn in ready:
+            try:
+                if conn.recv() == _READY:
+                    del self._starting[slot]
+                    return True
+            except (EOFError, OSError):
+                pass
+            raise RuntimeError(f"a grading worker died while starting (exit code {self._workers[slot][0].exitcode})")
+        if time.monotonic() - self._starting[slot] > self.startup_timeout_s:
+            raise RuntimeError(f"a grading worker did not start within {self.startup_timeout_s:.0f} s")
+        return False
 
     def map(self, calls: Sequence[tuple]) -> list:
         """Run ``fn(*args)`` for each ``args`` in ``calls``; results keep the input order."""
         results: list = [self.default] * len(calls)
         pending = deque(enumerate(calls))
-        idle = list(range(len(self._workers)))
+        idle = [slot for slot in range(len(self._workers)) if slot not in self._starting]
         busy: dict[int, tuple[int, float]] = {}  # slot -> (call index, start time)
         while pending or busy:
             while pending and idle:
@@ -67,8 +98,13 @@ class TimeLimitedPool:
                 self._workers[slot][1].send((index, tuple(args)))
                 busy[slot] = (index, time.monotonic())
             now = time.monotonic()
-            wait_s = max(0.0, min(start + self.timeout_s for _, start in busy.values()) - now)
-            ready = wait([self._workers[s][1] for s in busy], timeout=wait_s)
+            deadlines = [start + self.timeout_s for _, start in busy.values()]
+            deadlines += [start + self.startup_timeout_s for start in self._starting.values()] if pending else []
+            wait_s = max(0.0, min(deadlines) - now) if deadlines else 0.0
+            watched = list(busy) + (list(self._starting) if pending else [])
+            ready = wait([self._workers[s][1] for s in watched], timeout=wait_s)
+            if pending:
+                idle += [slot for slot in list(self._starting) if self._started(slot, ready)]
             for slot in list(busy):
                 conn = self._workers[slot][1]
                 index, start = busy[slot]

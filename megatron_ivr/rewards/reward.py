@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from megatron_ivr.config.schema import RewardConfig
-from megatron_ivr.rewards.accuracy import accuracy_reward
+from megatron_ivr.rewards.accuracy import accuracy_reward, load_grader
 from megatron_ivr.rewards.format import format_reward
 from megatron_ivr.rewards.pool import TimeLimitedPool
 
@@ -34,7 +34,8 @@ class RewardFunction:
         inner_timeout = max(1, int(cfg.grader_timeout_s))
         self._inner_timeout = inner_timeout
         # the outer limit leaves math-verify's own alarm the first chance to fire
-        self.pool = TimeLimitedPool(accuracy_reward, cfg.num_workers, cfg.grader_timeout_s + 1.0, default=0.0)
+        self.pool = TimeLimitedPool(accuracy_reward, cfg.num_workers, cfg.grader_timeout_s + 1.0, default=0.0,
+                                    warmup=load_grader)
 
     def __call__(self, responses: Sequence[str], answers: Sequence[str],
                  rel_tols: Sequence[float] | None = None) -> list[RewardResult]:

@@ -1,14 +1,32 @@
-"""From (prompt, images, response tokens) to right-padded :class:`ModelBatch` micro-batches.
+"""From (prompt, images, response tokens) to :class:`ModelBatch` micro-batches.
 
 - :func:`encode` runs the processor once per sequence (:class:`PromptCache` shares one
   processor call between the samples of a group, which have the same prompt and image).
-- :func:`plan_micro_batches` groups sequences of similar length under a token budget, so
-  padding stays small; :func:`padding_share` is the metric.
-- :func:`collate` right-pads a group into a :class:`ModelBatch`. Right padding keeps every
-  real token's attention and positions exactly as in an unpadded forward pass (causal
-  attention never looks right), so no padding mask is needed.
-- :func:`response_values` / :func:`scatter_responses` move per-response vectors in and out of
-  the ``[B, S]`` layout (position ``t`` scores token ``t + 1``).
+- :func:`plan_layout` groups sequences into micro-batches under a token budget (similar
+  lengths together, so padding stays small; :func:`padding_share` is the metric).
+- :func:`collate` lays a micro-batch out in rows, right-padded:
+
+  * one sequence per row (``Packing()``): plain causal attention, no mask needed (causal
+    attention never looks right, so padding changes nothing);
+  * ``share_prompts``: the G responses of a group share one copy of their prompt. A row is
+    ``prompt[:-1] | prompt[-1] r_1 | prompt[-1] r_2 | ...``: each branch repeats the prompt's
+    last token at its own position so that it scores the branch's first response token, and
+    attends to the shared prefix and to its own branch only. Every token sees exactly what it
+    sees in its own unpacked row, at the same MRoPE position, so log-probs and gradients are
+    those of the unpacked batch; a group of G costs ``P + G (R + 1)`` tokens instead of
+    ``G (P + R)``.
+  * ``pack_length > 0``: several such units (groups or single sequences) share one row up
+    to that many tokens, each attending only to itself (block-diagonal causal mask).
+
+  MRoPE positions are computed per unit by transformers' ``get_rope_index`` on the unit's
+  own prompt and image grids *before* packing, image features are scattered per unit in row
+  order, and per-response values are read back through ``ModelBatch.responses``.
+- :func:`response_values` / :func:`pad_responses` move per-response vectors in and out of
+  the ``[N, T]`` response layout the losses take.
+
+Packed rows need an explicit attention mask, which megatron-core's local attention spec takes
+(``[B, 1, S, S]``); Transformer Engine's fused attention takes THD ``cu_seqlens`` instead,
+which cannot express a shared prefix (not built: packing is refused on the TE spec).
 """
 
 from __future__ import annotations
@@ -74,41 +92,169 @@ def encode(prompts: PromptCache, item: ScoredSequence) -> Encoded:
     return Encoded(prompts(item.prompt, item.images), list(item.response_ids))
 
 
-def collate(family, hf_config, items: list[Encoded], pad_id: int, pad_to_multiple: int = 1) -> ModelBatch:
-    """Right-padded batch; ``loss_mask`` marks the positions that predict response tokens."""
+@dataclass(frozen=True)
+class Packing:
+    """How sequences are laid out in rows (see the module docstring)."""
+
+    share_prompts: bool = False
+    pack_length: int = 0  # > 0: units share rows of at most this many tokens
+
+    @property
+    def masked(self) -> bool:
+        return self.share_prompts or self.pack_length > 0
+
+
+def units_of(items: list[Encoded], packing: Packing) -> list[list[int]]:
+    """Item indices grouped into units that share one prompt copy (first-appearance order)."""
+    if not packing.share_prompts:
+        return [[i] for i in range(len(items))]
+    units: dict[int, list[int]] = {}
+    for i, item in enumerate(items):
+        units.setdefault(id(item.prompt), []).append(i)
+    return list(units.values())
+
+
+def unit_length(items: list[Encoded], unit: list[int]) -> int:
+    """Tokens of a unit laid out with its prompt shared: ``P - 1 + sum(1 + R_i)``."""
+    return len(items[unit[0]].prompt.ids) - 1 + sum(1 + len(items[i].response_ids) for i in unit)
+
+
+def rows_of(items: list[Encoded], packing: Packing) -> list[list[list[int]]]:
+    """Rows, each a list of units: one unit per row, or first-fit (longest first) into rows of
+    ``pack_length`` tokens. A function of the items alone, so every rank lays out alike."""
+    units = units_of(items, packing)
+    if packing.pack_length <= 0:
+        return [[unit] for unit in units]
+    rows: list[list[list[int]]] = []
+    room: list[int] = []
+    for unit in sorted(units, key=lambda u: (-unit_length(items, u), u[0])):
+        need = unit_length(items, unit)
+        slot = next((k for k, free in enumerate(room) if free >= need), None)
+        if slot is None:
+            rows.append([unit])
+            room.append(packing.pack_length - need)
+        else:
+            rows[slot].append(unit)
+            room[slot] -= need
+    return rows
+
+
+def plan_layout(items: list[Encoded], packing: Packing, max_tokens: int, min_count: int = 1) -> list[list[int]]:
+    """Item indices per micro-batch: rows (see :func:`rows_of`) grouped under ``max_tokens``
+    padded tokens by :func:`plan_micro_batches`. When there are fewer rows than ``min_count``
+    (one micro-batch per data-parallel rank), shared-prompt units are split first."""
+    rows = rows_of(items, packing)
+    while len(rows) < min(min_count, len(items)):
+        # split the largest unit in two: its halves become separate units with their own prompt copy
+        units = [unit for row in rows for unit in row]
+        largest = max(range(len(units)), key=lambda k: (len(units[k]), -k))
+        if len(units[largest]) == 1:
+            break
+        unit = units.pop(largest)
+        units[largest:largest] = [unit[:len(unit) // 2], unit[len(unit) // 2:]]
+        rows = [[unit] for unit in units]
+    lengths = [sum(unit_length(items, unit) for unit in row) for row in rows]
+    plan = plan_micro_batches(lengths, max_tokens, min_count)
+    return [[i for r in group for unit in rows[r] for i in unit] for group in plan]
+
+
+def _unit_positions(family, hf_config, items: list[Encoded], units: list[list[int]]) -> list[torch.Tensor]:
+    """``[3, P + R_max]`` MRoPE positions of each unit's prompt followed by its longest response,
+    from one transformers ``get_rope_index`` call over all units (responses are text: their
+    positions depend only on their index, so every branch reads its slice of these)."""
     from model_providers.qwen_vl import position_ids
 
-    length = max(item.length for item in items)
-    length = -(-length // pad_to_multiple) * pad_to_multiple
-    input_ids = torch.full((len(items), length), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(items), length), dtype=torch.long)
-    mm_types = torch.zeros((len(items), length), dtype=torch.long)
-    loss_mask = torch.zeros((len(items), length), dtype=torch.float32)
+    lengths = [len(items[u[0]].prompt.ids) + max(len(items[i].response_ids) for i in u) for u in units]
+    width = max(lengths)
+    input_ids = torch.zeros((len(units), width), dtype=torch.long)
+    attention = torch.zeros((len(units), width), dtype=torch.long)
+    mm_types = torch.zeros((len(units), width), dtype=torch.long)
+    grids = []
+    for k, unit in enumerate(units):
+        prompt = items[unit[0]].prompt
+        longest = max((items[i].response_ids for i in unit), key=len)
+        row = prompt.ids + longest
+        input_ids[k, :len(row)] = torch.tensor(row)
+        attention[k, :len(row)] = 1
+        mm_types[k, :len(prompt.ids)] = torch.tensor(prompt.mm_types)
+        if prompt.grid is not None:
+            grids.append(prompt.grid)
+    positions = position_ids(family, hf_config, input_ids, attention, mm_types, torch.cat(grids) if grids else None)
+    return [positions[:, k, :n] for k, n in enumerate(lengths)]
+
+
+def collate(family, hf_config, items: list[Encoded], pad_id: int, pad_to_multiple: int = 1,
+            packing: Packing = Packing()) -> ModelBatch:
+    """Lay ``items`` out in right-padded rows (see the module docstring). ``loss_mask [B, S]``
+    marks the positions that score response tokens; ``responses(x)`` reads any ``[B, S]``
+    tensor back as ``[N, T]`` in the order of ``items``."""
+    rows = rows_of(items, packing)
+    units = [unit for row in rows for unit in row]
+    unit_positions = iter(_unit_positions(family, hf_config, items, units))
+    width = max(sum(unit_length(items, unit) for unit in row) for row in rows)
+    width = -(-width // pad_to_multiple) * pad_to_multiple
+    shape = (len(rows), width)
+    input_ids = torch.full(shape, pad_id, dtype=torch.long)
+    mm_types = torch.zeros(shape, dtype=torch.long)
+    loss_mask = torch.zeros(shape, dtype=torch.float32)
+    positions = torch.zeros((3, *shape), dtype=torch.long)
+    unit_id = torch.full(shape, -1, dtype=torch.long)  # which unit a token belongs to (-1: padding)
+    branch_id = torch.zeros(shape, dtype=torch.long)  # 0: the shared prefix, b + 1: branch b
+    longest = max(len(item.response_ids) for item in items)
+    index_rows = torch.zeros((len(items), max(longest, 1)), dtype=torch.long)
+    index_cols = torch.zeros((len(items), max(longest, 1)), dtype=torch.long)
+    response_mask = torch.zeros((len(items), max(longest, 1)), dtype=torch.float32)
     pixel_values, grids = [], []
-    for i, item in enumerate(items):
-        row = item.prompt.ids + item.response_ids
-        start = len(item.prompt.ids)
-        input_ids[i, :len(row)] = torch.tensor(row)
-        attention[i, :len(row)] = 1
-        mm_types[i, :start] = torch.tensor(item.prompt.mm_types)
-        loss_mask[i, start - 1:len(row) - 1] = 1.0  # position t scores token t + 1
-        if item.prompt.pixel_values is not None:
-            pixel_values.append(item.prompt.pixel_values)
-            grids.append(item.prompt.grid)
-    grid = torch.cat(grids) if grids else None
-    positions = position_ids(family, hf_config, input_ids, attention, mm_types, grid)
-    return ModelBatch(input_ids, positions, loss_mask, torch.cat(pixel_values) if pixel_values else None, grid,
+    count = 0
+    for r, row in enumerate(rows):
+        cursor = 0
+        for unit in row:
+            prompt, unit_pos = items[unit[0]].prompt, next(unit_positions)
+            p = len(prompt.ids) - 1  # the shared prefix: the prompt without its last token
+            span = slice(cursor, cursor + p)
+            input_ids[r, span] = torch.tensor(prompt.ids[:-1])
+            mm_types[r, span] = torch.tensor(prompt.mm_types[:-1])
+            positions[:, r, span] = unit_pos[:, :p]
+            unit_id[r, span] = count
+            cursor += p
+            for b, i in enumerate(unit):
+                response = items[i].response_ids
+                n = 1 + len(response)
+                span = slice(cursor, cursor + n)
+                input_ids[r, span] = torch.tensor(prompt.ids[-1:] + response)
+                mm_types[r, cursor] = prompt.mm_types[-1]
+                positions[:, r, span] = unit_pos[:, p:p + n]
+                unit_id[r, span], branch_id[r, span] = count, b + 1
+                loss_mask[r, cursor:cursor + len(response)] = 1.0  # position t scores token t + 1
+                index_rows[i], index_cols[i, :len(response)] = r, torch.arange(cursor, cursor + len(response))
+                response_mask[i, :len(response)] = 1.0
+                cursor += n
+            if prompt.pixel_values is not None:
+                pixel_values.append(prompt.pixel_values)
+                grids.append(prompt.grid)
+            count += 1
+    attention = (unit_id >= 0).long()
+    mask = None
+    if packing.masked:  # True where attention is *not* allowed (megatron's convention)
+        same_unit = unit_id[:, :, None] == unit_id[:, None, :]
+        visible = (branch_id[:, None, :] == 0) | (branch_id[:, :, None] == branch_id[:, None, :])
+        causal = torch.ones(width, width, dtype=torch.bool).tril()
+        allowed = same_unit & visible & causal & (unit_id[:, None, :] >= 0)
+        allowed |= torch.eye(width, dtype=torch.bool)  # padding attends to itself (no empty softmax row)
+        mask = ~allowed[:, None]
+    return ModelBatch(input_ids, positions, loss_mask, torch.cat(pixel_values) if pixel_values else None,
+                      torch.cat(grids) if grids else None, attention_mask=mask,
+                      response_index=(index_rows, index_cols), response_mask=response_mask,
                       extra={"attention_mask": attention, "mm_token_type_ids": mm_types,
-                             "prompt_lengths": [len(item.prompt.ids) for item in items],
                              "response_lengths": [len(item.response_ids) for item in items]})
 
 
 def build_model_batch(processor, family, hf_config, items: list[ScoredSequence],
-                      pad_to_multiple: int = 1) -> ModelBatch:
+                      pad_to_multiple: int = 1, packing: Packing = Packing()) -> ModelBatch:
     """One batch straight from (prompt, images, response) triples."""
     prompts = PromptCache(processor)
     return collate(family, hf_config, [encode(prompts, item) for item in items], processor.tokenizer.pad_token_id,
-                   pad_to_multiple)
+                   pad_to_multiple, packing)
 
 
 def plan_micro_batches(lengths: list[int], max_tokens: int, min_count: int = 1) -> list[list[int]]:
@@ -131,6 +277,20 @@ def plan_micro_batches(lengths: list[int], max_tokens: int, min_count: int = 1) 
     return plan
 
 
+def layout_stats(items: list[Encoded], plan: list[list[int]], packing: Packing) -> dict:
+    """Padding share of the micro-batches of ``plan`` as :func:`collate` lays them out, their
+    real tokens, and the share of tokens that shared prompts saved against one sequence per row."""
+    real = padded = 0
+    for group in plan:
+        members = [items[i] for i in group]
+        lengths = [sum(unit_length(members, unit) for unit in row) for row in rows_of(members, packing)]
+        real += sum(lengths)
+        padded += len(lengths) * max(lengths)
+    unpacked = sum(items[i].length for group in plan for i in group)
+    return {"batch/padding_share": 1.0 - real / padded if padded else 0.0, "batch/tokens": float(real),
+            "batch/shared_prompt_savings": 1.0 - real / unpacked if unpacked else 0.0}
+
+
 def padding_share(lengths: list[int], plan: list[list[int]]) -> float:
     """Share of the padded micro-batch tokens that are padding."""
     padded = sum(len(group) * max(lengths[i] for i in group) for group in plan)
@@ -138,17 +298,15 @@ def padding_share(lengths: list[int], plan: list[list[int]]) -> float:
 
 
 def response_values(tensor: torch.Tensor, batch: ModelBatch) -> list[torch.Tensor]:
-    """Per row, the values at the positions that score its response tokens."""
-    out = []
-    for row, (start, count) in enumerate(zip(batch.extra["prompt_lengths"], batch.extra["response_lengths"])):
-        out.append(tensor[row, start - 1:start - 1 + count])
-    return out
+    """Per response, the values of ``tensor [B, S]`` at the positions that score its tokens."""
+    rows, cols = batch.response_index
+    return [tensor[rows[i, :n], cols[i, :n]] for i, n in enumerate(batch.extra["response_lengths"])]
 
 
-def scatter_responses(values: list, batch: ModelBatch, fill: float = 0.0) -> torch.Tensor:
-    """Inverse of :func:`response_values`: per-response vectors into a ``[B, S]`` tensor."""
-    out = torch.full(batch.input_ids.shape, fill, dtype=torch.float32)
-    for row, (start, vector) in enumerate(zip(batch.extra["prompt_lengths"], values)):
+def pad_responses(values: list, width: int) -> torch.Tensor:
+    """Per-response vectors into the right-padded ``[N, width]`` response layout."""
+    out = torch.zeros((len(values), width), dtype=torch.float32)
+    for row, vector in enumerate(values):
         vector = torch.as_tensor(vector, dtype=torch.float32)
-        out[row, start - 1:start - 1 + vector.numel()] = vector
+        out[row, :vector.numel()] = vector
     return out

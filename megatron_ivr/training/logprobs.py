@@ -25,6 +25,10 @@ class ModelBatch:
     loss_mask: torch.Tensor  # [B, S]: 1 where the *next* token is a scored response token
     pixel_values: Optional[torch.Tensor] = None
     image_grid_thw: Optional[torch.Tensor] = None
+    attention_mask: Optional[torch.Tensor] = None  # [B, 1, S, S], True = blocked; None: causal
+    # where each response's scored positions are: (rows [N, T], cols [N, T]), valid where response_mask
+    response_index: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+    response_mask: Optional[torch.Tensor] = None  # [N, T]
     extra: dict = field(default_factory=dict)
 
     @property
@@ -32,11 +36,19 @@ class ModelBatch:
         """The token each position predicts (the last position predicts padding, masked)."""
         return torch.cat([self.input_ids[:, 1:], torch.zeros_like(self.input_ids[:, :1])], dim=1)
 
+    def responses(self, values: torch.Tensor) -> torch.Tensor:
+        """``values [B, S]`` read back per response as ``[N, T]`` (zero past each response's
+        end); differentiable, so losses run on the response layout however rows are packed."""
+        rows, cols = self.response_index
+        return values[rows, cols] * self.response_mask.to(values.dtype)
+
     def to(self, device) -> ModelBatch:
         def move(t):
             return (t.to(device) if isinstance(t, torch.Tensor) else t)
+        index = tuple(move(t) for t in self.response_index) if self.response_index is not None else None
         return ModelBatch(move(self.input_ids), move(self.position_ids), move(self.loss_mask),
-                          move(self.pixel_values), move(self.image_grid_thw), self.extra)
+                          move(self.pixel_values), move(self.image_grid_thw), move(self.attention_mask),
+                          index, move(self.response_mask), self.extra)
 
 
 def vocab_parallel_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -93,7 +105,8 @@ def forward_logprobs(model, batches: list[ModelBatch], attention_mask_fn, with_e
     def forward_step(data_iterator, stage_model):
         batch = next(data_iterator)
         types = batch.extra.get("mm_token_type_ids")
-        output = stage_model(batch.input_ids, batch.position_ids, attention_mask_fn(batch.input_ids.shape[1]),
+        mask = batch.attention_mask if batch.attention_mask is not None else attention_mask_fn(batch.input_ids.shape[1])
+        output = stage_model(batch.input_ids, batch.position_ids, mask,
                              batch.pixel_values, batch.image_grid_thw,
                              image_mask=(types == 1) if types is not None else None)
         return output, partial(loss_fn, batch)

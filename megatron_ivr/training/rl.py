@@ -2,17 +2,25 @@
 
     rank 0 (controller): experience = prompts -> rollouts -> rewards -> [IVR] -> advantages
     broadcast the trajectories to every trainer rank
-    every rank, its data-parallel share of the micro-batches:
-      1. one forward-only sweep: old log-probs + entropies with the image and, for VICRA,
-         the same responses without the image (or distorted), in one schedule call
+    every rank, its data-parallel share of the micro-batches (a group's responses share one
+    copy of their prompt and image when ``trainer.share_prompts``; see training/batching.py):
+      1. one forward-only sweep: the VICRA pass without the image (or distorted) and, when
+         the step makes more than one optimizer step, the old log-probs with the image
       2. reference log-probs when beta > 0 (a frozen copy of the initial policy)
-      3. VICRA: w -> psi(w) -> per-token advantages (spec section 3)
+      3. per micro-batch: VICRA w -> psi(w) -> per-token advantages (spec section 3)
       4. per mini-batch: forward/backward with ``rl_loss`` (global denominators), optimizer step
     the weight bridge pushes the new policy into the engine (version = step)
 
-The loss of a micro-batch is normalized by the *global* token (or sequence) count of its
-mini-batch, and megatron's own averaging over micro-batches and data-parallel ranks is
-undone, so the gradient is that of the whole mini-batch's objective however it is split.
+Old log-probs: with one optimizer step per RL step (``trainer.mini_batches = 1``) the policy
+that trains *is* the old policy, so the training forward's own log-probs (detached) are the
+old log-probs, exactly: no separate pass is run for them (spec 2's ratio starts at 1). With
+several mini-batches they are computed before the first update, in the sweep of step 1.
+
+Per-token tensors live in the response layout ``[N, T]`` (one row per response, whatever
+the packing), which is what the loss functions take. The loss of a micro-batch is
+normalized by the *global* token (or sequence) count of its mini-batch, and megatron's own
+averaging over micro-batches and data-parallel ranks is undone, so the gradient is that of
+the whole mini-batch's objective however it is split.
 """
 
 from __future__ import annotations
@@ -27,32 +35,53 @@ from megatron_ivr.algorithms.losses import LossConfig, rl_loss
 from megatron_ivr.algorithms.vicra import distort_batch, prob_diff_scores, psi
 from megatron_ivr.config.schema import RunConfig
 from megatron_ivr.training.batching import (
+    Packing,
     PromptCache,
     ScoredSequence,
     collate,
     encode,
-    padding_share,
-    plan_micro_batches,
-    response_values,
-    scatter_responses,
+    layout_stats,
+    pad_responses,
+    plan_layout,
 )
 from megatron_ivr.training.experience import Experience, Trajectory
+
+DIAGNOSTIC_SUMS = ("tokens", "entropy", "on_tokens", "abs_diff", "kl", "tis_clipped", "vg", "vg_entropy",
+                   "others", "other_entropy", "w")
 
 
 @dataclass
 class MicroBatch:
-    """One micro-batch of trajectories with every per-token tensor the loss needs, ``[B, S]``."""
+    """One micro-batch of trajectories with every per-response tensor the loss needs, in the
+    response layout ``[N, T]`` (``mask``: valid tokens), in the order of ``indices``."""
 
     indices: list[int]
     batch: object  # ModelBatch with the image
+    mask: torch.Tensor
+    sequence_advantages: torch.Tensor  # [N]
+    rectified: torch.Tensor  # [N] bool
+    rollout_logp: torch.Tensor  # the engine's log-probs, [N, T]
     no_image: Optional[object] = None  # ModelBatch without (or with distorted) images, for VICRA
+    no_image_logp: Optional[torch.Tensor] = None
     old_logp: Optional[torch.Tensor] = None
     entropy: Optional[torch.Tensor] = None
     ref_logp: Optional[torch.Tensor] = None
-    rollout_logp: Optional[torch.Tensor] = None
     advantages: Optional[torch.Tensor] = None
-    rectified: Optional[torch.Tensor] = None
     w: Optional[torch.Tensor] = None
+    behaviour_logp: Optional[torch.Tensor] = None  # what the TIS weight divides by
+
+    def finish(self, old_logp: torch.Tensor, entropy: torch.Tensor) -> None:
+        """Everything that follows from the old log-probs: VICRA's ``w`` and the shaped
+        per-token advantages (spec 3), and the behaviour log-probs of the TIS weight (spec 2;
+        rectified responses were generated under another prompt: no engine log-probs)."""
+        self.old_logp, self.entropy = old_logp * self.mask, entropy * self.mask
+        base = self.sequence_advantages[:, None] * self.mask
+        if self.no_image_logp is not None:
+            self.w = prob_diff_scores(self.old_logp, self.no_image_logp) * self.mask
+            self.advantages = base * psi(self.w, self.mask)
+        else:
+            self.advantages = base
+        self.behaviour_logp = torch.where(self.rectified[:, None], self.old_logp, self.rollout_logp)
 
 
 def broadcast_experience(experience: Optional[Experience]) -> Experience:
@@ -72,6 +101,11 @@ class RlStep:
         self.loss_cfg = LossConfig.from_config(cfg.algorithm)
 
     # --- batches --------------------------------------------------------------------------
+    @property
+    def on_policy(self) -> bool:
+        """One optimizer step per RL step: the training forward gives the old log-probs."""
+        return self.cfg.trainer.mini_batches == 1 and not self.cfg.trainer.recompute_old_logprobs
+
     def _micro_batches(self, trajectories: list[Trajectory], step: int
                        ) -> tuple[list[list[MicroBatch]], list[dict], dict]:
         """This rank's micro-batches per mini-batch, each mini-batch's global loss denominators,
@@ -79,10 +113,10 @@ class RlStep:
         from megatron.core import parallel_state as ps
 
         cfg, vicra = self.cfg, self.cfg.algorithm.vicra
-        tokenizer = self.processor.tokenizer
+        pad_id = self.processor.tokenizer.pad_token_id
+        packing = Packing(cfg.trainer.share_prompts, cfg.trainer.pack_length)
         prompts = PromptCache(self.processor)
         items = [encode(prompts, ScoredSequence(t.prompt, t.images, t.response_ids)) for t in trajectories]
-        lengths = [item.length for item in items]
         dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         groups = sorted({t.group for t in trajectories})
         mini = cfg.trainer.mini_batches
@@ -90,40 +124,45 @@ class RlStep:
         plans, totals = [], []
         for members in per_mini:
             chosen = [i for i, t in enumerate(trajectories) if t.group in members]
-            plan = plan_micro_batches([lengths[i] for i in chosen], cfg.trainer.max_tokens_per_micro_batch, dp_size)
+            plan = plan_layout([items[i] for i in chosen], packing, cfg.trainer.max_tokens_per_micro_batch, dp_size)
             plans.append([[chosen[j] for j in group] for group in plan])
             # the mini-batch's global loss denominators (all its responses, on every DP rank)
             totals.append({"tokens": float(sum(len(trajectories[i].response_ids) for i in chosen)),
-                                 "sequences": float(sum(1 for i in chosen if trajectories[i].response_ids))})
-        stats = {"batch/padding_share": padding_share(lengths, [g for plan in plans for g in plan]),
-                 "batch/micro_batches": sum(len(p) for p in plans), "batch/tokens": float(sum(lengths))}
+                           "sequences": float(sum(1 for i in chosen if trajectories[i].response_ids))})
+        if any(len(plan) < dp_size for plan in plans):
+            raise ValueError(f"a mini-batch has fewer sequences than the {dp_size} data-parallel ranks: raise "
+                             "trainer.prompts_per_step or rollout.n, or lower trainer.mini_batches")
         if vicra.enabled:
             images = distort_batch([t.images for t in trajectories], vicra.distortion, seed=step,
                                    patch_ratio=vicra.patch_ratio, noise_std=vicra.noise_std,
                                    blur_radius=vicra.blur_radius)
             no_image_items = [encode(prompts, ScoredSequence(t.prompt, imgs, t.response_ids))
                               for t, imgs in zip(trajectories, images)]
-        if any(len(plan) < dp_size for plan in plans):
-            raise ValueError(f"a mini-batch has fewer sequences than the {dp_size} data-parallel ranks: raise "
-                             "trainer.prompts_per_step or rollout.n, or lower trainer.mini_batches")
         out = []
         for plan in plans:
             mine = []
             for group in plan[dp_rank::dp_size]:
-                batch = collate(self.policy.family, self.policy.hf_config, [items[i] for i in group],
-                                tokenizer.pad_token_id)
-                micro = MicroBatch(group, batch)
+                batch = collate(self.policy.family, self.policy.hf_config, [items[i] for i in group], pad_id,
+                                packing=packing)
+                mask = batch.response_mask
+                micro = MicroBatch(
+                    group, batch, mask, torch.tensor([trajectories[i].advantage for i in group]),
+                    torch.tensor([trajectories[i].rectified for i in group]),
+                    pad_responses([trajectories[i].rollout_logprobs for i in group], mask.shape[1]))
                 if vicra.enabled:
                     micro.no_image = collate(self.policy.family, self.policy.hf_config,
-                                             [no_image_items[i] for i in group], tokenizer.pad_token_id)
-                micro.rectified = torch.tensor([trajectories[i].rectified for i in group])
+                                             [no_image_items[i] for i in group], pad_id, packing=packing)
                 mine.append(micro)
             out.append(mine)
+        stats = layout_stats(items, [group for plan in plans for group in plan], packing)
+        stats["batch/micro_batches"] = sum(len(p) for p in plans)
         return out, totals, stats
 
     # --- 1 + 2: forward-only passes -------------------------------------------------------
     @torch.no_grad()
-    def _score(self, minis: list[list[MicroBatch]]) -> float:
+    def _score(self, minis: list[list[MicroBatch]], on_policy: bool) -> float:
+        """The forward-only sweep (old log-probs unless ``on_policy``, VICRA's pass) and the
+        reference pass; finishes each micro-batch whose old log-probs are known."""
         from megatron_ivr.training.logprobs import forward_logprobs
         from model_providers.qwen_vl import causal_mask
 
@@ -131,41 +170,32 @@ class RlStep:
         micros = [m for mini in minis for m in mini]
         sweep = []
         for micro in micros:  # old log-probs and the VICRA pass share one sweep
-            sweep.append(micro.batch)
+            if not on_policy:
+                sweep.append(micro.batch)
             if micro.no_image is not None:
                 sweep.append(micro.no_image)
-        records = forward_logprobs(self.policy.forward_model, sweep, causal_mask, with_entropy=True)
-        k = 0
+        records = iter(forward_logprobs(self.policy.forward_model, sweep, causal_mask, with_entropy=not on_policy)
+                       if sweep else [])
         for micro in micros:
-            micro.old_logp, micro.entropy = records[k]["logprobs"], records[k]["entropy"]
-            k += 1
+            if not on_policy:
+                record = next(records)
+                old_logp, entropy = micro.batch.responses(record["logprobs"]), micro.batch.responses(record["entropy"])
             if micro.no_image is not None:
-                no_image = response_values(records[k]["logprobs"], micro.no_image)
-                micro.w = prob_diff_scores(micro.old_logp, scatter_responses(no_image, micro.batch)) \
-                    * micro.batch.loss_mask
-                k += 1
+                micro.no_image_logp = micro.no_image.responses(next(records)["logprobs"])
+            if not on_policy:
+                micro.finish(old_logp, entropy)
         if self.reference is not None:
             ref = forward_logprobs(self.reference.model, [m.batch for m in micros], causal_mask)
             for micro, record in zip(micros, ref):
-                micro.ref_logp = record["logprobs"]
+                micro.ref_logp = micro.batch.responses(record["logprobs"])
         return time.perf_counter() - t0
 
-    # --- 3: advantages --------------------------------------------------------------------
-    def _advantages(self, minis: list[list[MicroBatch]], trajectories: list[Trajectory]) -> None:
-        for micro in (m for mini in minis for m in mini):
-            mask = micro.batch.loss_mask
-            base = torch.tensor([trajectories[i].advantage for i in micro.indices])[:, None].expand_as(mask)
-            micro.advantages = base * psi(micro.w, mask) if micro.w is not None else base.clone()
-            rollout = scatter_responses([trajectories[i].rollout_logprobs for i in micro.indices], micro.batch)
-            # rectified responses were generated under another prompt: no engine log-probs to correct by
-            micro.rollout_logp = torch.where(micro.rectified[:, None], micro.old_logp, rollout)
-
-    # --- 4: train -------------------------------------------------------------------------
+    # --- 3 + 4: train ---------------------------------------------------------------------
     def _train(self, mini: list[MicroBatch], totals: dict) -> dict:
         import torch.distributed as dist
         from megatron.core import parallel_state as ps
 
-        from megatron_ivr.training.logprobs import vocab_parallel_logprobs
+        from megatron_ivr.training.logprobs import vocab_parallel_entropy, vocab_parallel_logprobs
         from megatron_ivr.training.optimizer import global_loss_scale, train_step
         from model_providers.qwen_vl import causal_mask
 
@@ -174,17 +204,22 @@ class RlStep:
 
         def loss_fn(batch, logits):
             micro = by_batch[id(batch)]
-            mask = batch.loss_mask
-            logp = vocab_parallel_logprobs(logits, batch.targets)
+            if micro.old_logp is None:  # on-policy: this forward is the old policy's (entropy first:
+                entropy = batch.responses(vocab_parallel_entropy(logits))  # the log-probs reuse the logits)
+            logp = batch.responses(vocab_parallel_logprobs(logits, batch.targets))
+            if micro.old_logp is None:
+                micro.finish(logp.detach(), entropy)
+            mask = micro.mask
             loss, parts = rl_loss(logp, micro.old_logp, micro.advantages, mask, self.loss_cfg, micro.rectified,
-                                  micro.ref_logp, micro.rollout_logp, num_tokens=totals["tokens"],
+                                  micro.ref_logp, micro.behaviour_logp, num_tokens=totals["tokens"],
                                   num_sequences=totals["sequences"])
             on_policy = mask * (~micro.rectified[:, None]).to(mask.dtype)
             with torch.no_grad():
                 shaped = (mask - on_policy).sum().item()
                 record = {"loss": loss.item(), "kl": parts.get("loss/kl", 0.0) * (self.loss_cfg.beta > 0),
                           "clipped": parts["loss/clip_fraction"] * on_policy.sum().item(),
-                          "on_policy_tokens": on_policy.sum().item(), "shaped_tokens": shaped}
+                          "on_policy_tokens": on_policy.sum().item(), "shaped_tokens": shaped,
+                          "diagnostics": self._diagnostic_sums(micro)}
             return loss * scale, record
 
         self.policy.advance_lr()
@@ -196,44 +231,46 @@ class RlStep:
         return {"loss/total": loss, "loss/kl": kl, "loss/clip_fraction": clipped / max(on_tokens, 1.0),
                 "loss/shaped_token_share": shaped / max(on_tokens + shaped, 1.0),
                 "optim/grad_norm": result["grad_norm"], "optim/lr": self.policy.lr,
-                "optim/updated": float(result["updated"])}
+                "optim/updated": float(result["updated"]),
+                "diagnostics": [r["diagnostics"] for r in result["records"]]}
 
     def __call__(self, experience: Experience, step: int) -> dict:
         trajectories = experience.trajectories
         minis, totals, metrics = self._micro_batches(trajectories, step)
-        metrics["time/logprob_passes"] = self._score(minis)
-        self._advantages(minis, trajectories)
-        metrics.update(self._diagnostics(minis))
+        metrics["time/logprob_passes"] = self._score(minis, self.on_policy)
         t0 = time.perf_counter()
         mini_metrics = [self._train(mini, mini_totals) for mini, mini_totals in zip(minis, totals)]
         metrics["time/train"] = time.perf_counter() - t0
+        metrics.update(self._reduce_diagnostics([d for m in mini_metrics for d in m.pop("diagnostics")]))
         for key in mini_metrics[0]:
             metrics[key] = sum(m[key] for m in mini_metrics) / len(mini_metrics)
         return metrics
 
-    def _diagnostics(self, minis: list[list[MicroBatch]]) -> dict:
+    @torch.no_grad()
+    def _diagnostic_sums(self, micro: MicroBatch) -> tuple[list[float], float]:
+        """Per micro-batch sums (:data:`DIAGNOSTIC_SUMS`) and the largest |delta logp|, from its
+        old log-probs (before any update of this step)."""
+        threshold, cap = self.cfg.algorithm.vicra.grounded_threshold, self.loss_cfg.tis_cap
+        valid = micro.mask.bool()
+        on = valid & ~micro.rectified[:, None]
+        diff = (micro.old_logp - micro.behaviour_logp)[on].double()
+        entropy = micro.entropy.double()
+        grounded = valid & (micro.w > threshold) if micro.w is not None else torch.zeros_like(valid)
+        other = valid & ~grounded
+        sums = [valid.sum(), entropy[valid].sum(), on.sum(), diff.abs().sum(), (diff.exp() - diff - 1).sum(),
+                (diff.exp() > cap).sum() if cap else 0.0, grounded.sum(), entropy[grounded].sum(), other.sum(),
+                entropy[other].sum(), micro.w[valid].double().sum() if micro.w is not None else 0.0]
+        return [float(x) for x in sums], float(diff.abs().max()) if diff.numel() else 0.0
+
+    def _reduce_diagnostics(self, parts: list[tuple[list[float], float]]) -> dict:
         """Entropy, VICRA grounding statistics (spec 3) and the rollout/trainer mismatch (spec 2),
-        from per-rank sums and maxima reduced over data-parallel ranks (no per-token gather)."""
+        from per-micro-batch sums and maxima reduced over data-parallel ranks (no per-token gather)."""
         import torch.distributed as dist
         from megatron.core import parallel_state as ps
 
-        threshold, cap = self.cfg.algorithm.vicra.grounded_threshold, self.loss_cfg.tis_cap
-        sums = torch.zeros(11, dtype=torch.float64)
-        peak = torch.zeros(1, dtype=torch.float64)
-        for micro in (m for mini in minis for m in mini):
-            valid = micro.batch.loss_mask.bool()
-            on = valid & ~micro.rectified[:, None]
-            diff = (micro.old_logp - micro.rollout_logp)[on].double()
-            entropy = micro.entropy.double()
-            grounded = valid & (micro.w > threshold) if micro.w is not None else torch.zeros_like(valid)
-            other = valid & ~grounded
-            sums += torch.stack([
-                valid.sum(), entropy[valid].sum(), on.sum(), diff.abs().sum(), (diff.exp() - diff - 1).sum(),
-                (diff.exp() > cap).sum() if cap else torch.tensor(0.0), grounded.sum(), entropy[grounded].sum(),
-                other.sum(), entropy[other].sum(),
-                micro.w[valid].double().sum() if micro.w is not None else torch.tensor(0.0)]).double()
-            if diff.numel():
-                peak = torch.maximum(peak, diff.abs().max().reshape(1))
+        sums = torch.tensor([p[0] for p in parts], dtype=torch.float64).sum(0) if parts else \
+            torch.zeros(len(DIAGNOSTIC_SUMS), dtype=torch.float64)
+        peak = torch.tensor([max((p[1] for p in parts), default=0.0)], dtype=torch.float64)
         dist.all_reduce(sums, group=ps.get_data_parallel_group())
         dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=ps.get_data_parallel_group())
         (tokens, entropy_sum, on_tokens, abs_diff, kl, clipped, vg, vg_entropy, others, other_entropy,

@@ -196,12 +196,25 @@ class RlJob:
             self.reward_fn.close()
 
 
+def _check_packing(cfg: RunConfig) -> None:
+    """Packed rows need an explicit attention mask, which Transformer Engine's fused attention
+    does not take (its THD format cannot express a shared prompt; not built here)."""
+    from megatron_ivr.config.errors import ConfigError
+    from model_providers.qwen_vl import transformer_engine_available
+
+    if (cfg.trainer.share_prompts or cfg.trainer.pack_length > 0) and transformer_engine_available():
+        raise ConfigError("trainer.share_prompts / trainer.pack_length need megatron-core's local attention spec; "
+                          "with Transformer Engine set trainer.share_prompts=false trainer.pack_length=0",
+                          key="trainer.share_prompts")
+
+
 def run_rl(cfg: RunConfig) -> int:
     from megatron_ivr.training.parallel import destroy_parallel
 
     rank = _setup(cfg, cfg.model.path)
     processor = load_processor(cfg.model.path)
     trainer = cfg.trainer
+    _check_packing(cfg)
     schedule_steps = trainer.steps * trainer.mini_batches
     policy = load_policy(cfg.model.path, cfg.model.dtype, OptimizerSettings.from_config(trainer),
                          ScheduleSettings(trainer.lr_warmup_steps, schedule_steps, trainer.lr_schedule, trainer.min_lr),

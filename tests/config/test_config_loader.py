@@ -85,3 +85,13 @@ def test_unknown_section_from_the_command_line_is_blamed_on_it():
 
     with pytest.raises(ConfigError, match=r"unknown key 'no_such_key' \(set in command line\)"):
         load_config(None, ["no_such_key.zzz=1"])
+
+
+@pytest.mark.parametrize("override, key", [
+    ("algorithm.vicra.score=kl", "algorithm.vicra.score"),  # a formula that the trainer does not run: refused
+    ("trainer.pack_length=-1", "trainer.pack_length"),
+])
+def test_settings_the_trainer_cannot_honour_are_refused_by_key(override, key):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert info.value.key == key

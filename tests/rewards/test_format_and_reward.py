@@ -75,3 +75,25 @@ def test_pool_kills_a_hung_call_and_keeps_order():
 def test_pool_returns_values_in_order():
     with TimeLimitedPool(abs, num_workers=2, timeout_s=5.0, default=None) as pool:
         assert pool.map([(-3,), (4,), (-5,), (0,)]) == [3, 4, 5, 0]
+
+
+def _slow_start() -> None:
+    time.sleep(1.5)
+
+
+def test_pool_does_not_count_a_slow_worker_start_against_calls():
+    # a worker's start (here a 1.5 s warm-up, like importing sympy on a loaded machine) is
+    # longer than the 0.5 s call limit: the calls must still be served, none cut off
+    with TimeLimitedPool(abs, num_workers=2, timeout_s=0.5, default=None, warmup=_slow_start) as pool:
+        assert pool.map([(-1,), (2,), (-3,)]) == [1, 2, 3]
+        assert pool.timeouts == 0
+
+
+def _broken_start() -> None:
+    raise SystemExit(3)
+
+
+def test_pool_reports_a_worker_that_cannot_start():
+    with TimeLimitedPool(abs, num_workers=1, timeout_s=0.5, default=None, warmup=_broken_start) as pool:
+        with pytest.raises(RuntimeError, match="died while starting"):
+            pool.map([(-1,)])

@@ -37,9 +37,9 @@ def main() -> None:
 
     def mean_logps():
         minis, _, _ = step._micro_batches(trajectories, 1)
-        step._score(minis)
+        step._score(minis, on_policy=False)
         micro = minis[0][0]
-        sums = (micro.old_logp * micro.batch.loss_mask).sum(1) / micro.batch.loss_mask.sum(1)
+        sums = (micro.old_logp * micro.mask).sum(1) / micro.mask.sum(1)
         return [sums[micro.indices.index(i)].item() for i in range(2)]
 
     before = mean_logps()
@@ -55,13 +55,13 @@ def reference_diagnostics(step, trajectories) -> dict:
     from megatron_ivr.algorithms.vicra import grounding_diagnostics
 
     minis, _, _ = step._micro_batches(trajectories, 1)
-    step._score(minis)
-    step._advantages(minis, trajectories)
+    step._score(minis, on_policy=False)
     micro = minis[0][0]
-    mask = micro.batch.loss_mask
-    expected = mismatch_metrics(micro.old_logp, micro.rollout_logp, mask)
+    mask = micro.mask
+    expected = mismatch_metrics(micro.old_logp, micro.behaviour_logp, mask)
     expected.update(grounding_diagnostics(micro.w, micro.entropy, mask, step.cfg.algorithm.vicra.grounded_threshold))
-    return {"reduced": step._diagnostics(minis), "expected": expected}
+    reduced = step._reduce_diagnostics([step._diagnostic_sums(m) for mini in minis for m in mini])
+    return {"reduced": reduced, "expected": expected}
 
 
 if __name__ == "__main__":

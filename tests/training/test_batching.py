@@ -1,6 +1,6 @@
 import torch
 
-from megatron_ivr.training.batching import padding_share, plan_micro_batches, response_values, scatter_responses
+from megatron_ivr.training.batching import pad_responses, padding_share, plan_micro_batches, response_values
 from megatron_ivr.training.logprobs import ModelBatch
 
 
@@ -21,12 +21,16 @@ def test_plan_makes_one_micro_batch_per_data_parallel_rank_when_it_can():
     assert plan_micro_batches([10] * 6, max_tokens=1000) == [list(range(6))]
 
 
-def test_response_values_and_scatter_are_inverse():
-    batch = ModelBatch(torch.zeros(2, 8, dtype=torch.long), torch.zeros(3, 2, 8, dtype=torch.long),
-                       torch.zeros(2, 8), extra={"prompt_lengths": [3, 5], "response_lengths": [4, 2]})
-    values = [torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([5.0, 6.0])]
-    dense = scatter_responses(values, batch)
-    assert dense[0, 2:6].tolist() == [1, 2, 3, 4] and dense[1, 4:6].tolist() == [5, 6]
-    assert dense.sum() == 21
-    back = response_values(dense, batch)
-    assert [v.tolist() for v in back] == [v.tolist() for v in values]
+def test_response_values_and_pad_responses_round_trip():
+    # two responses in one packed row: columns 2..5 and 6..7
+    batch = ModelBatch(torch.zeros(1, 8, dtype=torch.long), torch.zeros(3, 1, 8, dtype=torch.long),
+                       torch.zeros(1, 8), response_index=(torch.zeros(2, 4, dtype=torch.long),
+                                                          torch.tensor([[2, 3, 4, 5], [6, 7, 0, 0]])),
+                       response_mask=torch.tensor([[1.0, 1, 1, 1], [1, 1, 0, 0]]),
+                       extra={"response_lengths": [4, 2]})
+    dense = torch.arange(8.0)[None]
+    values = response_values(dense, batch)
+    assert [v.tolist() for v in values] == [[2, 3, 4, 5], [6, 7]]
+    padded = pad_responses(values, 4)
+    assert padded.tolist() == [[2, 3, 4, 5], [6, 7, 0, 0]]
+    assert torch.equal(batch.responses(dense), padded)

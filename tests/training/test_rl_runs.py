@@ -19,6 +19,10 @@ LAYOUTS = {  # name: (processes, overrides)
     "pp2": (2, ["parallel.pipeline_parallel=2"]),
     "dp2": (2, []),
     "tp2pp2": (4, ["parallel.tensor_parallel=2", "parallel.pipeline_parallel=2"]),
+    # the batch layouts and the old-log-prob pass must not change the step either
+    "one_sequence_per_row": (1, ["trainer.share_prompts=false"]),
+    "packed_rows": (1, ["trainer.pack_length=1500"]),
+    "old_logprob_pass": (1, ["trainer.recompute_old_logprobs=true"]),
 }
 
 
@@ -62,7 +66,8 @@ def test_step0_engine_and_trainer_logprobs_agree(reference_run):
     assert max(r["mismatch/abs_logp_diff_max"] for r in steps.values()) <= 1e-5
 
 
-@pytest.mark.parametrize("layout", ["tp2", "pp2", "dp2", "tp2pp2"])
+@pytest.mark.parametrize("layout", ["tp2", "pp2", "dp2", "tp2pp2", "one_sequence_per_row", "packed_rows",
+                                    "old_logprob_pass"])
 def test_layout_invariance(layout, reference_run, tmp_path, tiny_models, synthetic_dir):
     _, reference = reference_run
     nproc, overrides = LAYOUTS[layout]

@@ -1,0 +1,175 @@
+"""Sequence packing with MRoPE (training/batching.py): packed rows give the log-probs,
+entropies and gradients of one sequence per row, on both model families.
+
+The batch mixes what goes wrong in peers' packing: images of different sizes, a two-image
+sample, a text-only sample, groups of responses sharing one prompt (and its image), and the
+VICRA no-image copies of the same prompts, all in one layout. Tolerance 1e-5 absolute on
+log-probs and entropies (fp32; packing only reorders sums); gradients within 1e-5 of the
+largest gradient entry of each parameter.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_ivr.training.batching import (
+    Packing,
+    PromptCache,
+    ScoredSequence,
+    collate,
+    encode,
+    plan_layout,
+    response_values,
+    rows_of,
+)
+from tests.model_providers.parity_batch import parity_items
+
+LAYOUTS = {
+    "shared prompts": Packing(share_prompts=True),
+    "rows": Packing(pack_length=160),
+    "shared prompts in rows": Packing(share_prompts=True, pack_length=400),
+    "everything in one row": Packing(share_prompts=True, pack_length=10_000),
+}
+
+
+def mixed_items() -> list[ScoredSequence]:
+    """Groups of 3 responses per prompt (same image objects), then the no-image copies."""
+    with_image, without_image = parity_items()
+    g = torch.Generator().manual_seed(1)
+    items = []
+    for item in with_image + without_image[:2]:
+        for _ in range(3):
+            n = int(torch.randint(1, 14, (1,), generator=g))
+            items.append(ScoredSequence(item.prompt, item.images, torch.randint(20, 400, (n,), generator=g).tolist()))
+    return items
+
+
+@pytest.fixture(scope="module")
+def parallel():
+    from megatron_ivr.training.parallel import ParallelLayout, destroy_parallel, init_parallel
+
+    init_parallel(ParallelLayout())
+    yield
+    destroy_parallel()
+
+
+def _model(model_dir):
+    from model_providers import get_provider
+    from model_providers.build import build_model, load_hf_weights
+    from model_providers.hf_checkpoint import HFCheckpoint
+
+    from megatron_ivr.models.processor import load_processor
+
+    checkpoint = HFCheckpoint(model_dir)
+    hf_config = checkpoint.config()
+    model = build_model(hf_config)
+    load_hf_weights(model, checkpoint)
+    return model, hf_config, get_provider(hf_config.model_type), load_processor(model_dir)
+
+
+def _forward(model, batch):
+    """Per-response log-probs and entropies ``[N, T]`` and the gradient of a fixed weighted sum."""
+    from megatron_ivr.training.logprobs import vocab_parallel_entropy, vocab_parallel_logprobs
+    from model_providers.qwen_vl import causal_mask
+
+    model.zero_grad(set_to_none=True)
+    types = batch.extra["mm_token_type_ids"]
+    mask = batch.attention_mask if batch.attention_mask is not None else causal_mask(batch.input_ids.shape[1])
+    logits = model(batch.input_ids, batch.position_ids, mask, batch.pixel_values, batch.image_grid_thw,
+                   image_mask=types == 1)
+    entropy = batch.responses(vocab_parallel_entropy(logits.detach()))
+    logp = batch.responses(vocab_parallel_logprobs(logits, batch.targets))
+    weights = torch.linspace(-1.0, 1.0, logp.numel()).reshape(logp.shape)
+    (logp * weights).sum().backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return logp.detach(), entropy, grads
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_packed_layouts_match_one_sequence_per_row(family, tiny_models, parallel):
+    model, hf_config, provider, processor = _model(tiny_models[family])
+    prompts = PromptCache(processor)
+    encoded = [encode(prompts, item) for item in mixed_items()]
+    pad = processor.tokenizer.pad_token_id
+    reference = collate(provider, hf_config, encoded, pad)
+    assert reference.attention_mask is None
+    ref_logp, ref_entropy, ref_grads = _forward(model, reference)
+    assert ref_logp.abs().sum() > 0 and len(ref_grads) > 10
+    for name, packing in LAYOUTS.items():
+        batch = collate(provider, hf_config, encoded, pad, packing=packing)
+        assert batch.input_ids.shape[0] < reference.input_ids.shape[0], name  # several sequences share rows
+        logp, entropy, grads = _forward(model, batch)
+        assert (logp - ref_logp).abs().max() <= 1e-5, name
+        assert (entropy - ref_entropy).abs().max() <= 1e-5, name
+        assert grads.keys() == ref_grads.keys(), name
+        for key, grad in grads.items():
+            scale = ref_grads[key].abs().max().clamp_min(1e-6)
+            assert (grad - ref_grads[key]).abs().max() <= 1e-5 * scale, (name, key)
+
+
+def test_a_wrong_position_or_mask_is_caught(tiny_models, parallel):
+    """The comparison above can fail: positions computed over the packed row instead of per
+    unit (the peers' bug: 1-D counting through images and siblings) or a branch that sees its
+    siblings change the log-probs by far more than the tolerance."""
+    model, hf_config, provider, processor = _model(tiny_models["qwen2_5_vl"])
+    prompts = PromptCache(processor)
+    encoded = [encode(prompts, item) for item in mixed_items()]
+    pad = processor.tokenizer.pad_token_id
+    ref_logp, _, _ = _forward(model, collate(provider, hf_config, encoded, pad))
+    batch = collate(provider, hf_config, encoded, pad, packing=Packing(share_prompts=True))
+    shifted = collate(provider, hf_config, encoded, pad, packing=Packing(share_prompts=True))
+    rows, width = shifted.input_ids.shape
+    shifted.position_ids = torch.arange(width).expand(3, rows, width).clone()
+    assert (_forward(model, shifted)[0] - ref_logp).abs().max() > 1e-3
+    leaky = collate(provider, hf_config, encoded, pad, packing=Packing(share_prompts=True))
+    leaky.attention_mask = torch.triu(torch.ones_like(batch.attention_mask[0, 0]), 1)[None, None].expand_as(
+        batch.attention_mask).clone()
+    assert (_forward(model, leaky)[0] - ref_logp).abs().max() > 1e-3
+
+
+def test_shared_prompt_layout(tiny_models):
+    from model_providers import get_provider
+    from model_providers.hf_checkpoint import HFCheckpoint
+
+    from megatron_ivr.models.processor import load_processor
+
+    hf_config = HFCheckpoint(tiny_models["qwen2_5_vl"]).config()
+    processor = load_processor(tiny_models["qwen2_5_vl"])
+    prompts = PromptCache(processor)
+    encoded = [encode(prompts, item) for item in mixed_items()]
+    family = get_provider(hf_config.model_type)
+    pad = processor.tokenizer.pad_token_id
+    plain = collate(family, hf_config, encoded, pad)
+    shared = collate(family, hf_config, encoded, pad, packing=Packing(share_prompts=True))
+    # one row per group of 3; a group costs P - 1 + sum(1 + R_i) tokens
+    assert shared.input_ids.shape[0] == len(encoded) // 3
+    first = encoded[:3]
+    expected = len(first[0].prompt.ids) - 1 + sum(1 + len(e.response_ids) for e in first)
+    assert int(shared.extra["attention_mask"][0].sum()) == expected
+    # each response's tokens and MRoPE positions read back equal the unpacked ones
+    for a, b in zip(response_values(plain.input_ids, plain), response_values(shared.input_ids, shared)):
+        assert a.tolist() == b.tolist()
+    for dim in range(3):
+        assert [v.tolist() for v in response_values(plain.position_ids[dim], plain)] == \
+            [v.tolist() for v in response_values(shared.position_ids[dim], shared)]
+    # the images of a group are scattered once: three times fewer image rows than unpacked
+    assert shared.pixel_values.shape[0] * 3 == plain.pixel_values.shape[0]
+
+
+def test_plan_layout_covers_every_sequence_once_and_splits_units_for_data_parallel(tiny_models):
+    from megatron_ivr.models.processor import load_processor
+
+    processor = load_processor(tiny_models["qwen2_5_vl"])
+    prompts = PromptCache(processor)
+    encoded = [encode(prompts, item) for item in mixed_items()]
+    packing = Packing(share_prompts=True, pack_length=300)
+    rows = rows_of(encoded, packing)
+    assert sorted(i for row in rows for unit in row for i in unit) == list(range(len(encoded)))
+    plan = plan_layout(encoded, packing, max_tokens=600, min_count=2)
+    assert sorted(i for group in plan for i in group) == list(range(len(encoded)))
+    assert len(plan) >= 2
+    # a single group and four data-parallel ranks: the group's responses are split across them
+    one_group = encoded[:3]
+    plan = plan_layout(one_group, packing, max_tokens=10_000, min_count=3)
+    assert sorted(i for group in plan for i in group) == [0, 1, 2] and len(plan) == 3

@@ -82,11 +82,34 @@ def iter_canonical(model: QwenVLModel) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 @torch.no_grad()
+def iter_stage_hf_weights(model: QwenVLModel, key_style: str = "legacy") -> Iterator[tuple[str, torch.Tensor]]:
+    """This pipeline stage's weights as HF ``(name, tensor)`` pairs, yielded on the stage's
+    leader (TP rank 0 of data-parallel rank 0); the stage's other TP ranks take part in the
+    gathers and yield nothing, data-parallel replicas do nothing. Collective within the stage."""
+    from megatron.core import parallel_state as ps
+
+    if ps.get_data_parallel_rank() != 0:
+        return
+    adapter = adapter_for(model, key_style)
+    tp_leader = ps.get_tensor_model_parallel_rank() == 0
+    for name, full in iter_canonical(model):
+        if not tp_leader or (name == "language.output_layer.weight" and adapter.tied_embeddings):
+            continue
+        yield from adapter.to_hf(name, full)
+
+
+def is_stage_leader() -> bool:
+    """Whether this rank yields its stage's weights in :func:`iter_stage_hf_weights`."""
+    from megatron.core import parallel_state as ps
+
+    return ps.get_data_parallel_rank() == 0 and ps.get_tensor_model_parallel_rank() == 0
+
+
 def iter_hf_weights(model: QwenVLModel, key_style: str = "legacy") -> Iterator[tuple[str, torch.Tensor]]:
     """Stream the whole model's weights as HF ``(name, tensor)`` pairs to global rank 0.
 
     Works under any TP x PP layout: each pipeline stage in turn all-gathers its TP shards,
-    and its TP-rank-0 either yields them (global rank 0) or sends them point to point to
+    and its leader either yields them (global rank 0) or sends them point to point to
     global rank 0, one tensor at a time behind a small header. Only rank 0 receives pairs;
     every rank must exhaust the iterator (it is collective). Memory: one full tensor at a
     time. Data-parallel replicas (same weights) take no part.
@@ -96,22 +119,18 @@ def iter_hf_weights(model: QwenVLModel, key_style: str = "legacy") -> Iterator[t
 
     if ps.get_data_parallel_rank() != 0:
         return
-    adapter = adapter_for(model, key_style)
     ranks = dist.get_process_group_ranks(ps.get_pipeline_model_parallel_group())
     root, me = ranks[0], dist.get_rank()
     tp_leader = ps.get_tensor_model_parallel_rank() == 0
     my_stage = ps.get_pipeline_model_parallel_rank()
     for stage in range(ps.get_pipeline_model_parallel_world_size()):
         if stage == my_stage:
-            for name, full in iter_canonical(model):
-                if not tp_leader or (name == "language.output_layer.weight" and adapter.tied_embeddings):
-                    continue
-                for hf_name, tensor in adapter.to_hf(name, full):
-                    if me == root:
-                        yield hf_name, tensor
-                    else:
-                        dist.send_object_list([(hf_name, tuple(tensor.shape), tensor.dtype)], dst=root)
-                        dist.send(tensor.contiguous(), dst=root)
+            for hf_name, tensor in iter_stage_hf_weights(model, key_style):
+                if me == root:
+                    yield hf_name, tensor
+                else:
+                    dist.send_object_list([(hf_name, tuple(tensor.shape), tensor.dtype)], dst=root)
+                    dist.send(tensor.contiguous(), dst=root)
             if tp_leader and me != root:
                 dist.send_object_list([None], dst=root)
         elif me == root and tp_leader:

@@ -1,12 +1,22 @@
 """The weight bridge: after an optimizer step, move the policy from the Megatron shards into
 the rollout engine, tagged with the trainer step as its weight version.
 
-``sync(version)`` is collective over the trainer ranks. Rank 0 checks every name against the
-names the engine serves (a wrong name is an error, never silently dropped: SGLang itself
-answers ``success`` for names it ignores), packs the stream into flattened buckets, hands
-them to the transport, and reports seconds and bytes. Every ``verify_every`` syncs it
-checks that the engine really holds the new weights with ``verify()``, called on every rank
-(``bridge/verify.py``'s log-prob probe is collective).
+``sync(version)`` is collective over the trainer ranks. Two shapes:
+
+- funnel (``per_stage=False``): every pipeline stage streams its weights to trainer rank 0,
+  which checks every name against the names the engine serves (a wrong name is an error,
+  never silently dropped: SGLang itself answers ``success`` for names it ignores), packs the
+  stream into flattened buckets and hands them to its transport;
+- per stage (``per_stage=True``, the ``distributed`` transport with pipeline parallelism):
+  each stage's leader (TP rank 0 of DP rank 0) gathers its own TP shards and sends its own
+  layers through its own transport (one broadcast group per stage), so stages send in
+  parallel and no tensor takes the detour through rank 0. Rank 0 opens the engine's update
+  session before any stage sends (barrier), collects every stage's names afterwards, checks
+  that each weight came exactly once, and closes the session.
+
+It reports seconds and bytes. Every ``verify_every`` syncs it checks that the engine really
+holds the new weights with ``verify()``, called on every rank (``bridge/verify.py``'s
+log-prob probe is collective).
 """
 
 from __future__ import annotations
@@ -17,7 +27,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from megatron_ivr.bridge.buckets import bucketize
-from model_providers.build import iter_hf_weights
+from model_providers.build import is_stage_leader, iter_hf_weights, iter_stage_hf_weights
 
 
 class WeightSyncError(RuntimeError):
@@ -42,8 +52,9 @@ class SyncReport:
 class WeightBridge:
     def __init__(self, model, transport, expected_names: Optional[Iterable[str]] = None,
                  bucket_bytes: int = 512 * 1024**2, key_style: str = "legacy",
-                 verify: Optional[Callable[[], object]] = None, verify_every: int = 1):
-        self.model, self.transport = model, transport
+                 verify: Optional[Callable[[], object]] = None, verify_every: int = 1, per_stage: bool = False):
+        """``transport``: rank 0's (funnel), or each stage leader's (``per_stage``); None elsewhere."""
+        self.model, self.transport, self.per_stage = model, transport, per_stage
         self.expected = set(expected_names) if expected_names is not None else None
         self.bucket_bytes, self.key_style = bucket_bytes, key_style
         self.verify, self.verify_every = verify, verify_every
@@ -65,6 +76,8 @@ class WeightBridge:
     def sync(self, version: int) -> Optional[SyncReport]:
         import torch.distributed as dist
 
+        if self.per_stage:
+            return self._sync_per_stage(version)
         start = time.perf_counter()
         stream = iter_hf_weights(self.model, self.key_style)
         if dist.get_rank() != 0:
@@ -76,6 +89,7 @@ class WeightBridge:
             return None
         seen: set = set()
         counters = {"bytes": 0, "buckets": 0}
+        self.transport.prepare()
         self.transport.begin(version)
         for bucket in bucketize(self._checked(stream, seen, counters), self.bucket_bytes):
             self.transport.send(bucket)
@@ -90,3 +104,50 @@ class WeightBridge:
             self.verify()
         return SyncReport(version, time.perf_counter() - start, counters["bytes"], len(seen), counters["buckets"],
                           verified)
+
+    def _sync_per_stage(self, version: int) -> Optional[SyncReport]:
+        import torch.distributed as dist
+
+        start = time.perf_counter()
+        rank0 = dist.get_rank() == 0
+        leader = is_stage_leader()
+        if leader and self.transport is None:
+            raise WeightSyncError(f"rank {dist.get_rank()} leads a pipeline stage but has no transport")
+        if leader:
+            self.transport.prepare()  # e.g. join this stage's broadcast group (first sync)
+        if rank0:
+            self.transport.begin(version)  # the engine's update session, once for all stages
+        dist.barrier()
+        seen: set = set()
+        counters = {"bytes": 0, "buckets": 0}
+        stream = iter_stage_hf_weights(self.model, self.key_style)
+        if leader:
+            for bucket in bucketize(self._checked(stream, seen, counters), self.bucket_bytes):
+                self.transport.send(bucket)
+                counters["buckets"] += 1
+        else:
+            for _ in stream:  # take part in the stage's TP gathers
+                pass
+        parts = [None] * dist.get_world_size() if rank0 else None
+        dist.gather_object((sorted(seen), counters) if leader else None, parts, dst=0)
+        report = None
+        if rank0:
+            names = [name for part in parts if part for name in part[0]]
+            if len(names) != len(set(names)):
+                twice = sorted({n for n in names if names.count(n) > 1})[:5]
+                raise WeightSyncError(f"weights sent by more than one pipeline stage, e.g. {twice}")
+            if self.expected is not None and set(names) != self.expected:
+                missing = sorted(self.expected - set(names))[:5]
+                raise WeightSyncError(f"{len(self.expected - set(names))} engine weights were not sent, e.g. {missing}")
+            self.transport.finish(version)
+            total = {key: sum(part[1][key] for part in parts if part) for key in ("bytes", "buckets")}
+            report = SyncReport(version, 0.0, total["bytes"], len(names), total["buckets"], False)
+        dist.barrier()  # no stage sends the next version before this one is closed
+        self.syncs += 1
+        if self._verify_due():
+            self.verify()
+            if report is not None:
+                report.verified = True
+        if report is not None:
+            report.seconds = time.perf_counter() - start
+        return report

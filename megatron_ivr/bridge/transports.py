@@ -1,5 +1,6 @@
-"""How buckets reach a rollout engine. Each transport implements ``begin(version)``,
-``send(bucket)`` and ``finish(version)``; the bridge drives them.
+"""How buckets reach a rollout engine. Each transport implements ``prepare()`` (on every
+rank that sends: connect), ``begin(version)`` and ``finish(version)`` (the engine's update
+session, on trainer rank 0) and ``send(bucket)``; the bridge drives them.
 
 - ``local``: load into the in-process engine (CPU laptop path);
 - ``tensor``: SGLang ``/update_weights_from_tensor`` in the ``flattened_bucket`` format,
@@ -16,6 +17,9 @@
   the way SGLang's own helper creates it (a plain ``init_process_group`` would hang: the
   trainer already has a default group), then per bucket ``/update_weights_from_distributed``
   (``flattened_bucket``) while rank 0 broadcasts the bucket; NCCL on GPU, gloo on CPU.
+  With pipeline parallelism there is one such group per stage (``group_name`` ends in the
+  stage), led by that stage's leader: stages send their own layers (the bridge's
+  ``per_stage``). SGLang keeps its groups by name and serves the stages' requests in order.
 """
 
 from __future__ import annotations
@@ -39,6 +43,9 @@ class LocalTransport:
     def __init__(self, engine):
         self.engine = engine
         self._version = 0
+
+    def prepare(self) -> None:
+        pass
 
     def begin(self, version: int) -> None:
         self._version = version
@@ -72,6 +79,9 @@ class TensorTransport:
     def __init__(self, client, server_tp_size: int = 1, pause_mode: str = "retract"):
         self.client, self.server_tp_size, self.pause_mode = client, server_tp_size, pause_mode
 
+    def prepare(self) -> None:
+        pass
+
     def begin(self, version: int) -> None:
         begin_sglang_update(self.client, self.pause_mode)
 
@@ -100,6 +110,9 @@ class DiskTransport:
         self.client, self.directory, self.source = client, Path(directory), Path(source_model_dir)
         self.keep = keep
         self._pending: list[tuple[str, object]] = []
+
+    def prepare(self) -> None:
+        pass
 
     def begin(self, version: int) -> None:
         self._pending = []
@@ -185,9 +198,11 @@ class DistributedTransport:
             "master_address": self.master_address, "master_port": self.master_port, "rank_offset": rank_offset,
             "world_size": world, "group_name": self.group_name, "backend": self.backend}))
 
-    def begin(self, version: int) -> None:
+    def prepare(self) -> None:
         if self.group is None:
             self._connect()
+
+    def begin(self, version: int) -> None:
         begin_sglang_update(self.client)
 
     def send(self, bucket: Bucket) -> None:

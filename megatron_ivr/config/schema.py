@@ -150,6 +150,9 @@ class RolloutConfig:
     # the address SGLang servers reach trainer rank 0 at for the `distributed` transport
     # (None: 127.0.0.1, servers on the same machine); the Slurm launcher sets the trainer head node
     sync_master_address: Optional[str] = None
+    # `distributed` with pipeline parallelism: each stage's leader broadcasts its own layers in its
+    # own group (leaders other than rank 0 offer this host's address, or $IVR_SYNC_ADDRESS)
+    sync_per_stage: bool = True
     # colocated GPUs: the servers release their memory (weights, KV cache) after the rollouts and
     # take it back before the weight sync (SGLang's release/resume_memory_occupation; no-op on CPU)
     offload_during_train: bool = False

@@ -108,6 +108,42 @@ def _engine(cfg: RunConfig, processor):
     return engine, transport, None
 
 
+def _per_stage_sync(cfg: RunConfig) -> bool:
+    """The ``distributed`` transport under pipeline parallelism sends per stage (bridge.py)."""
+    return (cfg.rollout.backend == "sglang" and cfg.rollout.weight_transport == "distributed"
+            and cfg.parallel.pipeline_parallel > 1 and cfg.rollout.sync_per_stage)
+
+
+def _stage_transport(cfg: RunConfig, engine, rank0_transport):
+    """Each pipeline stage's leader gets a ``distributed`` transport of its own (group
+    ``megatron_ivr_weights_stage{k}``) to the servers rank 0 drives; None on other ranks."""
+    import os
+    import socket
+
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megatron_ivr.bridge.transports import DistributedTransport
+    from megatron_ivr.rollout.sglang.client import SGLangClient
+    from model_providers.build import is_stage_leader
+
+    holder = [([s.url for s in engine.client.servers], engine.client.api_key) if engine is not None else None]
+    dist.broadcast_object_list(holder, src=0)  # the server manager may have picked the ports on rank 0
+    urls, api_key = holder[0]
+    stage = ps.get_pipeline_model_parallel_rank()
+    group_name = f"megatron_ivr_weights_stage{stage}"
+    if dist.get_rank() == 0:
+        rank0_transport.group_name = group_name
+        return rank0_transport
+    if not is_stage_leader():
+        return None
+    local = cfg.rollout.sync_master_address in (None, "127.0.0.1", "localhost")
+    address = os.environ.get("IVR_SYNC_ADDRESS") or ("127.0.0.1" if local else
+                                                     socket.gethostbyname(socket.gethostname()))
+    return DistributedTransport(SGLangClient(urls, api_key=api_key), master_address=address,
+                                server_tp_size=cfg.rollout.server_tp_size, group_name=group_name)
+
+
 def _engine_key_style(names, default: str) -> str:
     """The HF naming the engine serves (the in-process transformers model uses the nested
     names; SGLang loads the checkpoint's own style); decided on rank 0, agreed by all."""
@@ -144,9 +180,12 @@ class RlJob:
             self.engine, transport, names = _engine(cfg, processor)
             self.reward_fn = RewardFunction(cfg.reward)
             self.maker = ExperienceMaker(cfg, self.engine, self.reward_fn, dataset.samples)
+        per_stage = _per_stage_sync(cfg)
+        if per_stage:
+            transport = _stage_transport(cfg, self.engine, transport)
         self.bridge = WeightBridge(policy.model, transport, expected_names=names,
                                    bucket_bytes=cfg.rollout.bucket_mb * 1024**2,
-                                   key_style=_engine_key_style(names, policy.key_style))
+                                   key_style=_engine_key_style(names, policy.key_style), per_stage=per_stage)
 
     def start(self, step: int) -> None:
         if step > 0:  # resumed: the engine must serve the restored policy
@@ -194,6 +233,8 @@ class RlJob:
     def close(self) -> None:
         if self.reward_fn is not None:
             self.reward_fn.close()
+        if self.rank != 0 and self.bridge.transport is not None:  # a stage leader's own client
+            self.bridge.transport.client.close()
 
 
 def _check_packing(cfg: RunConfig) -> None:

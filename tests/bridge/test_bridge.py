@@ -49,6 +49,22 @@ def test_sync_at_tp2_pp2_is_bit_identical_to_the_converter_export(tiny_models, t
     assert results["buckets"] > 1 and results["bytes"] > 0
 
 
+def test_per_stage_sync_sends_each_stage_from_its_own_leader(tiny_models, tmp_path):
+    """TP2 x PP2 with one transport per stage leader (ranks 0 and 2): the stages' sends are
+    disjoint, together they are the whole model, bit-identical to the converter's export."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", "--master_port",
+               str(free_port()), str(WORKER), str(tmp_path), "2", "2", str(tiny_models["qwen2_5_vl"]), "per_stage"]
+    result = subprocess.run(command, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-5000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["senders"] == 2 and results["disjoint"]
+    assert results["same_names"] and results["bit_identical"]
+    assert results["engine_version"] == 5  # rank 0 closed the session for every stage
+    assert results["tensors"] == results["expected_tensors"]
+    assert results["buckets"] >= 2 and results["bytes"] > 0
+
+
 def test_wrong_or_missing_names_are_errors():
     from megatron_ivr.bridge.bridge import WeightBridge, WeightSyncError
 

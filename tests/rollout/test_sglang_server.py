@@ -76,15 +76,18 @@ def test_generation_with_images_matches_transformers(server, tiny_models):
     assert (torch.tensor(completion.logprobs) - logprobs[:len(completion.logprobs)]).abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize("transport, version", [("tensor", 7), ("distributed", 8)])
-def test_weight_push_from_megatron_tp2_changes_language_and_vision(server, tiny_models, tmp_path, transport,
-                                                                   version):
+@pytest.mark.parametrize("transport, version, layout", [
+    ("tensor", 7, ("2", "1")), ("distributed", 8, ("2", "1")),
+    ("distributed_per_stage", 9, ("1", "2")),  # two pipeline stages, each broadcasting its own layers
+])
+def test_weight_push_from_megatron_changes_language_and_vision(server, tiny_models, tmp_path, transport, version,
+                                                               layout):
     path = tiny_models["qwen2_5_vl"]
     engine = engine_for(server, path)
     before = server_greedy(engine, scene())  # the image is seen before the update (the cache trap)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                str(free_port()), str(Path(__file__).with_name("push_worker.py")), str(path), server.urls[0],
-               str(tmp_path), transport, str(version)]
+               str(tmp_path), transport, str(version), *layout]
     result = subprocess.run(command, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-5000:]

@@ -39,6 +39,30 @@ def build_model(hf_config, dtype: torch.dtype = torch.float32, fp8: Optional[str
     return model
 
 
+def build_empty_model(hf_config, dtype: torch.dtype = torch.float32) -> QwenVLModel:
+    """This rank's stage with its parameters allocated but not initialized: built on the meta
+    device (no initialization and none of megatron's CPU-init copies), then given real,
+    empty storage. For converters, which fill every parameter from a checkpoint and never
+    run the model: buffers (rotary frequencies) are left uninitialized too."""
+    with torch.device("meta"):
+        model = build_model(hf_config, dtype=dtype)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    made: dict[int, torch.nn.Parameter] = {}  # shared (tied) parameters stay shared
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is None:
+                continue
+            if id(param) not in made:
+                fresh = torch.nn.Parameter(torch.empty_like(param, device=device), requires_grad=param.requires_grad)
+                fresh.__dict__.update(param.__dict__)  # megatron's TP attributes (partition_dim, ...)
+                made[id(param)] = fresh
+            module._parameters[name] = made[id(param)]
+        for name, buffer in list(module._buffers.items()):
+            if buffer is not None:
+                module._buffers[name] = torch.empty_like(buffer, device=device)
+    return model
+
+
 def adapter_for(model: QwenVLModel, key_style: str = "legacy") -> QwenVLStateDictAdapter:
     return QwenVLStateDictAdapter.from_hf_config(model.hf_config, key_style)
 

@@ -64,13 +64,13 @@ def _hf_to_megatron_rank(hf_dir: str, tmp_dir: str, tp: int, pp: int, dtype: str
     from megatron.core import dist_checkpointing
 
     from megatron_ivr.training.parallel import ParallelLayout, init_parallel
-    from model_providers.build import DTYPES, build_model, load_hf_weights
+    from model_providers.build import DTYPES, build_empty_model, load_hf_weights
     from model_providers.hf_checkpoint import HFCheckpoint
 
     init_parallel(ParallelLayout(tp, pp))
     checkpoint = HFCheckpoint(hf_dir)
     start = time.time()
-    model = build_model(checkpoint.config(), dtype=DTYPES[dtype])
+    model = build_empty_model(checkpoint.config(), dtype=DTYPES[dtype])  # every parameter is loaded below
     total = sum(1 for _ in model.parameters())
     _log(f"[convert] built stage models (tp={tp}, pp={pp}); loading {total} tensors on rank 0's stage")
     adapter = load_hf_weights(model, checkpoint, progress=_log)
@@ -89,13 +89,13 @@ def _megatron_to_hf_rank(ckpt_dir: str, tmp_dir: str, tp: int, pp: int, max_shar
     from transformers import AutoConfig
 
     from megatron_ivr.training.parallel import ParallelLayout, init_parallel
-    from model_providers.build import DTYPES, build_model, gather_hf_weights
+    from model_providers.build import DTYPES, build_empty_model, gather_hf_weights
     from model_providers.hf_checkpoint import write_hf_folder
 
     init_parallel(ParallelLayout(tp, pp))
     meta = json.loads((Path(ckpt_dir) / META_NAME).read_text())
     hf_config = AutoConfig.from_pretrained(str(Path(ckpt_dir) / "hf"))
-    model = build_model(hf_config, dtype=DTYPES[meta["dtype"]])
+    model = build_empty_model(hf_config, dtype=DTYPES[meta["dtype"]])  # filled by the strict load below
     _log(f"[convert] loading {ckpt_dir} at tp={tp}, pp={pp}")
     state = dist_checkpointing.load(model.sharded_state_dict(), ckpt_dir)
     model.load_state_dict(state, strict=True)

@@ -20,7 +20,6 @@ from collections.abc import Callable, Sequence
 from multiprocessing.connection import wait
 from typing import Any, Optional
 
-
 _READY = "ready"
 
 

@@ -25,14 +25,12 @@ def main() -> None:
     per_stage = transport_name == "distributed_per_stage"
     torch.set_num_threads(1)
     import torch.distributed as dist
-
-    from megatron_ivr.bridge.bridge import WeightBridge
-    from megatron_ivr.bridge.transports import transport_by_name
-    from megatron_ivr.rollout.sglang.client import SGLangClient
-    from megatron_ivr.training.parallel import ParallelLayout, init_parallel
     from megatron.core import parallel_state as ps
 
-    from megatron_ivr.bridge.transports import DistributedTransport
+    from megatron_ivr.bridge.bridge import WeightBridge
+    from megatron_ivr.bridge.transports import DistributedTransport, transport_by_name
+    from megatron_ivr.rollout.sglang.client import SGLangClient
+    from megatron_ivr.training.parallel import ParallelLayout, init_parallel
     from model_providers.build import build_model, gather_hf_weights, is_stage_leader, load_hf_weights
     from model_providers.hf_checkpoint import HFCheckpoint, write_hf_folder
     from model_providers.state_dict_adapter import detect_key_style

@@ -55,11 +55,10 @@ def parallel():
 
 
 def _model(model_dir):
+    from megatron_ivr.models.processor import load_processor
     from model_providers import get_provider
     from model_providers.build import build_model, load_hf_weights
     from model_providers.hf_checkpoint import HFCheckpoint
-
-    from megatron_ivr.models.processor import load_processor
 
     checkpoint = HFCheckpoint(model_dir)
     hf_config = checkpoint.config()
@@ -129,10 +128,9 @@ def test_a_wrong_position_or_mask_is_caught(tiny_models, parallel):
 
 
 def test_shared_prompt_layout(tiny_models):
+    from megatron_ivr.models.processor import load_processor
     from model_providers import get_provider
     from model_providers.hf_checkpoint import HFCheckpoint
-
-    from megatron_ivr.models.processor import load_processor
 
     hf_config = HFCheckpoint(tiny_models["qwen2_5_vl"]).config()
     processor = load_processor(tiny_models["qwen2_5_vl"])

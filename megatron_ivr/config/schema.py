@@ -261,6 +261,9 @@ class TrainerConfig:
     max_tokens_per_micro_batch: int = 4096  # padded tokens (rows x longest) per micro-batch
     # a group's responses share one copy of their prompt and image in a row (exact; local attention spec)
     share_prompts: bool = True
+    # > 0: a shared-prompt row holds at most this many tokens (larger groups are split, each part
+    # with its own prompt copy): attention costs the square of a row's length
+    shared_row_tokens: int = 0
     pack_length: int = 0  # > 0: several groups/sequences share rows of this many tokens (local spec)
     # a separate old-log-prob pass even with one mini-batch, where the training forward's own are exact
     recompute_old_logprobs: bool = False
@@ -279,6 +282,7 @@ class TrainerConfig:
                f"must be in [1, prompts_per_step={self.prompts_per_step}], got {self.mini_batches}")
         _check(self.max_tokens_per_micro_batch >= 16, f"{prefix}.max_tokens_per_micro_batch", "must be >= 16")
         _check(self.pack_length >= 0, f"{prefix}.pack_length", "must be >= 0 (0: no row packing)")
+        _check(self.shared_row_tokens >= 0, f"{prefix}.shared_row_tokens", "must be >= 0 (0: one row per group)")
         _check(self.num_threads >= 1, f"{prefix}.num_threads", "must be >= 1")
 
 

@@ -98,6 +98,9 @@ class Packing:
 
     share_prompts: bool = False
     pack_length: int = 0  # > 0: units share rows of at most this many tokens
+    # > 0: a shared-prompt unit holds at most this many tokens; a larger group is split into
+    # several units, each with its own prompt copy (attention costs the square of a row's length)
+    unit_tokens: int = 0
 
     @property
     def masked(self) -> bool:
@@ -108,10 +111,20 @@ def units_of(items: list[Encoded], packing: Packing) -> list[list[int]]:
     """Item indices grouped into units that share one prompt copy (first-appearance order)."""
     if not packing.share_prompts:
         return [[i] for i in range(len(items))]
-    units: dict[int, list[int]] = {}
+    groups: dict[int, list[int]] = {}
     for i, item in enumerate(items):
-        units.setdefault(id(item.prompt), []).append(i)
-    return list(units.values())
+        groups.setdefault(id(item.prompt), []).append(i)
+    if packing.unit_tokens <= 0:
+        return list(groups.values())
+    units = []
+    for group in groups.values():
+        units.append([group[0]])
+        for i in group[1:]:
+            if unit_length(items, units[-1] + [i]) > packing.unit_tokens:
+                units.append([i])
+            else:
+                units[-1].append(i)
+    return units
 
 
 def unit_length(items: list[Encoded], unit: list[int]) -> int:

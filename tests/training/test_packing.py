@@ -27,6 +27,7 @@ from tests.model_providers.parity_batch import parity_items
 
 LAYOUTS = {
     "shared prompts": Packing(share_prompts=True),
+    "shared prompts, groups split in rows of <= 90 tokens": Packing(share_prompts=True, unit_tokens=90),
     "rows": Packing(pack_length=160),
     "shared prompts in rows": Packing(share_prompts=True, pack_length=400),
     "everything in one row": Packing(share_prompts=True, pack_length=10_000),
@@ -153,6 +154,12 @@ def test_shared_prompt_layout(tiny_models):
             [v.tolist() for v in response_values(shared.position_ids[dim], shared)]
     # the images of a group are scattered once: three times fewer image rows than unpacked
     assert shared.pixel_values.shape[0] * 3 == plain.pixel_values.shape[0]
+    # a row limit splits a group into several rows, each with its own prompt copy
+    limit = expected - 1
+    split = collate(family, hf_config, encoded, pad, packing=Packing(share_prompts=True, unit_tokens=limit))
+    assert split.input_ids.shape[0] > shared.input_ids.shape[0]
+    assert int(split.extra["attention_mask"].sum(1).max()) <= max(limit, max(
+        len(e.prompt.ids) + len(e.response_ids) for e in encoded))
 
 
 def test_plan_layout_covers_every_sequence_once_and_splits_units_for_data_parallel(tiny_models):

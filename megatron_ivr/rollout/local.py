@@ -4,6 +4,11 @@ Requests are rendered with the model's chat template, batched (``batch_size`` pr
 ``n`` samples per ``generate`` call, KV cache on), sampled or greedy, and returned with the
 log-prob of every generated token under the policy (raw logits, before temperature and
 top-p, as the trainer computes them).
+
+The ``n`` samples of a prompt share its prefill: the prompt (image included) is run once,
+its KV cache repeated ``n`` times, and ``generate`` continues from that cache (transformers'
+own continue-from-cache path, with the MRoPE offsets repeated alike). Without it, the
+prompt and image would be encoded ``n`` times.
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ from megatron_ivr.rollout.engine import Completion, GenerationRequest, SamplingP
 
 
 class LocalEngine:
-    def __init__(self, model, processor, batch_size: int = 16, weight_version: int = 0):
+    def __init__(self, model, processor, batch_size: int = 16, weight_version: int = 0, share_prefill: bool = True):
+        self.share_prefill = share_prefill
         self.model = model.eval()
         self.processor = processor
         self.processor.tokenizer.padding_side = "left"
@@ -79,16 +85,21 @@ class LocalEngine:
         return results
 
     def _generate_batch(self, requests: list[GenerationRequest], sampling: SamplingParams) -> list[Completion]:
-        texts = [chat_prompt(self.processor, r.text, len(r.images)) for r in requests]
-        images = [image for r in requests for image in r.images] or None
+        copies = _copies(requests) if self.share_prefill else 1
+        unique = requests[::copies]
+        texts = [chat_prompt(self.processor, r.text, len(r.images)) for r in unique]
+        images = [image for r in unique for image in r.images] or None
         inputs = self.processor(text=texts, images=images, return_tensors="pt", padding=True)
+        extra = {}
+        if copies > 1:
+            inputs, extra = self._shared_prefill(inputs, copies)
         greedy = sampling.temperature == 0
         kwargs = dict(max_new_tokens=sampling.max_new_tokens, do_sample=not greedy, output_logits=True,
                       return_dict_in_generate=True, pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id)
         if not greedy:
             kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p,
                           top_k=sampling.top_k if sampling.top_k > 0 else None)
-        out = self.model.generate(**inputs, **kwargs)
+        out = self.model.generate(**inputs, **extra, **kwargs)
         new_tokens = out.sequences[:, inputs["input_ids"].shape[1]:]
         logprobs = torch.stack(out.logits, dim=1).float().log_softmax(-1)
         token_logprobs = logprobs.gather(-1, new_tokens[..., None]).squeeze(-1)
@@ -106,3 +117,32 @@ class LocalEngine:
             completions.append(Completion(text, ids, token_logprobs[row, :len(ids)].tolist(), finish,
                                           self._weight_version))
         return completions
+
+    @torch.no_grad()
+    def _shared_prefill(self, inputs, copies: int) -> tuple[dict, dict]:
+        """Run every prompt but its last token once, repeat the KV cache and the MRoPE offsets
+        ``copies`` times; ``generate`` then continues from the cache with the last token."""
+        prefix = {key: value[:, :-1] if key in ("input_ids", "attention_mask", "mm_token_type_ids") else value
+                  for key, value in inputs.items()}
+        cache = self.model(**prefix, use_cache=True).past_key_values
+        cache.batch_repeat_interleave(copies)
+        base = self.model.model
+        base.rope_deltas = base.rope_deltas.repeat_interleave(copies, dim=0)
+        expanded = {key: value.repeat_interleave(copies, dim=0) for key, value in inputs.items()
+                    if key in ("input_ids", "attention_mask", "mm_token_type_ids")}
+        return expanded, {"past_key_values": cache}
+
+
+def _copies(requests: list[GenerationRequest]) -> int:
+    """How many times each request is repeated in a row (the n samples of a prompt), when
+    every request is; 1 otherwise."""
+    run = 1
+    while run < len(requests) and requests[run] is requests[0]:
+        run += 1
+    if run == 1 or len(requests) % run:
+        return 1
+    for start in range(0, len(requests), run):
+        block = requests[start:start + run]
+        if any(r is not block[0] for r in block) or (start + run < len(requests) and requests[start + run] is block[0]):
+            return 1
+    return run

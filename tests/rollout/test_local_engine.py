@@ -44,6 +44,32 @@ def test_sampled_logprobs_match_a_teacher_forced_forward(tiny_models, family):
             assert torch.allclose(torch.tensor(completion.logprobs), expected, atol=1e-4)
 
 
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_shared_prefill_samples_what_separate_prefills_sample(tiny_models, family):
+    """The n samples of a prompt continue from one prefill (KV cache and MRoPE offsets
+    repeated): the same tokens under the same seed as n separate prefills, log-probs within
+    1e-5, and equal to a teacher-forced forward (images of different sizes, a text-only
+    prompt left-padded in the batch)."""
+    requests = [GenerationRequest("How many red objects?", [Image.new("RGB", (112, 112), (200, 20, 20))]),
+                GenerationRequest("Hi", []),
+                GenerationRequest("Compare.", [Image.new("RGB", (56, 112), "blue"), Image.new("RGB", (56, 56))])]
+    sampling = SamplingParams(max_new_tokens=12, temperature=1.0, n=3, seed=0)
+    shared = LocalEngine.from_pretrained(tiny_models[family], batch_size=9)
+    separate = LocalEngine.from_pretrained(tiny_models[family], batch_size=9)
+    separate.share_prefill = False
+    calls = []
+    original = shared._shared_prefill
+    shared._shared_prefill = lambda inputs, copies: calls.append(copies) or original(inputs, copies)
+    got, want = shared.generate(requests, sampling), separate.generate(requests, sampling)
+    assert calls == [3]  # one generate call, each prompt prefilled once for its 3 samples
+    for request, group, reference in zip(requests, got, want):
+        for completion, other in zip(group, reference):
+            assert completion.token_ids == other.token_ids
+            assert max(abs(a - b) for a, b in zip(completion.logprobs, other.logprobs)) <= 1e-5
+            expected = teacher_forced_logprobs(shared, request, completion.token_ids)
+            assert torch.allclose(torch.tensor(completion.logprobs), expected, atol=1e-4)
+
+
 def test_greedy_is_deterministic_and_update_weights_checks_names(tiny_models):
     engine = LocalEngine.from_pretrained(tiny_models["qwen2_5_vl"])
     request = [GenerationRequest("How many?", [Image.new("RGB", (112, 112), "red")])]

@@ -105,7 +105,34 @@ def layer_spec(config, use_transformer_engine: Optional[bool] = None):
         use_transformer_engine = transformer_engine_available()
     if use_transformer_engine:
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
-    return get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=config.qk_layernorm)
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=config.qk_layernorm)
+    spec.submodules.self_attention.submodules.core_attention = _sdpa_attention_class()
+    return spec
+
+
+def _sdpa_attention_class():
+    """megatron-core's local ``DotProductAttention`` with its core computed by PyTorch's fused
+    ``scaled_dot_product_attention`` (same scale, same mask: True = blocked), instead of
+    baddbmm + masked fill (-10000) + softmax + bmm over a materialized ``[B, h, S, S]``."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    class SdpaDotProductAttention(DotProductAttention):
+        def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                    packed_seq_params=None):
+            if packed_seq_params is not None or attention_bias is not None or self.softmax_offset is not None:
+                return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias,
+                                       packed_seq_params)
+            repeat = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
+            if repeat > 1:
+                key, value = key.repeat_interleave(repeat, dim=2), value.repeat_interleave(repeat, dim=2)
+            q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, h, s, d]
+            context = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=None if attention_mask is None else ~attention_mask,
+                dropout_p=self.attention_dropout.p if self.training else 0.0, scale=self.softmax_scale,
+                is_causal=attention_mask is None)
+            return context.permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1], self.hidden_size_per_partition)
+
+    return SdpaDotProductAttention
 
 
 def transformer_engine_available() -> bool:

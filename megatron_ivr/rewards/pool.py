@@ -119,7 +119,8 @@ class TimeLimitedPool:
                 else:
                     continue
                 del busy[slot]
-                idle.append(slot)
+                if slot not in self._starting:  # a replaced worker takes calls once it announces itself
+                    idle.append(slot)
         return results
 
     def close(self) -> None:

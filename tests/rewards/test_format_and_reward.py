@@ -89,6 +89,14 @@ def test_pool_does_not_count_a_slow_worker_start_against_calls():
         assert pool.timeouts == 0
 
 
+def test_a_replaced_worker_takes_calls_only_once_it_has_started():
+    # one worker: the hung call's replacement must announce itself before it gets the next calls
+    with TimeLimitedPool(time.sleep, num_workers=1, timeout_s=0.5, default="timeout",
+                         warmup=_slow_start) as pool:
+        assert pool.map([(30.0,), (0.0,), (0.0,)]) == ["timeout"] * 3
+        assert pool.timeouts == 1
+
+
 def _broken_start() -> None:
     raise SystemExit(3)
 

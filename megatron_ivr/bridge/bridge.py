@@ -22,6 +22,7 @@ log-prob probe is collective).
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Optional
@@ -83,27 +84,38 @@ class WeightBridge:
         if dist.get_rank() != 0:
             for _ in stream:  # take part in the collectives
                 pass
-            self.syncs += 1
-            if self._verify_due():
-                self.verify()
+            self._after_sync()
             return None
-        seen: set = set()
-        counters = {"bytes": 0, "buckets": 0}
         self.transport.prepare()
         self.transport.begin(version)
+        seen, counters = self._send(stream)
+        self._check_complete(seen)
+        self.transport.finish(version)
+        verified = self._after_sync()
+        return SyncReport(version, time.perf_counter() - start, counters["bytes"], len(seen), counters["buckets"],
+                          verified)
+
+    def _send(self, stream) -> tuple[set, dict]:
+        """Check, bucket and send a stream; the names sent and the bytes and buckets."""
+        seen: set = set()
+        counters = {"bytes": 0, "buckets": 0}
         for bucket in bucketize(self._checked(stream, seen, counters), self.bucket_bytes):
             self.transport.send(bucket)
             counters["buckets"] += 1
-        if self.expected is not None and seen != self.expected:
-            missing = sorted(self.expected - seen)[:5]
-            raise WeightSyncError(f"{len(self.expected - seen)} engine weights were not sent, e.g. {missing}")
-        self.transport.finish(version)
+        return seen, counters
+
+    def _check_complete(self, sent: set) -> None:
+        if self.expected is not None and sent != self.expected:
+            missing = sorted(self.expected - sent)[:5]
+            raise WeightSyncError(f"{len(self.expected - sent)} engine weights were not sent, e.g. {missing}")
+
+    def _after_sync(self) -> bool:
+        """Count the sync and run ``verify`` when due (on every rank: the probe is collective)."""
         self.syncs += 1
-        verified = self._verify_due()
-        if verified:
+        due = self._verify_due()
+        if due:
             self.verify()
-        return SyncReport(version, time.perf_counter() - start, counters["bytes"], len(seen), counters["buckets"],
-                          verified)
+        return due
 
     def _sync_per_stage(self, version: int) -> Optional[SyncReport]:
         import torch.distributed as dist
@@ -118,13 +130,9 @@ class WeightBridge:
         if rank0:
             self.transport.begin(version)  # the engine's update session, once for all stages
         dist.barrier()
-        seen: set = set()
-        counters = {"bytes": 0, "buckets": 0}
         stream = iter_stage_hf_weights(self.model, self.key_style)
         if leader:
-            for bucket in bucketize(self._checked(stream, seen, counters), self.bucket_bytes):
-                self.transport.send(bucket)
-                counters["buckets"] += 1
+            seen, counters = self._send(stream)
         else:
             for _ in stream:  # take part in the stage's TP gathers
                 pass
@@ -132,22 +140,17 @@ class WeightBridge:
         dist.gather_object((sorted(seen), counters) if leader else None, parts, dst=0)
         report = None
         if rank0:
-            names = [name for part in parts if part for name in part[0]]
-            if len(names) != len(set(names)):
-                twice = sorted({n for n in names if names.count(n) > 1})[:5]
-                raise WeightSyncError(f"weights sent by more than one pipeline stage, e.g. {twice}")
-            if self.expected is not None and set(names) != self.expected:
-                missing = sorted(self.expected - set(names))[:5]
-                raise WeightSyncError(f"{len(self.expected - set(names))} engine weights were not sent, e.g. {missing}")
+            parts = [part for part in parts if part]
+            sent = Counter(name for names, _ in parts for name in names)
+            twice = sorted(name for name, count in sent.items() if count > 1)
+            if twice:
+                raise WeightSyncError(f"weights sent by more than one pipeline stage, e.g. {twice[:5]}")
+            self._check_complete(set(sent))
             self.transport.finish(version)
-            total = {key: sum(part[1][key] for part in parts if part) for key in ("bytes", "buckets")}
-            report = SyncReport(version, 0.0, total["bytes"], len(names), total["buckets"], False)
+            total = {key: sum(counts[key] for _, counts in parts) for key in ("bytes", "buckets")}
+            report = SyncReport(version, 0.0, total["bytes"], len(sent), total["buckets"], False)
         dist.barrier()  # no stage sends the next version before this one is closed
-        self.syncs += 1
-        if self._verify_due():
-            self.verify()
-            if report is not None:
-                report.verified = True
+        verified = self._after_sync()
         if report is not None:
-            report.seconds = time.perf_counter() - start
+            report.verified, report.seconds = verified, time.perf_counter() - start
         return report

@@ -18,6 +18,8 @@ import torch
 from megatron_ivr.prompts import chat_prompt
 from megatron_ivr.rollout.engine import Completion, GenerationRequest, SamplingParams
 
+_PER_TOKEN = ("input_ids", "attention_mask", "mm_token_type_ids")  # the processor outputs laid out per token
+
 
 class LocalEngine:
     def __init__(self, model, processor, batch_size: int = 16, weight_version: int = 0, share_prefill: bool = True):
@@ -122,27 +124,22 @@ class LocalEngine:
     def _shared_prefill(self, inputs, copies: int) -> tuple[dict, dict]:
         """Run every prompt but its last token once, repeat the KV cache and the MRoPE offsets
         ``copies`` times; ``generate`` then continues from the cache with the last token."""
-        prefix = {key: value[:, :-1] if key in ("input_ids", "attention_mask", "mm_token_type_ids") else value
-                  for key, value in inputs.items()}
+        prefix = {key: value[:, :-1] if key in _PER_TOKEN else value for key, value in inputs.items()}
         cache = self.model(**prefix, use_cache=True).past_key_values
         cache.batch_repeat_interleave(copies)
         base = self.model.model
         base.rope_deltas = base.rope_deltas.repeat_interleave(copies, dim=0)
-        expanded = {key: value.repeat_interleave(copies, dim=0) for key, value in inputs.items()
-                    if key in ("input_ids", "attention_mask", "mm_token_type_ids")}
+        expanded = {key: value.repeat_interleave(copies, dim=0) for key, value in inputs.items() if key in _PER_TOKEN}
         return expanded, {"past_key_values": cache}
 
 
 def _copies(requests: list[GenerationRequest]) -> int:
-    """How many times each request is repeated in a row (the n samples of a prompt), when
-    every request is; 1 otherwise."""
+    """k when ``requests`` is each of its distinct requests repeated k times in a row (the n
+    samples of a prompt), else 1."""
     run = 1
     while run < len(requests) and requests[run] is requests[0]:
         run += 1
-    if run == 1 or len(requests) % run:
+    unique = requests[::run]
+    if len(requests) % run or any(request is not unique[k // run] for k, request in enumerate(requests)):
         return 1
-    for start in range(0, len(requests), run):
-        block = requests[start:start + run]
-        if any(r is not block[0] for r in block) or (start + run < len(requests) and requests[start + run] is block[0]):
-            return 1
     return run

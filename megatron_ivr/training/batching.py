@@ -106,6 +106,11 @@ class Packing:
     def masked(self) -> bool:
         return self.share_prompts or self.pack_length > 0
 
+    @classmethod
+    def from_config(cls, trainer) -> Packing:
+        """From the run's :class:`~megatron_ivr.config.schema.TrainerConfig`."""
+        return cls(trainer.share_prompts, trainer.pack_length, trainer.shared_row_tokens)
+
 
 def units_of(items: list[Encoded], packing: Packing) -> list[list[int]]:
     """Item indices grouped into units that share one prompt copy (first-appearance order)."""
@@ -293,14 +298,16 @@ def plan_micro_batches(lengths: list[int], max_tokens: int, min_count: int = 1) 
 def layout_stats(items: list[Encoded], plan: list[list[int]], packing: Packing) -> dict:
     """Padding share of the micro-batches of ``plan`` as :func:`collate` lays them out, their
     real tokens, and the share of tokens that shared prompts saved against one sequence per row."""
-    real = padded = 0
+    row_lengths: list[int] = []
+    row_plan: list[list[int]] = []
     for group in plan:
         members = [items[i] for i in group]
         lengths = [sum(unit_length(members, unit) for unit in row) for row in rows_of(members, packing)]
-        real += sum(lengths)
-        padded += len(lengths) * max(lengths)
+        row_plan.append(list(range(len(row_lengths), len(row_lengths) + len(lengths))))
+        row_lengths += lengths
+    real = sum(row_lengths)
     unpacked = sum(items[i].length for group in plan for i in group)
-    return {"batch/padding_share": 1.0 - real / padded if padded else 0.0, "batch/tokens": float(real),
+    return {"batch/padding_share": padding_share(row_lengths, row_plan), "batch/tokens": float(real),
             "batch/shared_prompt_savings": 1.0 - real / unpacked if unpacked else 0.0}
 
 

@@ -114,7 +114,7 @@ class RlStep:
 
         cfg, vicra = self.cfg, self.cfg.algorithm.vicra
         pad_id = self.processor.tokenizer.pad_token_id
-        packing = Packing(cfg.trainer.share_prompts, cfg.trainer.pack_length, cfg.trainer.shared_row_tokens)
+        packing = Packing.from_config(cfg.trainer)
         prompts = PromptCache(self.processor)
         items = [encode(prompts, ScoredSequence(t.prompt, t.images, t.response_ids)) for t in trajectories]
         dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()

@@ -241,9 +241,10 @@ def _check_packing(cfg: RunConfig) -> None:
     """Packed rows need an explicit attention mask, which Transformer Engine's fused attention
     does not take (its THD format cannot express a shared prompt; not built here)."""
     from megatron_ivr.config.errors import ConfigError
+    from megatron_ivr.training.batching import Packing
     from model_providers.qwen_vl import transformer_engine_available
 
-    if (cfg.trainer.share_prompts or cfg.trainer.pack_length > 0) and transformer_engine_available():
+    if Packing.from_config(cfg.trainer).masked and transformer_engine_available():
         raise ConfigError("trainer.share_prompts / trainer.pack_length need megatron-core's local attention spec; "
                           "with Transformer Engine set trainer.share_prompts=false trainer.pack_length=0",
                           key="trainer.share_prompts")

@@ -113,22 +113,33 @@ def layer_spec(config, use_transformer_engine: Optional[bool] = None):
 def _sdpa_attention_class():
     """megatron-core's local ``DotProductAttention`` with its core computed by PyTorch's fused
     ``scaled_dot_product_attention`` (same scale, same mask: True = blocked), instead of
-    baddbmm + masked fill (-10000) + softmax + bmm over a materialized ``[B, h, S, S]``."""
+    baddbmm + masked fill (-10000) + softmax + bmm over a materialized ``[B, h, S, S]``. A
+    :class:`~model_providers.block_attention.BlockMask` (packed rows) is computed block by
+    block; megatron's own path gets its dense mask."""
     from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    from model_providers.block_attention import BlockMask, block_attention
 
     class SdpaDotProductAttention(DotProductAttention):
         def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                     packed_seq_params=None):
+            blocks = attention_mask if isinstance(attention_mask, BlockMask) else None
+            if blocks is not None:
+                attention_mask = blocks.dense
             if packed_seq_params is not None or attention_bias is not None or self.softmax_offset is not None:
                 return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias,
                                        packed_seq_params)
             repeat = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
             if repeat > 1:
                 key, value = key.repeat_interleave(repeat, dim=2), value.repeat_interleave(repeat, dim=2)
+            dropout = self.attention_dropout.p if self.training else 0.0
+            if blocks is not None:
+                context = block_attention(query, key, value, blocks, self.softmax_scale, dropout)
+                return context.reshape(query.shape[0], query.shape[1], self.hidden_size_per_partition)
             q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, h, s, d]
             context = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=None if attention_mask is None else ~attention_mask,
-                dropout_p=self.attention_dropout.p if self.training else 0.0, scale=self.softmax_scale,
+                dropout_p=dropout, scale=self.softmax_scale,
                 is_causal=attention_mask is None)
             return context.permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1], self.hidden_size_per_partition)
 

@@ -9,11 +9,17 @@ The ``n`` samples of a prompt share its prefill: the prompt (image included) is 
 its KV cache repeated ``n`` times, and ``generate`` continues from that cache (transformers'
 own continue-from-cache path, with the MRoPE offsets repeated alike). Without it, the
 prompt and image would be encoded ``n`` times.
+
+The KV cache writes each new token's keys and values into a buffer reserved for the whole
+generation (``_GrowingLayer``) instead of transformers' default of concatenating the cache
+with every token, which copies the whole cache per token and per layer (half of the decode
+time of the tiny model on a CPU, measured with torch.profiler).
 """
 
 from __future__ import annotations
 
 import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from megatron_ivr.prompts import chat_prompt
 from megatron_ivr.rollout.engine import Completion, GenerationRequest, SamplingParams
@@ -74,7 +80,7 @@ class LocalEngine:
                 params[name].copy_(tensor)
         self._weight_version = version
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(self, requests: list[GenerationRequest], sampling: SamplingParams) -> list[list[Completion]]:
         expanded = [(i, r) for i, r in enumerate(requests) for _ in range(sampling.n)]
         results: list[list[Completion]] = [[] for _ in requests]
@@ -92,16 +98,16 @@ class LocalEngine:
         texts = [chat_prompt(self.processor, r.text, len(r.images)) for r in unique]
         images = [image for r in unique for image in r.images] or None
         inputs = self.processor(text=texts, images=images, return_tensors="pt", padding=True)
-        extra = {}
+        cache = _growing_cache(self.model, sampling.max_new_tokens)
         if copies > 1:
-            inputs, extra = self._shared_prefill(inputs, copies)
+            inputs = self._shared_prefill(inputs, copies, cache)
         greedy = sampling.temperature == 0
         kwargs = dict(max_new_tokens=sampling.max_new_tokens, do_sample=not greedy, output_logits=True,
                       return_dict_in_generate=True, pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id)
         if not greedy:
             kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p,
                           top_k=sampling.top_k if sampling.top_k > 0 else None)
-        out = self.model.generate(**inputs, **extra, **kwargs)
+        out = self.model.generate(**inputs, past_key_values=cache, **kwargs)
         new_tokens = out.sequences[:, inputs["input_ids"].shape[1]:]
         logprobs = torch.stack(out.logits, dim=1).float().log_softmax(-1)
         token_logprobs = logprobs.gather(-1, new_tokens[..., None]).squeeze(-1)
@@ -121,16 +127,65 @@ class LocalEngine:
         return completions
 
     @torch.no_grad()
-    def _shared_prefill(self, inputs, copies: int) -> tuple[dict, dict]:
-        """Run every prompt but its last token once, repeat the KV cache and the MRoPE offsets
-        ``copies`` times; ``generate`` then continues from the cache with the last token."""
+    def _shared_prefill(self, inputs, copies: int, cache: DynamicCache) -> dict:
+        """Run every prompt but its last token once into ``cache``, repeat the cache and the
+        MRoPE offsets ``copies`` times; ``generate`` then continues from the cache with the
+        last token (the returned per-token inputs, repeated)."""
         prefix = {key: value[:, :-1] if key in _PER_TOKEN else value for key, value in inputs.items()}
-        cache = self.model(**prefix, use_cache=True).past_key_values
+        self.model(**prefix, past_key_values=cache, use_cache=True)
         cache.batch_repeat_interleave(copies)
         base = self.model.model
         base.rope_deltas = base.rope_deltas.repeat_interleave(copies, dim=0)
-        expanded = {key: value.repeat_interleave(copies, dim=0) for key, value in inputs.items() if key in _PER_TOKEN}
-        return expanded, {"past_key_values": cache}
+        return {key: value.repeat_interleave(copies, dim=0) for key, value in inputs.items() if key in _PER_TOKEN}
+
+
+class _GrowingLayer(DynamicLayer):
+    """A ``DynamicLayer`` whose keys and values are views of a buffer with room for
+    ``reserve`` more tokens: an update writes the new tokens in place instead of
+    concatenating (and so copying) the whole cache. Whenever ``keys`` is no longer a view of
+    the buffer (the base class's batch repeat, select, crop or reorder replaced it), the next
+    update copies it into a new buffer once."""
+
+    def __init__(self, reserve: int):
+        super().__init__()
+        self.reserve = reserve
+        self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        filled = self.get_seq_length()
+        length = filled + key_states.shape[-2]
+        if not self._holds(length):
+            self._buffers = tuple(self._reserve(old, new, filled, length)
+                                  for old, new in ((self.keys, key_states), (self.values, value_states)))
+        key_buffer, value_buffer = self._buffers
+        key_buffer[..., filled:length, :] = key_states
+        value_buffer[..., filled:length, :] = value_states
+        self.keys, self.values = key_buffer[..., :length, :], value_buffer[..., :length, :]
+        return self.keys, self.values
+
+    def _holds(self, length: int) -> bool:
+        """Whether the buffer has room for ``length`` tokens and ``keys`` still views it."""
+        if self._buffers is None or self._buffers[0].shape[-2] < length or self.keys.numel() == 0:
+            return False
+        buffer = self._buffers[0]
+        return self.keys.data_ptr() == buffer.data_ptr() and self.keys.shape[:-2] == buffer.shape[:-2]
+
+    def _reserve(self, old: torch.Tensor, new: torch.Tensor, filled: int, length: int) -> torch.Tensor:
+        shape = (*new.shape[:-2], length + self.reserve, new.shape[-1])
+        buffer = torch.empty(shape, dtype=new.dtype, device=new.device)
+        if filled:
+            buffer[..., :filled, :] = old
+        return buffer
+
+
+def _growing_cache(model, reserve: int) -> DynamicCache:
+    """A ``DynamicCache`` of ``_GrowingLayer``s, one per decoder layer of ``model``."""
+    cache = DynamicCache()
+    cache.layers = [_GrowingLayer(reserve) for _ in range(model.config.get_text_config().num_hidden_layers)]
+    cache.layer_class_to_replicate = None
+    return cache
 
 
 def _copies(requests: list[GenerationRequest]) -> int:

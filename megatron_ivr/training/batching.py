@@ -1,7 +1,8 @@
 """From (prompt, images, response tokens) to :class:`ModelBatch` micro-batches.
 
-- :func:`encode` runs the processor once per sequence (:class:`PromptCache` shares one
-  processor call between the samples of a group, which have the same prompt and image).
+- :func:`encode_all` runs the processor once per batch on its distinct prompts
+  (:class:`PromptCache`: the samples of a group, which have the same prompt and image, share
+  one entry).
 - :func:`plan_layout` groups sequences into micro-batches under a token budget (similar
   lengths together, so padding stays small; :func:`padding_share` is the metric).
 - :func:`collate` lays a micro-batch out in rows, right-padded:
@@ -39,6 +40,7 @@ from PIL import Image
 
 from megatron_ivr.prompts import chat_prompt
 from megatron_ivr.training.logprobs import ModelBatch
+from model_providers.block_attention import BlockMask
 
 
 @dataclass
@@ -70,26 +72,56 @@ class Encoded:
 
 
 class PromptCache:
-    """Processor outputs by (prompt text, image identities): a group's G samples share one call."""
+    """Processor outputs by (prompt text, image identities): a group's G samples share one
+    entry, and :meth:`warm` encodes all missing prompts of a batch in one processor call."""
 
     def __init__(self, processor):
         self.processor = processor
         self._cache: dict = {}
 
+    @staticmethod
+    def _key(prompt: str, images: list[Image.Image]) -> tuple:
+        return prompt, tuple(id(image) for image in images)
+
+    def warm(self, requests: list[tuple[str, list[Image.Image]]]) -> None:
+        """Encode every (prompt, images) not cached yet, together: one processor call (its
+        padding removed per prompt, its image tensors split per prompt by their grids)."""
+        missing = {}
+        for prompt, images in requests:
+            missing.setdefault(self._key(prompt, images), (prompt, images))
+        missing = [value for key, value in missing.items() if key not in self._cache]
+        if not missing:
+            return
+        texts = [chat_prompt(self.processor, prompt, len(images)) for prompt, images in missing]
+        images = [image for _, prompt_images in missing for image in prompt_images]
+        out = self.processor(text=texts, images=images or None, return_tensors="pt", padding=True)
+        grids = out.get("image_grid_thw")
+        patches = iter(torch.split(out["pixel_values"], grids.prod(-1).tolist())) if images else None
+        first_grid = 0
+        for row, (prompt, prompt_images) in enumerate(missing):
+            keep = out["attention_mask"][row].bool()
+            count = len(prompt_images)
+            encoded = EncodedPrompt(out["input_ids"][row][keep].tolist(), out["mm_token_type_ids"][row][keep].tolist(),
+                                    torch.cat([next(patches) for _ in range(count)]) if count else None,
+                                    grids[first_grid:first_grid + count] if count else None)
+            first_grid += count
+            self._cache[self._key(prompt, prompt_images)] = (encoded, prompt_images)  # images stay alive
+
     def __call__(self, prompt: str, images: list[Image.Image]) -> EncodedPrompt:
-        key = (prompt, tuple(id(image) for image in images))
+        key = self._key(prompt, images)
         if key not in self._cache:
-            text = chat_prompt(self.processor, prompt, len(images))
-            out = self.processor(text=[text], images=images or None, return_tensors="pt")
-            encoded = EncodedPrompt(out["input_ids"][0].tolist(), out["mm_token_type_ids"][0].tolist(),
-                                    out.get("pixel_values") if images else None,
-                                    out.get("image_grid_thw") if images else None)
-            self._cache[key] = (encoded, images)  # the images stay alive while their ids are a key
+            self.warm([(prompt, images)])
         return self._cache[key][0]
 
 
 def encode(prompts: PromptCache, item: ScoredSequence) -> Encoded:
     return Encoded(prompts(item.prompt, item.images), list(item.response_ids))
+
+
+def encode_all(prompts: PromptCache, items: list[ScoredSequence]) -> list[Encoded]:
+    """:func:`encode` for a batch, its distinct prompts through one processor call."""
+    prompts.warm([(item.prompt, item.images) for item in items])
+    return [encode(prompts, item) for item in items]
 
 
 @dataclass(frozen=True)
@@ -253,13 +285,8 @@ def collate(family, hf_config, items: list[Encoded], pad_id: int, pad_to_multipl
             count += 1
     attention = (unit_id >= 0).long()
     mask = None
-    if packing.masked:  # True where attention is *not* allowed (megatron's convention)
-        same_unit = unit_id[:, :, None] == unit_id[:, None, :]
-        visible = (branch_id[:, None, :] == 0) | (branch_id[:, :, None] == branch_id[:, None, :])
-        causal = torch.ones(width, width, dtype=torch.bool).tril()
-        allowed = same_unit & visible & causal & (unit_id[:, None, :] >= 0)
-        allowed |= torch.eye(width, dtype=torch.bool)  # padding attends to itself (no empty softmax row)
-        mask = ~allowed[:, None]
+    if packing.masked:  # each token sees its unit's prefix and its own branch, causally
+        mask = BlockMask.from_segments(unit_id, branch_id)
     return ModelBatch(input_ids, positions, loss_mask, torch.cat(pixel_values) if pixel_values else None,
                       torch.cat(grids) if grids else None, attention_mask=mask,
                       response_index=(index_rows, index_cols), response_mask=response_mask,
@@ -270,8 +297,7 @@ def collate(family, hf_config, items: list[Encoded], pad_id: int, pad_to_multipl
 def build_model_batch(processor, family, hf_config, items: list[ScoredSequence],
                       pad_to_multiple: int = 1, packing: Packing = Packing()) -> ModelBatch:
     """One batch straight from (prompt, images, response) triples."""
-    prompts = PromptCache(processor)
-    return collate(family, hf_config, [encode(prompts, item) for item in items], processor.tokenizer.pad_token_id,
+    return collate(family, hf_config, encode_all(PromptCache(processor), items), processor.tokenizer.pad_token_id,
                    pad_to_multiple, packing)
 
 

@@ -15,6 +15,8 @@ from typing import Optional
 
 import torch
 
+from model_providers.block_attention import BlockMask
+
 
 @dataclass
 class ModelBatch:
@@ -25,7 +27,8 @@ class ModelBatch:
     loss_mask: torch.Tensor  # [B, S]: 1 where the *next* token is a scored response token
     pixel_values: Optional[torch.Tensor] = None
     image_grid_thw: Optional[torch.Tensor] = None
-    attention_mask: Optional[torch.Tensor] = None  # [B, 1, S, S], True = blocked; None: causal
+    # [B, 1, S, S], True = blocked, or a BlockMask (packed rows: the same, cut into blocks); None: causal
+    attention_mask: Optional[torch.Tensor | BlockMask] = None
     # where each response's scored positions are: (rows [N, T], cols [N, T]), valid where response_mask
     response_index: Optional[tuple[torch.Tensor, torch.Tensor]] = None
     response_mask: Optional[torch.Tensor] = None  # [N, T]
@@ -44,7 +47,7 @@ class ModelBatch:
 
     def to(self, device) -> ModelBatch:
         def move(t):
-            return (t.to(device) if isinstance(t, torch.Tensor) else t)
+            return t.to(device) if isinstance(t, (torch.Tensor, BlockMask)) else t
         index = tuple(move(t) for t in self.response_index) if self.response_index is not None else None
         return ModelBatch(move(self.input_ids), move(self.position_ids), move(self.loss_mask),
                           move(self.pixel_values), move(self.image_grid_thw), move(self.attention_mask),

@@ -39,7 +39,7 @@ from megatron_ivr.training.batching import (
     PromptCache,
     ScoredSequence,
     collate,
-    encode,
+    encode_all,
     layout_stats,
     pad_responses,
     plan_layout,
@@ -116,7 +116,7 @@ class RlStep:
         pad_id = self.processor.tokenizer.pad_token_id
         packing = Packing.from_config(cfg.trainer)
         prompts = PromptCache(self.processor)
-        items = [encode(prompts, ScoredSequence(t.prompt, t.images, t.response_ids)) for t in trajectories]
+        items = encode_all(prompts, [ScoredSequence(t.prompt, t.images, t.response_ids) for t in trajectories])
         dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         groups = sorted({t.group for t in trajectories})
         mini = cfg.trainer.mini_batches
@@ -136,8 +136,8 @@ class RlStep:
             images = distort_batch([t.images for t in trajectories], vicra.distortion, seed=step,
                                    patch_ratio=vicra.patch_ratio, noise_std=vicra.noise_std,
                                    blur_radius=vicra.blur_radius)
-            no_image_items = [encode(prompts, ScoredSequence(t.prompt, imgs, t.response_ids))
-                              for t, imgs in zip(trajectories, images)]
+            no_image_items = encode_all(prompts, [ScoredSequence(t.prompt, imgs, t.response_ids)
+                                                  for t, imgs in zip(trajectories, images)])
         out = []
         for plan in plans:
             mine = []

@@ -21,7 +21,7 @@ from megatron_ivr.training.batching import (
     PromptCache,
     ScoredSequence,
     collate,
-    encode,
+    encode_all,
     padding_share,
     plan_micro_batches,
 )
@@ -75,9 +75,9 @@ class SftJob:
         cfg, tokenizer = self.cfg, self.processor.tokenizer
         epoch = self.sampler.epoch
         indices = self.sampler.draw(cfg.sft.batch_size)
-        prompts = PromptCache(self.processor)
-        items = [encode(prompts, ScoredSequence(self.prompt(s), s.images, response_token_ids(tokenizer, s.reasoning)))
-                 for s in (self.samples[i] for i in indices)]
+        samples = [self.samples[i] for i in indices]
+        items = encode_all(PromptCache(self.processor), [
+            ScoredSequence(self.prompt(s), s.images, response_token_ids(tokenizer, s.reasoning)) for s in samples])
         lengths = [item.length for item in items]
         dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         plan = plan_micro_batches(lengths, cfg.trainer.max_tokens_per_micro_batch, dp_size)

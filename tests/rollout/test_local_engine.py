@@ -59,7 +59,7 @@ def test_shared_prefill_samples_what_separate_prefills_sample(tiny_models, famil
     separate.share_prefill = False
     calls = []
     original = shared._shared_prefill
-    shared._shared_prefill = lambda inputs, copies: calls.append(copies) or original(inputs, copies)
+    shared._shared_prefill = lambda inputs, copies, cache: calls.append(copies) or original(inputs, copies, cache)
     got, want = shared.generate(requests, sampling), separate.generate(requests, sampling)
     assert calls == [3]  # one generate call, each prompt prefilled once for its 3 samples
     for request, group, reference in zip(requests, got, want):
@@ -68,6 +68,32 @@ def test_shared_prefill_samples_what_separate_prefills_sample(tiny_models, famil
             assert max(abs(a - b) for a, b in zip(completion.logprobs, other.logprobs)) <= 1e-5
             expected = teacher_forced_logprobs(shared, request, completion.token_ids)
             assert torch.allclose(torch.tensor(completion.logprobs), expected, atol=1e-4)
+
+
+def test_kv_cache_writes_in_place_and_samples_what_concatenation_samples(tiny_models, monkeypatch):
+    """The reserved-buffer KV cache gives the tokens and log-probs of transformers' default
+    (concatenating) cache, and allocates its buffers a fixed number of times per generate
+    call (prefill, then once after the samples' repeat), not once per token."""
+    from transformers.cache_utils import DynamicCache
+
+    import megatron_ivr.rollout.local as local
+
+    requests = [GenerationRequest("How many red objects?", [Image.new("RGB", (112, 112), (200, 20, 20))]),
+                GenerationRequest("Hi", [])]
+    sampling = SamplingParams(max_new_tokens=16, temperature=1.0, n=2, seed=0)
+    engine = LocalEngine.from_pretrained(tiny_models["qwen2_5_vl"], batch_size=4)
+    allocations = []
+    reserve = local._GrowingLayer._reserve
+    monkeypatch.setattr(local._GrowingLayer, "_reserve", lambda self, *a: allocations.append(1) or reserve(self, *a))
+    got = engine.generate(requests, sampling)
+    layers = engine.model.config.get_text_config().num_hidden_layers
+    assert len(allocations) == 2 * 2 * layers  # keys and values, per layer: prefill + after the repeat
+    monkeypatch.setattr(local, "_growing_cache", lambda model, reserve: DynamicCache())
+    want = engine.generate(requests, sampling)
+    for group, reference in zip(got, want):
+        for completion, other in zip(group, reference):
+            assert completion.token_ids == other.token_ids and len(completion.token_ids) > 1
+            assert max(abs(a - b) for a, b in zip(completion.logprobs, other.logprobs)) <= 1e-6
 
 
 def test_greedy_is_deterministic_and_update_weights_checks_names(tiny_models):

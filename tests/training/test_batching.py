@@ -34,3 +34,52 @@ def test_response_values_and_pad_responses_round_trip():
     padded = pad_responses(values, 4)
     assert padded.tolist() == [[2, 3, 4, 5], [6, 7, 0, 0]]
     assert torch.equal(batch.responses(dense), padded)
+
+
+def test_one_processor_call_per_batch_encodes_what_one_call_per_prompt_encodes(tiny_models):
+    """PromptCache.warm encodes a batch's distinct prompts in one padded processor call; each
+    prompt's ids, token types, pixel values and grids equal those of its own call, whichever
+    side the tokenizer pads (the local engine pads left), images of different sizes, a
+    text-only prompt and a two-image prompt included."""
+    from PIL import Image
+
+    from megatron_ivr.models.processor import load_processor
+    from megatron_ivr.training.batching import PromptCache, ScoredSequence, encode_all
+
+    processor = load_processor(tiny_models["qwen2_5_vl"])
+    red, blue = Image.new("RGB", (112, 112), "red"), Image.new("RGB", (56, 112), "blue")
+    small = Image.new("RGB", (56, 56))
+    items = [ScoredSequence("How many red objects are there?", [red], [5, 6]),
+             ScoredSequence("Hi", [], [7]),
+             ScoredSequence("How many red objects are there?", [red], [8]),  # same prompt and image: one entry
+             ScoredSequence("Compare the two images, please, carefully.", [blue, small], [9])]
+    for side in ("left", "right"):
+        processor.tokenizer.padding_side = side
+        counting = _CountingProcessor(processor)
+        got = encode_all(PromptCache(counting), items)
+        assert counting.calls == [3]  # one call, three distinct prompts
+        single = PromptCache(processor)
+        for item, encoded in zip(items, got):
+            want = single(item.prompt, item.images)
+            assert encoded.response_ids == item.response_ids
+            assert encoded.prompt.ids == want.ids and encoded.prompt.mm_types == want.mm_types
+            assert encoded.prompt.ids[-1] != processor.tokenizer.pad_token_id
+            if item.images:
+                assert torch.equal(encoded.prompt.pixel_values, want.pixel_values)
+                assert torch.equal(encoded.prompt.grid, want.grid)
+            else:
+                assert encoded.prompt.pixel_values is None
+
+
+class _CountingProcessor:
+    """A processor that records how many texts each call encodes."""
+
+    def __init__(self, processor):
+        self.processor, self.calls = processor, []
+
+    def __getattr__(self, name):
+        return getattr(self.processor, name)
+
+    def __call__(self, *args, **kwargs):
+        self.calls.append(len(kwargs["text"]))
+        return self.processor(*args, **kwargs)

@@ -123,8 +123,8 @@ def test_a_wrong_position_or_mask_is_caught(tiny_models, parallel):
     shifted.position_ids = torch.arange(width).expand(3, rows, width).clone()
     assert (_forward(model, shifted)[0] - ref_logp).abs().max() > 1e-3
     leaky = collate(provider, hf_config, encoded, pad, packing=Packing(share_prompts=True))
-    leaky.attention_mask = torch.triu(torch.ones_like(batch.attention_mask[0, 0]), 1)[None, None].expand_as(
-        batch.attention_mask).clone()
+    dense = batch.attention_mask.dense
+    leaky.attention_mask = torch.triu(torch.ones_like(dense[0, 0]), 1)[None, None].expand_as(dense).clone()
     assert (_forward(model, leaky)[0] - ref_logp).abs().max() > 1e-3
 
 

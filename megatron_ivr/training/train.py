@@ -233,8 +233,11 @@ class RlJob:
     def close(self) -> None:
         if self.reward_fn is not None:
             self.reward_fn.close()
-        if self.rank != 0 and self.bridge.transport is not None:  # a stage leader's own client
-            self.bridge.transport.client.close()
+        transport = self.bridge.transport
+        if transport is not None and hasattr(transport, "close"):  # the distributed transport's update
+            transport.close()  # group, on the servers and here (a server given by URL outlives the run)
+        if self.rank != 0 and transport is not None:  # a stage leader's own client
+            transport.client.close()
 
 
 def _check_packing(cfg: RunConfig) -> None:

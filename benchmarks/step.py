@@ -10,7 +10,7 @@ the engine through the bridge (TRL generates from the model it trains). Each arm
 Last line: ``step: ratio=R (TRL GRPOTrainer s/step over ours)``; the lines before it give
 VICRA's and the IVR loop's extra cost as a share of our GRPO step.
 
-Usage: python benchmarks/step.py [--steps 8] [--warmup 2]   (needs `pip install -e .[bench]`)
+Usage: python benchmarks/step.py [--steps 12] [--warmup 2]   (needs `pip install -e .[bench]`)
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ def trl(data: Path, model_dir: Path, run_dir: Path, steps: int, warmup: int) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(1)

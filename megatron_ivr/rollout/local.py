@@ -8,7 +8,9 @@ top-p, as the trainer computes them).
 The ``n`` samples of a prompt share its prefill: the prompt (image included) is run once,
 its KV cache repeated ``n`` times, and ``generate`` continues from that cache (transformers'
 own continue-from-cache path, with the MRoPE offsets repeated alike). Without it, the
-prompt and image would be encoded ``n`` times.
+prompt and image would be encoded ``n`` times. A batch without any image is prefilled per
+sample by ``generate`` itself (the model's MRoPE offsets come from image grids; a text-only
+prefill would keep the previous batch's).
 
 The KV cache writes each new token's keys and values into a buffer reserved for the whole
 generation (``_GrowingLayer``) instead of transformers' default of concatenating the cache
@@ -19,12 +21,17 @@ time of the tiny model on a CPU, measured with torch.profiler).
 from __future__ import annotations
 
 import torch
+import transformers
+from packaging.version import Version
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from megatron_ivr.prompts import chat_prompt
 from megatron_ivr.rollout.engine import Completion, GenerationRequest, SamplingParams
 
 _PER_TOKEN = ("input_ids", "attention_mask", "mm_token_type_ids")  # the processor outputs laid out per token
+# transformers 5.24 renamed the ``past_key_values`` argument of generate and forward to ``cache``
+# (the old name warns, and goes in 5.40)
+_CACHE_KWARG = "cache" if Version(transformers.__version__) >= Version("5.24") else "past_key_values"
 
 
 class LocalEngine:
@@ -93,7 +100,9 @@ class LocalEngine:
         return results
 
     def _generate_batch(self, requests: list[GenerationRequest], sampling: SamplingParams) -> list[Completion]:
-        copies = _copies(requests) if self.share_prefill else 1
+        # shared prefill needs the MRoPE offsets the model computes from image grids; a batch
+        # without images would keep a previous batch's offsets (transformers' generate resets them)
+        copies = _copies(requests) if self.share_prefill and any(r.images for r in requests) else 1
         unique = requests[::copies]
         texts = [chat_prompt(self.processor, r.text, len(r.images)) for r in unique]
         images = [image for r in unique for image in r.images] or None
@@ -107,7 +116,7 @@ class LocalEngine:
         if not greedy:
             kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p,
                           top_k=sampling.top_k if sampling.top_k > 0 else None)
-        out = self.model.generate(**inputs, past_key_values=cache, **kwargs)
+        out = self.model.generate(**inputs, **{_CACHE_KWARG: cache}, **kwargs)
         new_tokens = out.sequences[:, inputs["input_ids"].shape[1]:]
         logprobs = torch.stack(out.logits, dim=1).float().log_softmax(-1)
         token_logprobs = logprobs.gather(-1, new_tokens[..., None]).squeeze(-1)
@@ -132,7 +141,7 @@ class LocalEngine:
         MRoPE offsets ``copies`` times; ``generate`` then continues from the cache with the
         last token (the returned per-token inputs, repeated)."""
         prefix = {key: value[:, :-1] if key in _PER_TOKEN else value for key, value in inputs.items()}
-        self.model(**prefix, past_key_values=cache, use_cache=True)
+        self.model(**prefix, **{_CACHE_KWARG: cache}, use_cache=True)
         cache.batch_repeat_interleave(copies)
         base = self.model.model
         base.rope_deltas = base.rope_deltas.repeat_interleave(copies, dim=0)

@@ -70,6 +70,22 @@ def test_shared_prefill_samples_what_separate_prefills_sample(tiny_models, famil
             assert torch.allclose(torch.tensor(completion.logprobs), expected, atol=1e-4)
 
 
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_text_only_batches_after_an_image_batch(tiny_models, family):
+    """A batch without any image, n > 1, after a batch with images (whose MRoPE offsets the
+    model keeps): every sample's log-probs equal a teacher-forced forward, the left-padded
+    short prompt included (regression: the shared prefill read the model's stale or missing
+    offsets and crashed or shifted the positions)."""
+    engine = LocalEngine.from_pretrained(tiny_models[family], batch_size=8)
+    sampling = SamplingParams(max_new_tokens=10, temperature=1.0, n=2, seed=0)
+    engine.generate([GenerationRequest("How many red objects?", [Image.new("RGB", (112, 112), "red")])], sampling)
+    requests = [GenerationRequest("Hi", []), GenerationRequest("What is two plus three, in words, please?", [])]
+    for request, group in zip(requests, engine.generate(requests, sampling)):
+        for completion in group:
+            expected = teacher_forced_logprobs(engine, request, completion.token_ids)
+            assert torch.allclose(torch.tensor(completion.logprobs), expected, atol=1e-4)
+
+
 def test_kv_cache_writes_in_place_and_samples_what_concatenation_samples(tiny_models, monkeypatch):
     """The reserved-buffer KV cache gives the tokens and log-probs of transformers' default
     (concatenating) cache, and allocates its buffers a fixed number of times per generate

@@ -5,12 +5,14 @@
 Both sides do the whole step: sample the completions, score them with the same reward
 function, compute the log-probs, take one optimizer step. Ours also pushes the weights into
 the engine through the bridge (TRL generates from the model it trains). Each arm runs
-``--steps`` steps; the first ``--warmup`` are not timed; the median is reported.
+``--steps`` steps; the first ``--warmup`` are not timed. Ours (plain GRPO) and TRL alternate
+for ``--rounds`` rounds (ours, TRL, ours, TRL, ...), so that a slow spell of the machine
+falls on both; each side's median is over all its timed steps.
 
 Last line: ``step: ratio=R (TRL GRPOTrainer s/step over ours)``; the lines before it give
 VICRA's and the IVR loop's extra cost as a share of our GRPO step.
 
-Usage: python benchmarks/step.py [--steps 12] [--warmup 2]   (needs `pip install -e .[bench]`)
+Usage: python benchmarks/step.py [--steps 12] [--warmup 2] [--rounds 2]   (needs `pip install -e .[bench]`)
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ def make_assets(root: Path):
     return root / "data", model
 
 
-def ours(data: Path, model: Path, run_dir: Path, steps: int, warmup: int, overrides: list[str]) -> float:
+def ours(data: Path, model: Path, run_dir: Path, steps: int, warmup: int, overrides: list[str]) -> list[float]:
     from megatron_ivr.config import load_config
     from megatron_ivr.metrics import read_metrics
     from megatron_ivr.training.train import run_rl
@@ -60,11 +62,10 @@ def ours(data: Path, model: Path, run_dir: Path, steps: int, warmup: int, overri
     cfg.checkpoint.save_interval = 10**9  # no checkpoint inside the timed steps (the last one is not timed)
     run_rl(cfg)
     records = [r for r in read_metrics(run_dir / "logs" / "metrics.jsonl") if "step" in r]
-    times = [r["time/step"] - r.get("time/checkpoint", 0.0) for r in records][warmup:]
-    return statistics.median(times)
+    return [r["time/step"] - r.get("time/checkpoint", 0.0) for r in records][warmup:]
 
 
-def trl(data: Path, model_dir: Path, run_dir: Path, steps: int, warmup: int) -> float:
+def trl(data: Path, model_dir: Path, run_dir: Path, steps: int, warmup: int) -> list[float]:
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -106,25 +107,32 @@ def trl(data: Path, model_dir: Path, run_dir: Path, steps: int, warmup: int) -> 
         trainer.train()
     finally:
         reward_fn.close()
-    return statistics.median(times[warmup:])
+    return times[warmup:]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    grpo_times, trl_times = [], []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         data, model = make_assets(root)
-        grpo = ours(data, model, root / "grpo", args.steps, args.warmup, [])
-        vicra = ours(data, model, root / "vicra", args.steps, args.warmup, ["algorithm.vicra.enabled=true"])
-        ivr = ours(data, model, root / "ivr", args.steps, args.warmup,
-                   ["algorithm.ivr.enabled=true", "algorithm.ivr.critique_max_new_tokens=64"])
-        baseline = trl(data, model, root / "trl", args.steps, args.warmup)
+        for r in range(args.rounds):
+            grpo_times += ours(data, model, root / f"grpo{r}", args.steps, args.warmup, [])
+            trl_times += trl(data, model, root / f"trl{r}", args.steps, args.warmup)
+        vicra = statistics.median(ours(data, model, root / "vicra", args.steps, args.warmup,
+                                       ["algorithm.vicra.enabled=true"]))
+        ivr = statistics.median(ours(data, model, root / "ivr", args.steps, args.warmup,
+                                     ["algorithm.ivr.enabled=true", "algorithm.ivr.critique_max_new_tokens=64"]))
+    grpo, baseline = statistics.median(grpo_times), statistics.median(trl_times)
+    timed = args.steps - args.warmup
     print(f"ours GRPO: {grpo:.3f} s/step; +VICRA: {vicra:.3f} s/step; +IVR-R1: {ivr:.3f} s/step; "
-          f"TRL GRPOTrainer: {baseline:.3f} s/step (median of {args.steps - args.warmup} steps each, 1 thread)")
+          f"TRL GRPOTrainer: {baseline:.3f} s/step (medians of {timed} steps x {args.rounds} alternating rounds for "
+          f"GRPO and TRL, {timed} steps for the others; 1 thread)")
     print(f"vicra_cost: {100 * (vicra / grpo - 1):.1f}% of a GRPO step (goal <= 8%)")
     print(f"ivr_cost: {100 * (ivr / grpo - 1):.1f}% of a GRPO step (critique + rectify generation, random policy)")
     print(f"step: ratio={baseline / grpo:.2f} (TRL GRPOTrainer s/step over ours)")

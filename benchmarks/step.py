@@ -31,6 +31,8 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 PROMPTS, SAMPLES, NEW_TOKENS = 8, 4, 64
+PHASES = ("rollout", "ivr", "logprob_passes", "train", "weight_sync")  # our step's timed phases
+_phases: dict[str, dict[str, list[float]]] = {}  # arm -> phase -> seconds per timed step
 
 
 def make_assets(root: Path):
@@ -61,8 +63,11 @@ def ours(data: Path, model: Path, run_dir: Path, steps: int, warmup: int, overri
         f"logging.dir={run_dir / 'logs'}", "logging.progress=false", "trainer.export_dir=null", *overrides])
     cfg.checkpoint.save_interval = 10**9  # no checkpoint inside the timed steps (the last one is not timed)
     run_rl(cfg)
-    records = [r for r in read_metrics(run_dir / "logs" / "metrics.jsonl") if "step" in r]
-    return [r["time/step"] - r.get("time/checkpoint", 0.0) for r in records][warmup:]
+    records = [r for r in read_metrics(run_dir / "logs" / "metrics.jsonl") if "step" in r][warmup:]
+    arm = _phases.setdefault(run_dir.name.rstrip("0123456789"), {})
+    for phase in PHASES:
+        arm.setdefault(phase, []).extend(r.get(f"time/{phase}", 0.0) for r in records)
+    return [r["time/step"] - r.get("time/checkpoint", 0.0) for r in records]
 
 
 def trl(data: Path, model_dir: Path, run_dir: Path, steps: int, warmup: int) -> list[float]:
@@ -133,6 +138,9 @@ def main() -> None:
     print(f"ours GRPO: {grpo:.3f} s/step; +VICRA: {vicra:.3f} s/step; +IVR-R1: {ivr:.3f} s/step; "
           f"TRL GRPOTrainer: {baseline:.3f} s/step (medians of {timed} steps x {args.rounds} alternating rounds for "
           f"GRPO and TRL, {timed} steps for the others; 1 thread)")
+    for arm, phases in _phases.items():  # where our time goes: medians per phase
+        print(f"phases {arm}: " + ", ".join(f"{phase} {statistics.median(times):.3f} s"
+                                             for phase, times in phases.items() if any(times)))
     print(f"vicra_cost: {100 * (vicra / grpo - 1):.1f}% of a GRPO step (goal <= 8%)")
     print(f"ivr_cost: {100 * (ivr / grpo - 1):.1f}% of a GRPO step (critique + rectify generation, random policy)")
     print(f"step: ratio={baseline / grpo:.2f} (TRL GRPOTrainer s/step over ours)")

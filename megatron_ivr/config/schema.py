@@ -262,7 +262,7 @@ class TrainerConfig:
     # a group's responses share one copy of their prompt and image in a row (exact; local attention spec)
     share_prompts: bool = True
     # > 0: a shared-prompt row holds at most this many tokens (larger groups are split, each part
-    # with its own prompt copy): attention costs the square of a row's length
+    # with its own prompt copy); attention runs block by block, so whole groups (0) are usually fastest
     shared_row_tokens: int = 0
     pack_length: int = 0  # > 0: several groups/sequences share rows of this many tokens (local spec)
     # a separate old-log-prob pass even with one mini-batch, where the training forward's own are exact

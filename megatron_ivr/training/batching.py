@@ -131,7 +131,7 @@ class Packing:
     share_prompts: bool = False
     pack_length: int = 0  # > 0: units share rows of at most this many tokens
     # > 0: a shared-prompt unit holds at most this many tokens; a larger group is split into
-    # several units, each with its own prompt copy (attention costs the square of a row's length)
+    # several units, each with its own prompt copy (a cap on row length)
     unit_tokens: int = 0
 
     @property

@@ -22,6 +22,7 @@ setup(
         "torch>=2.6",
         "megatron-core>=0.16.1",
         "transformers>=5.0,<6",
+        "packaging>=23",  # the local engine picks transformers' cache argument name by version
         "tokenizers>=0.21",
         "math-verify>=0.8",
         "pyyaml>=6.0",

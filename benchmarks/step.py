@@ -32,7 +32,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 PROMPTS, SAMPLES, NEW_TOKENS = 8, 4, 64
 PHASES = ("rollout", "ivr", "logprob_passes", "train", "weight_sync")  # our step's timed phases
-_phases: dict[str, dict[str, list[float]]] = {}  # arm -> phase -> seconds per timed step
 
 
 def make_assets(root: Path):
@@ -50,7 +49,8 @@ def make_assets(root: Path):
     return root / "data", model
 
 
-def ours(data: Path, model: Path, run_dir: Path, steps: int, warmup: int, overrides: list[str]) -> list[float]:
+def ours(data: Path, model: Path, run_dir: Path, steps: int, warmup: int, overrides: list[str]) -> list[dict]:
+    """The metric records of the timed steps (``step_seconds`` reads their times)."""
     from megatron_ivr.config import load_config
     from megatron_ivr.metrics import read_metrics
     from megatron_ivr.training.train import run_rl
@@ -63,10 +63,10 @@ def ours(data: Path, model: Path, run_dir: Path, steps: int, warmup: int, overri
         f"logging.dir={run_dir / 'logs'}", "logging.progress=false", "trainer.export_dir=null", *overrides])
     cfg.checkpoint.save_interval = 10**9  # no checkpoint inside the timed steps (the last one is not timed)
     run_rl(cfg)
-    records = [r for r in read_metrics(run_dir / "logs" / "metrics.jsonl") if "step" in r][warmup:]
-    arm = _phases.setdefault(run_dir.name.rstrip("0123456789"), {})
-    for phase in PHASES:
-        arm.setdefault(phase, []).extend(r.get(f"time/{phase}", 0.0) for r in records)
+    return [r for r in read_metrics(run_dir / "logs" / "metrics.jsonl") if "step" in r][warmup:]
+
+
+def step_seconds(records: list[dict]) -> list[float]:
     return [r["time/step"] - r.get("time/checkpoint", 0.0) for r in records]
 
 
@@ -122,25 +122,27 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    grpo_times, trl_times = [], []
+    arms: dict[str, list[dict]] = {"grpo": [], "vicra": [], "ivr": []}  # our timed steps' records
+    trl_times: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         data, model = make_assets(root)
         for r in range(args.rounds):
-            grpo_times += ours(data, model, root / f"grpo{r}", args.steps, args.warmup, [])
+            arms["grpo"] += ours(data, model, root / f"grpo{r}", args.steps, args.warmup, [])
             trl_times += trl(data, model, root / f"trl{r}", args.steps, args.warmup)
-        vicra = statistics.median(ours(data, model, root / "vicra", args.steps, args.warmup,
-                                       ["algorithm.vicra.enabled=true"]))
-        ivr = statistics.median(ours(data, model, root / "ivr", args.steps, args.warmup,
-                                     ["algorithm.ivr.enabled=true", "algorithm.ivr.critique_max_new_tokens=64"]))
-    grpo, baseline = statistics.median(grpo_times), statistics.median(trl_times)
+        arms["vicra"] = ours(data, model, root / "vicra", args.steps, args.warmup, ["algorithm.vicra.enabled=true"])
+        arms["ivr"] = ours(data, model, root / "ivr", args.steps, args.warmup,
+                           ["algorithm.ivr.enabled=true", "algorithm.ivr.critique_max_new_tokens=64"])
+    grpo, vicra, ivr = (statistics.median(step_seconds(arms[arm])) for arm in ("grpo", "vicra", "ivr"))
+    baseline = statistics.median(trl_times)
     timed = args.steps - args.warmup
     print(f"ours GRPO: {grpo:.3f} s/step; +VICRA: {vicra:.3f} s/step; +IVR-R1: {ivr:.3f} s/step; "
           f"TRL GRPOTrainer: {baseline:.3f} s/step (medians of {timed} steps x {args.rounds} alternating rounds for "
           f"GRPO and TRL, {timed} steps for the others; 1 thread)")
-    for arm, phases in _phases.items():  # where our time goes: medians per phase
-        print(f"phases {arm}: " + ", ".join(f"{phase} {statistics.median(times):.3f} s"
-                                             for phase, times in phases.items() if any(times)))
+    for arm, records in arms.items():  # where our time goes: medians per phase
+        medians = {phase: statistics.median(r.get(f"time/{phase}", 0.0) for r in records) for phase in PHASES}
+        print(f"phases {arm}: " + ", ".join(f"{phase} {seconds:.3f} s" for phase, seconds in medians.items()
+                                           if seconds))
     print(f"vicra_cost: {100 * (vicra / grpo - 1):.1f}% of a GRPO step (goal <= 8%)")
     print(f"ivr_cost: {100 * (ivr / grpo - 1):.1f}% of a GRPO step (critique + rectify generation, random policy)")
     print(f"step: ratio={baseline / grpo:.2f} (TRL GRPOTrainer s/step over ours)")

@@ -135,11 +135,11 @@ class LocalEngine:
                                           self._weight_version))
         return completions
 
-    @torch.no_grad()
     def _shared_prefill(self, inputs, copies: int, cache: DynamicCache) -> dict:
         """Run every prompt but its last token once into ``cache``, repeat the cache and the
         MRoPE offsets ``copies`` times; ``generate`` then continues from the cache with the
-        last token (the returned per-token inputs, repeated)."""
+        last token (the returned per-token inputs, repeated). Runs inside ``generate``'s
+        inference mode."""
         prefix = {key: value[:, :-1] if key in _PER_TOKEN else value for key, value in inputs.items()}
         self.model(**prefix, **{_CACHE_KWARG: cache}, use_cache=True)
         cache.batch_repeat_interleave(copies)

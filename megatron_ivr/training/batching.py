@@ -86,25 +86,25 @@ class PromptCache:
     def warm(self, requests: list[tuple[str, list[Image.Image]]]) -> None:
         """Encode every (prompt, images) not cached yet, together: one processor call (its
         padding removed per prompt, its image tensors split per prompt by their grids)."""
-        missing = {}
+        unique = {}
         for prompt, images in requests:
-            missing.setdefault(self._key(prompt, images), (prompt, images))
-        missing = [value for key, value in missing.items() if key not in self._cache]
+            unique.setdefault(self._key(prompt, images), (prompt, images))
+        missing = [value for key, value in unique.items() if key not in self._cache]
         if not missing:
             return
         texts = [chat_prompt(self.processor, prompt, len(images)) for prompt, images in missing]
         images = [image for _, prompt_images in missing for image in prompt_images]
         out = self.processor(text=texts, images=images or None, return_tensors="pt", padding=True)
-        grids = out.get("image_grid_thw")
-        patches = iter(torch.split(out["pixel_values"], grids.prod(-1).tolist())) if images else None
-        first_grid = 0
+        per_image = iter(())  # (pixel values, grid) per image, in prompt order
+        if images:
+            grids = out["image_grid_thw"]
+            per_image = iter(zip(torch.split(out["pixel_values"], grids.prod(-1).tolist()), grids.split(1)))
         for row, (prompt, prompt_images) in enumerate(missing):
             keep = out["attention_mask"][row].bool()
-            count = len(prompt_images)
+            parts = [next(per_image) for _ in prompt_images]
             encoded = EncodedPrompt(out["input_ids"][row][keep].tolist(), out["mm_token_type_ids"][row][keep].tolist(),
-                                    torch.cat([next(patches) for _ in range(count)]) if count else None,
-                                    grids[first_grid:first_grid + count] if count else None)
-            first_grid += count
+                                    torch.cat([pixels for pixels, _ in parts]) if parts else None,
+                                    torch.cat([grid for _, grid in parts]) if parts else None)
             self._cache[self._key(prompt, prompt_images)] = (encoded, prompt_images)  # images stay alive
 
     def __call__(self, prompt: str, images: list[Image.Image]) -> EncodedPrompt:

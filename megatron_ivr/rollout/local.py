@@ -12,10 +12,11 @@ prompt and image would be encoded ``n`` times. A batch without any image is pref
 sample by ``generate`` itself (the model's MRoPE offsets come from image grids; a text-only
 prefill would keep the previous batch's).
 
-The KV cache writes each new token's keys and values into a buffer reserved for the whole
-generation (``_GrowingLayer``) instead of transformers' default of concatenating the cache
-with every token, which copies the whole cache per token and per layer (half of the decode
-time of the tiny model on a CPU, measured with torch.profiler).
+The KV cache (``kv_cache.py``) writes each new token in place and, after a shared prefill,
+keeps one copy of the prompt per group of samples; decode attention reads it once per group.
+Sampling is an argmax over the warped logits minus the log of exponential noise (the
+exponential race, as SGLang and vLLM sample): the same distribution as ``torch.multinomial``,
+which took 7% of the tiny model's generation time on a CPU (torch.profiler).
 """
 
 from __future__ import annotations
@@ -23,10 +24,13 @@ from __future__ import annotations
 import torch
 import transformers
 from packaging.version import Version
-from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers import LogitsProcessor, LogitsProcessorList
+from transformers.cache_utils import DynamicCache
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from megatron_ivr.prompts import chat_prompt
 from megatron_ivr.rollout.engine import Completion, GenerationRequest, SamplingParams
+from megatron_ivr.rollout.kv_cache import SHARED_PREFIX_ATTENTION, attending, growing_cache
 
 _PER_TOKEN = ("input_ids", "attention_mask", "mm_token_type_ids")  # the processor outputs laid out per token
 # transformers 5.24 renamed the ``past_key_values`` argument of generate and forward to ``cache``
@@ -38,6 +42,11 @@ class LocalEngine:
     def __init__(self, model, processor, batch_size: int = 16, weight_version: int = 0, share_prefill: bool = True):
         self.share_prefill = share_prefill
         self.model = model.eval()
+        # decode attention over one copy of a shared prompt (kv_cache.py) replaces SDPA, and
+        # falls back to it for everything else; a model on another implementation keeps it
+        self.shares_prompt_kv = model.config._attn_implementation == "sdpa"
+        if self.shares_prompt_kv:
+            model.set_attn_implementation(SHARED_PREFIX_ATTENTION)
         self.processor = processor
         self.processor.tokenizer.padding_side = "left"
         self.batch_size = batch_size
@@ -107,16 +116,14 @@ class LocalEngine:
         texts = [chat_prompt(self.processor, r.text, len(r.images)) for r in unique]
         images = [image for r in unique for image in r.images] or None
         inputs = self.processor(text=texts, images=images, return_tensors="pt", padding=True)
-        cache = _growing_cache(self.model, sampling.max_new_tokens)
-        if copies > 1:
-            inputs = self._shared_prefill(inputs, copies, cache)
-        greedy = sampling.temperature == 0
-        kwargs = dict(max_new_tokens=sampling.max_new_tokens, do_sample=not greedy, output_logits=True,
-                      return_dict_in_generate=True, pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id)
-        if not greedy:
-            kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p,
-                          top_k=sampling.top_k if sampling.top_k > 0 else None)
-        out = self.model.generate(**inputs, **{_CACHE_KWARG: cache}, **kwargs)
+        cache = growing_cache(self.model, sampling.max_new_tokens, share_prefix=self.shares_prompt_kv)
+        with attending(cache):
+            if copies > 1:
+                inputs = self._shared_prefill(inputs, copies, cache)
+            out = self.model.generate(**inputs, **{_CACHE_KWARG: cache}, do_sample=False, output_logits=True,
+                                      logits_processor=_sampler(sampling), return_dict_in_generate=True,
+                                      max_new_tokens=sampling.max_new_tokens, pad_token_id=self.pad_token_id,
+                                      eos_token_id=self.eos_token_id)
         new_tokens = out.sequences[:, inputs["input_ids"].shape[1]:]
         logprobs = torch.stack(out.logits, dim=1).float().log_softmax(-1)
         token_logprobs = logprobs.gather(-1, new_tokens[..., None]).squeeze(-1)
@@ -136,10 +143,10 @@ class LocalEngine:
         return completions
 
     def _shared_prefill(self, inputs, copies: int, cache: DynamicCache) -> dict:
-        """Run every prompt but its last token once into ``cache``, repeat the cache and the
-        MRoPE offsets ``copies`` times; ``generate`` then continues from the cache with the
-        last token (the returned per-token inputs, repeated). Runs inside ``generate``'s
-        inference mode."""
+        """Run every prompt but its last token once into ``cache``, repeat the cache (or share
+        it, see ``kv_cache.py``) and the MRoPE offsets ``copies`` times; ``generate`` then
+        continues from the cache with the last token (the returned per-token inputs, repeated).
+        Runs inside ``generate``'s inference mode."""
         prefix = {key: value[:, :-1] if key in _PER_TOKEN else value for key, value in inputs.items()}
         self.model(**prefix, **{_CACHE_KWARG: cache}, use_cache=True)
         cache.batch_repeat_interleave(copies)
@@ -148,53 +155,26 @@ class LocalEngine:
         return {key: value.repeat_interleave(copies, dim=0) for key, value in inputs.items() if key in _PER_TOKEN}
 
 
-class _GrowingLayer(DynamicLayer):
-    """A ``DynamicLayer`` whose keys and values are views of a buffer with room for
-    ``reserve`` more tokens: an update writes the new tokens in place instead of
-    concatenating (and so copying) the whole cache. Whenever ``keys`` is no longer a view of
-    the buffer (the base class's batch repeat, select, crop or reorder replaced it), the next
-    update copies it into a new buffer once."""
+class _ExponentialRace(LogitsProcessor):
+    """Turns greedy decoding into sampling: argmax_i (s_i - log E_i) with E_i ~ Exp(1) i.i.d.
+    picks token i with probability softmax(s)_i (tokens at -inf never). E = -log U with U
+    uniform: torch's ``exponential_`` (which ``multinomial`` uses) is 4x slower on a CPU."""
 
-    def __init__(self, reserve: int):
-        super().__init__()
-        self.reserve = reserve
-        self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        filled = self.get_seq_length()
-        length = filled + key_states.shape[-2]
-        if not self._holds(length):
-            self._buffers = tuple(self._reserve(old, new, filled, length)
-                                  for old, new in ((self.keys, key_states), (self.values, value_states)))
-        key_buffer, value_buffer = self._buffers
-        key_buffer[..., filled:length, :] = key_states
-        value_buffer[..., filled:length, :] = value_states
-        self.keys, self.values = key_buffer[..., :length, :], value_buffer[..., :length, :]
-        return self.keys, self.values
-
-    def _holds(self, length: int) -> bool:
-        """Whether the buffer has room for ``length`` tokens and ``keys`` still views it."""
-        if self._buffers is None or self._buffers[0].shape[-2] < length or self.keys.numel() == 0:
-            return False
-        buffer = self._buffers[0]
-        return self.keys.data_ptr() == buffer.data_ptr() and self.keys.shape[:-2] == buffer.shape[:-2]
-
-    def _reserve(self, old: torch.Tensor, new: torch.Tensor, filled: int, length: int) -> torch.Tensor:
-        shape = (*new.shape[:-2], length + self.reserve, new.shape[-1])
-        buffer = torch.empty(shape, dtype=new.dtype, device=new.device)
-        if filled:
-            buffer[..., :filled, :] = old
-        return buffer
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return scores - torch.rand_like(scores).log_().neg_().log_()
 
 
-def _growing_cache(model, reserve: int) -> DynamicCache:
-    """A ``DynamicCache`` of ``_GrowingLayer``s, one per decoder layer of ``model``."""
-    cache = DynamicCache()
-    cache.layers = [_GrowingLayer(reserve) for _ in range(model.config.get_text_config().num_hidden_layers)]
-    cache.layer_class_to_replicate = None
-    return cache
+def _sampler(sampling: SamplingParams) -> LogitsProcessorList:
+    """Temperature, top-k and top-p (transformers' warpers, in generate's order), then the
+    exponential race; nothing for greedy decoding (temperature 0)."""
+    if sampling.temperature == 0:
+        return LogitsProcessorList()
+    warpers = [TemperatureLogitsWarper(sampling.temperature)]
+    if sampling.top_k > 0:
+        warpers.append(TopKLogitsWarper(sampling.top_k))
+    if sampling.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(sampling.top_p))
+    return LogitsProcessorList([*warpers, _ExponentialRace()])
 
 
 def _copies(requests: list[GenerationRequest]) -> int:

@@ -13,18 +13,29 @@ from megatron_ivr.rollout.local import LocalEngine
 
 
 def teacher_forced_logprobs(engine, request, token_ids):
+    """The model's log-probs of ``token_ids`` after the prompt, in one forward pass. A sampled
+    token may be the image placeholder id, which transformers' forward would count as an image
+    position: the pass then stops there (the log-probs up to that token included)."""
     processor = engine.processor
     text = processor.apply_chat_template(chat_messages(request.text, len(request.images)), tokenize=False,
                                          add_generation_prompt=True)
     inputs = processor(text=[text], images=request.images or None, return_tensors="pt")
-    ids = torch.cat([inputs["input_ids"], torch.tensor([token_ids])], 1)
+    image_id = engine.model.config.image_token_id
+    cut = token_ids.index(image_id) if image_id in token_ids else len(token_ids)
+    targets = torch.tensor(token_ids[:cut + 1])
+    ids = torch.cat([inputs["input_ids"], torch.tensor([token_ids[:cut]], dtype=torch.long)], 1)
     extra = {k: v for k, v in inputs.items() if k in ("pixel_values", "image_grid_thw")}
-    mm = torch.cat([inputs["mm_token_type_ids"], torch.zeros(1, len(token_ids), dtype=torch.long)], 1)
+    mm = torch.cat([inputs["mm_token_type_ids"], torch.zeros(1, cut, dtype=torch.long)], 1)
     with torch.no_grad():
         logits = engine.model(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=mm, **extra).logits
     prompt_length = inputs["input_ids"].shape[1]
-    logp = logits[0, prompt_length - 1:-1].log_softmax(-1)
-    return logp.gather(-1, torch.tensor(token_ids)[:, None])[:, 0]
+    logp = logits[0, prompt_length - 1:prompt_length - 1 + len(targets)].log_softmax(-1)
+    return logp.gather(-1, targets[:, None])[:, 0]
+
+
+def assert_logprobs_close(completion, expected, atol=1e-4):
+    assert len(expected) > 0
+    assert torch.allclose(torch.tensor(completion.logprobs[:len(expected)]), expected, atol=atol)
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
@@ -40,8 +51,7 @@ def test_sampled_logprobs_match_a_teacher_forced_forward(tiny_models, family):
         for completion in group:
             assert len(completion.token_ids) == len(completion.logprobs) > 0
             assert completion.finish_reason in ("stop", "length") and completion.weight_version == 0
-            expected = teacher_forced_logprobs(engine, request, completion.token_ids)
-            assert torch.allclose(torch.tensor(completion.logprobs), expected, atol=1e-4)
+            assert_logprobs_close(completion, teacher_forced_logprobs(engine, request, completion.token_ids))
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
@@ -66,8 +76,7 @@ def test_shared_prefill_samples_what_separate_prefills_sample(tiny_models, famil
         for completion, other in zip(group, reference):
             assert completion.token_ids == other.token_ids
             assert max(abs(a - b) for a, b in zip(completion.logprobs, other.logprobs)) <= 1e-5
-            expected = teacher_forced_logprobs(shared, request, completion.token_ids)
-            assert torch.allclose(torch.tensor(completion.logprobs), expected, atol=1e-4)
+            assert_logprobs_close(completion, teacher_forced_logprobs(shared, request, completion.token_ids))
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
@@ -82,34 +91,70 @@ def test_text_only_batches_after_an_image_batch(tiny_models, family):
     requests = [GenerationRequest("Hi", []), GenerationRequest("What is two plus three, in words, please?", [])]
     for request, group in zip(requests, engine.generate(requests, sampling)):
         for completion in group:
-            expected = teacher_forced_logprobs(engine, request, completion.token_ids)
-            assert torch.allclose(torch.tensor(completion.logprobs), expected, atol=1e-4)
+            assert_logprobs_close(completion, teacher_forced_logprobs(engine, request, completion.token_ids))
 
 
-def test_kv_cache_writes_in_place_and_samples_what_concatenation_samples(tiny_models, monkeypatch):
-    """The reserved-buffer KV cache gives the tokens and log-probs of transformers' default
-    (concatenating) cache, and allocates its buffers a fixed number of times per generate
-    call (prefill, then once after the samples' repeat), not once per token."""
+def test_kv_cache_writes_in_place_shares_the_prompt_and_samples_what_concatenation_samples(tiny_models,
+                                                                                          monkeypatch):
+    """The engine's KV cache (written in place, one copy of each prompt for its samples,
+    attention over it by ``shared_prefix_attention``) gives the tokens and log-probs of
+    transformers' default cache (concatenated, the prompt repeated per sample, SDPA), holds
+    one prompt copy per request, and allocates its buffers a fixed number of times per
+    generate call (prefill, then once for the samples' own tokens), not once per token."""
     from transformers.cache_utils import DynamicCache
 
     import megatron_ivr.rollout.local as local
+    from megatron_ivr.rollout.kv_cache import GrowingLayer
 
     requests = [GenerationRequest("How many red objects?", [Image.new("RGB", (112, 112), (200, 20, 20))]),
                 GenerationRequest("Hi", [])]
     sampling = SamplingParams(max_new_tokens=16, temperature=1.0, n=2, seed=0)
     engine = LocalEngine.from_pretrained(tiny_models["qwen2_5_vl"], batch_size=4)
-    allocations = []
-    reserve = local._GrowingLayer._reserve
-    monkeypatch.setattr(local._GrowingLayer, "_reserve", lambda self, *a: allocations.append(1) or reserve(self, *a))
+    assert engine.shares_prompt_kv
+    allocations, caches = [], []
+    reserve = GrowingLayer._reserve
+    monkeypatch.setattr(GrowingLayer, "_reserve", lambda self, *a: allocations.append(1) or reserve(self, *a))
+    growing = local.growing_cache
+    monkeypatch.setattr(local, "growing_cache", lambda *a, **k: caches.append(growing(*a, **k)) or caches[-1])
     got = engine.generate(requests, sampling)
     layers = engine.model.config.get_text_config().num_hidden_layers
-    assert len(allocations) == 2 * 2 * layers  # keys and values, per layer: prefill + after the repeat
-    monkeypatch.setattr(local, "_growing_cache", lambda model, reserve: DynamicCache())
+    assert len(allocations) == 2 * 2 * layers  # keys and values, per layer: prefill + the samples' own tokens
+    prompt_length = engine.processor(text=[local.chat_prompt(engine.processor, requests[0].text, 1)],
+                                     images=requests[0].images, return_tensors="pt")["input_ids"].shape[1]
+    for layer in caches[0].layers:  # 2 prompts x 2 samples: 2 prompt copies (all but the last token), 4 suffixes
+        assert layer.prefix_keys.shape[0] == 2 and layer.prefix_length == prompt_length - 1
+        assert layer.keys.shape[0] == 4 and layer.get_seq_length() == prompt_length - 1 + layer.keys.shape[-2]
+    monkeypatch.setattr(local, "growing_cache", lambda *a, **k: DynamicCache())
     want = engine.generate(requests, sampling)
     for group, reference in zip(got, want):
         for completion, other in zip(group, reference):
             assert completion.token_ids == other.token_ids and len(completion.token_ids) > 1
             assert max(abs(a - b) for a, b in zip(completion.logprobs, other.logprobs)) <= 1e-6
+
+
+def test_sampling_follows_the_warped_distribution():
+    """The exponential race samples from softmax(logits / T) after top-k and top-p: token
+    frequencies over 40,000 draws within 0.01 of the probabilities; filtered tokens never."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    from megatron_ivr.rollout.local import _sampler
+
+    torch.manual_seed(0)
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]]).repeat(40_000, 1)
+    for params in (SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_p=0.9),
+                   SamplingParams(temperature=1.3, top_k=3)):
+        processors = _sampler(params)
+        picks = processors(None, logits.clone()).argmax(-1)
+        warped = logits[:1] / params.temperature
+        if params.top_k > 0:
+            warped[0, params.top_k:] = float("-inf")
+        if params.top_p < 1:
+            warped = TopPLogitsWarper(params.top_p)(None, warped)
+        expected = warped.softmax(-1)[0]
+        frequencies = torch.bincount(picks, minlength=6).double() / len(picks)
+        assert torch.allclose(frequencies, expected.double(), atol=0.01), (params, frequencies, expected)
+        assert frequencies[expected == 0].sum() == 0
+    assert len(_sampler(SamplingParams(temperature=0.0))) == 0
 
 
 def test_greedy_is_deterministic_and_update_weights_checks_names(tiny_models):

@@ -25,6 +25,9 @@ The shared-prefix attention is registered with transformers' ``AttentionInterfac
 ``SHARED_PREFIX_ATTENTION`` and reads the active cache from a context variable set by
 ``attending(cache)`` around ``generate``. Every other call (prefill, the vision tower, a
 layer that holds no shared prompt, no active cache) goes to transformers' SDPA unchanged.
+Only a prompt can hold padding (left padding in the batch), so ``share_prompt`` keeps it as
+one additive bias per group and the decode steps build no mask at all (transformers would
+build a ``[B, 1, 1, P + t]`` mask per token).
 """
 
 from __future__ import annotations
@@ -127,6 +130,18 @@ def growing_cache(model, reserve: int, share_prefix: bool = False) -> DynamicCac
     return cache
 
 
+def share_prompt(cache: DynamicCache, copies: int, attention_mask: torch.Tensor) -> None:
+    """After a prefill of one row per prompt, let ``copies`` samples per prompt continue from
+    ``cache``: its ``GrowingLayer`` s with ``share_prefix`` keep one copy (any other layer is
+    repeated). ``attention_mask [G, P]`` (1: token, 0: padding) of the prefilled tokens becomes
+    ``cache.prefix_bias [G, 1, 1, P]`` (0 or -inf), which the decode steps use instead of a mask."""
+    cache.batch_repeat_interleave(copies)
+    cache.prefix_bias = None
+    if all(isinstance(layer, GrowingLayer) and layer.prefix_keys is not None for layer in cache.layers):
+        bias = torch.zeros(attention_mask.shape, dtype=cache.layers[0].prefix_keys.dtype)
+        cache.prefix_bias = bias.masked_fill_(attention_mask == 0, float("-inf"))[:, None, None, :]
+
+
 @contextlib.contextmanager
 def attending(cache: DynamicCache):
     """Make ``cache`` the one ``shared_prefix_attention`` reads while the block runs."""
@@ -142,7 +157,8 @@ def shared_prefix_attention(module, query, key, value, attention_mask, scaling=N
     module docstring's equations); any other call is transformers' SDPA.
 
     query ``[B, H, 1, D]``; key/value: the samples' own tokens ``[B, H_kv, t, D]``; the layer's
-    prefix ``[G, H_kv, P, D]`` with ``B = G n``; mask ``[B, 1, 1, P + t]`` (True: attend) or None.
+    prefix ``[G, H_kv, P, D]`` with ``B = G n``; mask ``[B, 1, 1, P + t]`` (True: attend), or
+    None: then the cache's ``prefix_bias`` (if any) masks the prompts' padding.
     Returns ``[B, 1, H, D]`` as transformers' attention functions do."""
     cache = _ACTIVE_CACHE.get()
     layer_index = getattr(module, "layer_idx", None)
@@ -158,8 +174,12 @@ def shared_prefix_attention(module, query, key, value, attention_mask, scaling=N
     queries = query.reshape(batch, kv_heads, per_kv, dim)  # query head h = kv head h // per_kv (repeat_kv's order)
     stacked = queries.reshape(groups, samples, kv_heads, per_kv, dim).transpose(1, 2).reshape(
         groups, kv_heads, samples * per_kv, dim)
-    prefix_scores = torch.matmul(stacked, prefix_keys.transpose(-1, -2)).reshape(
-        groups, kv_heads, samples, per_kv, prefix).transpose(1, 2).reshape(batch, kv_heads, per_kv, prefix)
+    prefix_scores = torch.matmul(stacked, prefix_keys.transpose(-1, -2))
+    bias = getattr(cache, "prefix_bias", None)
+    if attention_mask is None and bias is not None:
+        prefix_scores = prefix_scores + bias  # 0 or -inf: unchanged by the scale below
+    prefix_scores = prefix_scores.reshape(groups, kv_heads, samples, per_kv, prefix).transpose(1, 2).reshape(
+        batch, kv_heads, per_kv, prefix)
     scores = torch.cat([prefix_scores, torch.matmul(queries, key.transpose(-1, -2))], dim=-1).mul_(scale)
     if attention_mask is not None:
         mask = attention_mask.reshape(batch, 1, 1, -1)
@@ -172,5 +192,14 @@ def shared_prefix_attention(module, query, key, value, attention_mask, scaling=N
     return out.reshape(batch, 1, heads, dim), None
 
 
+def shared_prefix_mask(*, q_length: int, **kwargs):
+    """transformers' SDPA mask, except for a decode step over a shared prompt: None (the
+    prompts' padding is in the active cache's ``prefix_bias``; no other token is masked)."""
+    cache = _ACTIVE_CACHE.get()
+    if q_length == 1 and getattr(cache, "prefix_bias", None) is not None:
+        return None
+    return sdpa_mask(q_length=q_length, **kwargs)
+
+
 AttentionInterface.register(SHARED_PREFIX_ATTENTION, shared_prefix_attention)
-ALL_MASK_ATTENTION_FUNCTIONS.register(SHARED_PREFIX_ATTENTION, sdpa_mask)
+ALL_MASK_ATTENTION_FUNCTIONS.register(SHARED_PREFIX_ATTENTION, shared_prefix_mask)

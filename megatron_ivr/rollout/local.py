@@ -30,7 +30,7 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 
 from megatron_ivr.prompts import chat_prompt
 from megatron_ivr.rollout.engine import Completion, GenerationRequest, SamplingParams
-from megatron_ivr.rollout.kv_cache import SHARED_PREFIX_ATTENTION, attending, growing_cache
+from megatron_ivr.rollout.kv_cache import SHARED_PREFIX_ATTENTION, attending, growing_cache, share_prompt
 
 _PER_TOKEN = ("input_ids", "attention_mask", "mm_token_type_ids")  # the processor outputs laid out per token
 # transformers 5.24 renamed the ``past_key_values`` argument of generate and forward to ``cache``
@@ -149,7 +149,7 @@ class LocalEngine:
         Runs inside ``generate``'s inference mode."""
         prefix = {key: value[:, :-1] if key in _PER_TOKEN else value for key, value in inputs.items()}
         self.model(**prefix, **{_CACHE_KWARG: cache}, use_cache=True)
-        cache.batch_repeat_interleave(copies)
+        share_prompt(cache, copies, prefix["attention_mask"])
         base = self.model.model
         base.rope_deltas = base.rope_deltas.repeat_interleave(copies, dim=0)
         return {key: value.repeat_interleave(copies, dim=0) for key, value in inputs.items() if key in _PER_TOKEN}

@@ -5,9 +5,12 @@ Model: a random Qwen2.5-VL with hidden 1024, 8 decoder layers, a 32k vocabulary 
 4-block vision tower (~200M parameters, ~0.8 GB in fp32). Both directions run at TP1 in one
 process (the converter's own cost, not parallel speed-up), after one warm-up round of each
 arm (imports, process group, page cache). The converter's time includes building the
-Megatron model and megatron-core's distributed-checkpoint save and load.
+Megatron model and megatron-core's distributed-checkpoint save and load. The arms alternate
+over ``--rounds`` rounds (medians), each after an ``os.sync()``: a write that follows another
+arm's gigabyte of dirty pages is throttled by the kernel's writeback (a plain write of 0.8 GB
+measured 0.95-1.9 s on this machine depending on what was written before it).
 
-Usage: python benchmarks/convert.py [--layers 8] [--hidden 1024]
+Usage: python benchmarks/convert.py [--layers 8] [--hidden 1024] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -46,6 +50,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(1)
     from safetensors.torch import load_file, save_file
@@ -61,33 +66,40 @@ def main() -> None:
         megatron_to_hf(hf_to_megatron(tmp / "source", tmp / "warm"), tmp / "warm_export")
         shutil.rmtree(tmp / "warm")
         shutil.rmtree(tmp / "warm_export")
-        start = time.perf_counter()
-        tensors = load_file(tmp / "source" / "model.safetensors")
-        save_file(tensors, str(tmp / "plain.safetensors"))
-        plain = time.perf_counter() - start
-        del tensors
-        start = time.perf_counter()  # the same, written durably: megatron-core's writers fsync every file
-        save_file(load_file(tmp / "source" / "model.safetensors"), str(tmp / "durable.safetensors"))
-        with open(tmp / "durable.safetensors", "rb") as handle:
-            os.fsync(handle.fileno())
-        durable = time.perf_counter() - start
-        start = time.perf_counter()
-        ckpt = hf_to_megatron(tmp / "source", tmp / "megatron")
-        to_megatron = time.perf_counter() - start
-        start = time.perf_counter()
-        megatron_to_hf(ckpt, tmp / "export")
-        to_hf = time.perf_counter() - start
-        shutil.rmtree(tmp / "megatron")
+
+        def plain():
+            save_file(load_file(tmp / "source" / "model.safetensors"), str(tmp / "plain.safetensors"))
+
+        def durable():  # the same, written durably: megatron-core's writers fsync every file
+            save_file(load_file(tmp / "source" / "model.safetensors"), str(tmp / "durable.safetensors"))
+            with open(tmp / "durable.safetensors", "rb") as handle:
+                os.fsync(handle.fileno())
+
+        arms = {"plain": plain, "durable": durable,
+                "to_megatron": lambda: hf_to_megatron(tmp / "source", tmp / "megatron"),
+                "to_hf": lambda: megatron_to_hf(tmp / "megatron", tmp / "export")}
+        times = {name: [] for name in arms}
+        for _ in range(args.rounds):  # arms alternate, so that a slow spell of the machine falls on all
+            for name, arm in arms.items():
+                os.sync()  # each arm starts with no dirty pages of the previous one still being written back
+                start = time.perf_counter()
+                arm()
+                times[name].append(time.perf_counter() - start)
+            for name in ("plain.safetensors", "durable.safetensors", "export"):
+                shutil.rmtree(tmp / name) if (tmp / name).is_dir() else (tmp / name).unlink()
+            shutil.rmtree(tmp / "megatron")
+    plain_s, durable_s, to_megatron, to_hf = (statistics.median(times[name]) for name in arms)
     ours = to_megatron + to_hf
-    print(f"model: {nbytes / 1e9:.2f} GB of fp32 weights ({nbytes // 4 / 1e6:.0f}M parameters)")
-    print(f"plain safetensors load + save: {plain:.1f} s = {mb / plain:.0f} MB/s; with an fsync of the written "
-          f"file (as megatron-core's checkpoint writers do; the HF export does not): {durable:.1f} s = "
-          f"{mb / durable:.0f} MB/s")
-    print(f"hf-to-megatron: {to_megatron:.1f} s = {mb / to_megatron:.0f} MB/s; "
-          f"megatron-to-hf: {to_hf:.1f} s = {mb / to_hf:.0f} MB/s")
-    print(f"against the fsynced copy: {durable / ours:.2f}; per direction (each conversion's MB/s over the plain "
-          f"copy's): HF->Megatron {plain / to_megatron:.2f}, Megatron->HF {plain / to_hf:.2f}")
-    print(f"convert: ratio={(mb / ours) / (mb / plain):.2f} (HF->Megatron->HF MB/s over plain safetensors "
+    print(f"model: {nbytes / 1e9:.2f} GB of fp32 weights ({nbytes // 4 / 1e6:.0f}M parameters); medians of "
+          f"{args.rounds} alternating rounds, os.sync() before each arm")
+    print(f"plain safetensors load + save: {plain_s:.2f} s = {mb / plain_s:.0f} MB/s; with an fsync of the written "
+          f"file (as megatron-core's checkpoint writers do; the HF export does not): {durable_s:.2f} s = "
+          f"{mb / durable_s:.0f} MB/s")
+    print(f"hf-to-megatron: {to_megatron:.2f} s = {mb / to_megatron:.0f} MB/s; "
+          f"megatron-to-hf: {to_hf:.2f} s = {mb / to_hf:.0f} MB/s")
+    print(f"against the fsynced copy: {durable_s / ours:.2f}; per direction (each conversion's MB/s over the plain "
+          f"copy's): HF->Megatron {plain_s / to_megatron:.2f}, Megatron->HF {plain_s / to_hf:.2f}")
+    print(f"convert: ratio={(mb / ours) / (mb / plain_s):.2f} (HF->Megatron->HF MB/s over plain safetensors "
           "load+save MB/s)")
 
 

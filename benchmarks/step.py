@@ -5,9 +5,9 @@
 Both sides do the whole step: sample the completions, score them with the same reward
 function, compute the log-probs, take one optimizer step. Ours also pushes the weights into
 the engine through the bridge (TRL generates from the model it trains). Each arm runs
-``--steps`` steps; the first ``--warmup`` are not timed. Ours (plain GRPO) and TRL alternate
-for ``--rounds`` rounds (ours, TRL, ours, TRL, ...), so that a slow spell of the machine
-falls on both; each side's median is over all its timed steps.
+``--steps`` steps; the first ``--warmup`` are not timed. Ours (plain GRPO), TRL and ours with
+VICRA alternate for ``--rounds`` rounds (GRPO, TRL, VICRA, GRPO, ...), so that a slow spell of
+the machine falls on all three; each arm's median is over all its timed steps.
 
 Last line: ``step: ratio=R (TRL GRPOTrainer s/step over ours)``; the lines before it give
 VICRA's and the IVR loop's extra cost as a share of our GRPO step.
@@ -130,7 +130,8 @@ def main() -> None:
         for r in range(args.rounds):
             arms["grpo"] += ours(data, model, root / f"grpo{r}", args.steps, args.warmup, [])
             trl_times += trl(data, model, root / f"trl{r}", args.steps, args.warmup)
-        arms["vicra"] = ours(data, model, root / "vicra", args.steps, args.warmup, ["algorithm.vicra.enabled=true"])
+            arms["vicra"] += ours(data, model, root / f"vicra{r}", args.steps, args.warmup,
+                                  ["algorithm.vicra.enabled=true"])
         arms["ivr"] = ours(data, model, root / "ivr", args.steps, args.warmup,
                            ["algorithm.ivr.enabled=true", "algorithm.ivr.critique_max_new_tokens=64"])
     grpo, vicra, ivr = (statistics.median(step_seconds(arms[arm])) for arm in ("grpo", "vicra", "ivr"))
@@ -138,7 +139,7 @@ def main() -> None:
     timed = args.steps - args.warmup
     print(f"ours GRPO: {grpo:.3f} s/step; +VICRA: {vicra:.3f} s/step; +IVR-R1: {ivr:.3f} s/step; "
           f"TRL GRPOTrainer: {baseline:.3f} s/step (medians of {timed} steps x {args.rounds} alternating rounds for "
-          f"GRPO and TRL, {timed} steps for the others; 1 thread)")
+          f"GRPO, TRL and VICRA, {timed} steps for IVR-R1; 1 thread)")
     for arm, records in arms.items():  # where our time goes: medians per phase
         medians = {phase: statistics.median(r.get(f"time/{phase}", 0.0) for r in records) for phase in PHASES}
         print(f"phases {arm}: " + ", ".join(f"{phase} {seconds:.3f} s" for phase, seconds in medians.items()

@@ -113,8 +113,8 @@ class LocalEngine:
         return results
 
     def _generate_batch(self, requests: list[GenerationRequest], sampling: SamplingParams) -> list[Completion]:
-        # shared prefill needs the MRoPE offsets the model computes from image grids; a batch
-        # without images would keep a previous batch's offsets (transformers' generate resets them)
+        # a shared prefill repeats the MRoPE offsets the model computes from image grids; a batch
+        # without images is prefilled per row (_prefill_inputs gives it zero offsets)
         copies = _copies(requests) if self.share_prefill and any(r.images for r in requests) else 1
         unique = requests[::copies]
         texts = [chat_prompt(self.processor, r.text, len(r.images)) for r in unique]
@@ -189,7 +189,7 @@ class LocalEngine:
 
     def _shared_prefill(self, inputs, copies: int, cache: DynamicCache) -> dict:
         """Run every prompt but its last token once into ``cache``, repeat the cache (or share
-        it, see ``kv_cache.py``) and the MRoPE offsets ``copies`` times; ``generate`` then
+        it, see ``kv_cache.py``) and the MRoPE offsets ``copies`` times; ``_decode`` then
         continues from the cache with the last token (the returned per-token inputs, repeated).
         Runs inside ``generate``'s inference mode."""
         prefix = {key: value[:, :-1] if key in _PER_TOKEN else value for key, value in inputs.items()}

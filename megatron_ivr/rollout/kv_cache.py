@@ -96,6 +96,10 @@ class GrowingLayer(DynamicLayer):
         self.values = self.values.new_empty((batch * repeats, heads, 0, dim))
         self._buffers = None
 
+    def reset(self) -> None:
+        self.prefix_keys = self.prefix_values = self._buffers = None
+        super().reset()
+
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.prefix_keys is not None:
             raise NotImplementedError("batch_select_indices on a cache that shares a prefix")

@@ -92,6 +92,11 @@ def test_a_shared_prefix_refuses_what_it_cannot_do():
                  lambda: layer.batch_select_indices(torch.tensor([0]))):
         with pytest.raises(NotImplementedError, match="shares a prefix"):
             call()
+    layer.reset()  # back to an empty layer that can share a prefix again
+    assert layer.get_seq_length() == 0 and layer.prefix_keys is None
+    layer.update(torch.randn(2, 2, 3, 8), torch.randn(2, 2, 3, 8))
+    layer.batch_repeat_interleave(3)
+    assert layer.prefix_length == 3 and layer.keys.shape == (6, 2, 0, 8)
     plain = GrowingLayer(reserve=4)  # without share_prefix: the repeat copies, as transformers' layer does
     plain.update(torch.randn(2, 2, 3, 8), torch.randn(2, 2, 3, 8))
     plain.batch_repeat_interleave(3)

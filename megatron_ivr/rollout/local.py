@@ -170,7 +170,7 @@ class LocalEngine:
         finished = torch.zeros(batch, dtype=torch.bool)
         tokens, logprobs = [], []
         for _ in range(sampling.max_new_tokens):
-            if feed["input_ids"].shape[1] == 1:
+            if cache.get_seq_length() > 0:  # continuing from the cache: one token per row
                 mrope = (position + base.rope_deltas)[None].expand(3, -1, -1)
                 feed = {**feed, "position_ids": torch.cat([position[None], mrope])}  # [4, B, 1]: text, t, h, w
             logits = self.model(**feed, attention_mask=mask, **{_CACHE_KWARG: cache}, use_cache=True,

@@ -24,19 +24,35 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def build_model(hf_config, dtype: torch.dtype = torch.float32, fp8: Optional[str] = None,
-                use_transformer_engine: Optional[bool] = None) -> QwenVLModel:
-    """This rank's stage of the model, for the TP/PP groups already initialized."""
+                use_transformer_engine: Optional[bool] = None, on_gpu: Optional[bool] = None) -> QwenVLModel:
+    """This rank's stage of the model, for the TP/PP groups already initialized; on the GPU
+    when one is available (``on_gpu=False``: built and initialized on the CPU, or on the meta
+    device inside ``torch.device("meta")``)."""
     from megatron.core import parallel_state as ps
 
     family = get_provider(hf_config.model_type)
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
+    on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
     config = family.transformer_config(hf_config, tp=tp, pp=pp, params_dtype=dtype, fp8=fp8,
-                                       use_cpu_initialization=not torch.cuda.is_available())
+                                       use_cpu_initialization=not on_gpu)
     model = QwenVLModel(family, hf_config, config, layer_spec(config, use_transformer_engine),
                         pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
-    if torch.cuda.is_available():
+    _cast_parameters(model, dtype)
+    if on_gpu:
         model.cuda()
     return model
+
+
+def _cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Give every floating-point parameter ``dtype``, as megatron's ``Float16Module`` does for
+    its training loop. The local spec's norms (``torch.nn.RMSNorm``) ignore ``params_dtype``
+    and stay float32; megatron's distributed optimizer then files a mixed-dtype group's main
+    parameters in another order than its own index of them, and saving the optimizer state
+    fails (or, where shapes happen to agree, stores one parameter's state under another's
+    name). Buffers (rotary frequencies) keep their dtype."""
+    for param in model.parameters():
+        if param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
 
 
 def build_empty_model(hf_config, dtype: torch.dtype = torch.float32) -> QwenVLModel:
@@ -44,8 +60,8 @@ def build_empty_model(hf_config, dtype: torch.dtype = torch.float32) -> QwenVLMo
     device (no initialization and none of megatron's CPU-init copies), then given real,
     empty storage. For converters, which fill every parameter from a checkpoint and never
     run the model: buffers (rotary frequencies) are left uninitialized too."""
-    with torch.device("meta"):
-        model = build_model(hf_config, dtype=dtype)
+    with torch.device("meta"):  # megatron's GPU initialization names its device: initialize "on the CPU"
+        model = build_model(hf_config, dtype=dtype, on_gpu=False)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     made: dict[int, torch.nn.Parameter] = {}  # shared (tied) parameters stay shared
     for module in model.modules():
@@ -164,7 +180,8 @@ def iter_hf_weights(model: QwenVLModel, key_style: str = "legacy") -> Iterator[t
                 if header[0] is None:
                     break
                 hf_name, shape, dtype = header[0]
-                tensor = torch.empty(shape, dtype=dtype)
+                # the sender's tensor lives on its device: NCCL carries it when that is a GPU
+                tensor = torch.empty(shape, dtype=dtype, device="cuda" if torch.cuda.is_available() else "cpu")
                 dist.recv(tensor, src=ranks[stage])
                 yield hf_name, tensor
 

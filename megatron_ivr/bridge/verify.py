@@ -57,7 +57,7 @@ class LogprobProbe:
             record = forward_logprobs(self.model, [batch], causal_mask)[0]
         if dist.get_rank() != 0:
             return 0.0
-        trainer = record["logprobs"][0][batch.loss_mask[0].bool()]
+        trainer = record["logprobs"][0].cpu()[batch.loss_mask[0].bool()]
         max_diff = (trainer - engine_logprobs).abs().max().item() if ids else 0.0
         self.last_max_diff = max_diff
         if not ids or max_diff > self.tolerance:

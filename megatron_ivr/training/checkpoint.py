@@ -76,12 +76,17 @@ def complete_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
 def rng_state() -> dict:
     version, state, gauss = random.getstate()
     np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state().tolist(), "python": [version, list(state), gauss],
-            "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])]}
+    saved = {"torch": torch.get_rng_state().tolist(), "python": [version, list(state), gauss],
+             "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])]}
+    if torch.cuda.is_available():
+        saved["cuda"] = torch.cuda.get_rng_state().tolist()
+    return saved
 
 
 def set_rng_state(saved: dict) -> None:
     torch.set_rng_state(torch.tensor(saved["torch"], dtype=torch.uint8))
+    if "cuda" in saved and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(saved["cuda"], dtype=torch.uint8))
     version, state, gauss = saved["python"]
     random.setstate((version, tuple(state), gauss))
     name, keys, pos, has_gauss, cached = saved["numpy"]

@@ -46,12 +46,17 @@ class ModelBatch:
         return values[rows, cols] * self.response_mask.to(values.dtype)
 
     def to(self, device) -> ModelBatch:
+        """This batch on ``device``: itself when it is there already (callers that key
+        micro-batches by identity keep their keys), else a copy with every tensor moved."""
+        if self.input_ids.device == torch.device(device):
+            return self
+
         def move(t):
             return t.to(device) if isinstance(t, (torch.Tensor, BlockMask)) else t
         index = tuple(move(t) for t in self.response_index) if self.response_index is not None else None
         return ModelBatch(move(self.input_ids), move(self.position_ids), move(self.loss_mask),
                           move(self.pixel_values), move(self.image_grid_thw), move(self.attention_mask),
-                          index, move(self.response_mask), self.extra)
+                          index, move(self.response_mask), {k: move(v) for k, v in self.extra.items()})
 
 
 def vocab_parallel_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -103,12 +108,16 @@ def forward_logprobs(model, batches: list[ModelBatch], attention_mask_fn, with_e
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from megatron_ivr.training.parallel import device
+
+    batches = [batch.to(device()) for batch in batches]  # no-op for batches built on the device
     iterator = iter(batches)
 
     def forward_step(data_iterator, stage_model):
         batch = next(data_iterator)
         types = batch.extra.get("mm_token_type_ids")
-        mask = batch.attention_mask if batch.attention_mask is not None else attention_mask_fn(batch.input_ids.shape[1])
+        mask = batch.attention_mask if batch.attention_mask is not None else \
+            attention_mask_fn(batch.input_ids.shape[1]).to(batch.input_ids.device)
         output = stage_model(batch.input_ids, batch.position_ids, mask,
                              batch.pixel_values, batch.image_grid_thw,
                              image_mask=(types == 1) if types is not None else None)

@@ -1,8 +1,10 @@
 """Process groups for the trainer: torch.distributed + megatron-core's model parallelism.
 
 Works under ``torchrun`` (reads RANK/WORLD_SIZE/MASTER_ADDR from the environment) and in a
-single plain process (world size 1 on a free loopback port). Backend: NCCL with CUDA, gloo
-on CPU, where the CPU platform patches are applied first.
+single plain process (world size 1 on a free loopback port). Backend: gloo on CPU, where the
+CPU platform patches are applied first; with CUDA, one group with two backends: NCCL for
+CUDA tensors (gradients, weights) and gloo for CPU tensors (control flags, metric sums,
+headers), so that small host-side collectives need no device copy.
 """
 
 from __future__ import annotations
@@ -30,6 +32,22 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def select_device(choice: str) -> None:
+    """``trainer.device``: ``cpu`` hides every GPU from this process (before CUDA is first
+    touched, so that every later check, megatron-core's included, sees none), ``cuda``
+    requires a GPU, ``auto`` uses one when there is one."""
+    from megatron_ivr.config import ConfigError
+
+    if choice == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        if torch.cuda.is_available():
+            raise ConfigError("trainer.device=cpu, but this process touched CUDA before it could hide the GPUs; "
+                              "run with CUDA_VISIBLE_DEVICES= set", key="trainer.device")
+    elif choice == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("trainer.device=cuda, but torch sees no CUDA device (a CPU build of torch, no driver, or "
+                          "CUDA_VISIBLE_DEVICES empty); use trainer.device=cpu or auto", key="trainer.device")
+
+
 def device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
@@ -51,7 +69,7 @@ def init_parallel(layout: ParallelLayout, seed: int = 0) -> None:
                               MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
         if use_cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        dist.init_process_group("cpu:gloo,cuda:nccl" if use_cuda else "gloo")
     world = dist.get_world_size()
     if world % layout.world_size_multiple():
         raise ValueError(f"world size {world} is not a multiple of tp*pp*cp = {layout.world_size_multiple()}")

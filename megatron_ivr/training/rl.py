@@ -112,7 +112,9 @@ class RlStep:
         and batch statistics."""
         from megatron.core import parallel_state as ps
 
-        cfg, vicra = self.cfg, self.cfg.algorithm.vicra
+        from megatron_ivr.training.parallel import device
+
+        cfg, vicra, dev = self.cfg, self.cfg.algorithm.vicra, device()
         pad_id = self.processor.tokenizer.pad_token_id
         packing = Packing.from_config(cfg.trainer)
         prompts = PromptCache(self.processor)
@@ -143,15 +145,15 @@ class RlStep:
             mine = []
             for group in plan[dp_rank::dp_size]:
                 batch = collate(self.policy.family, self.policy.hf_config, [items[i] for i in group], pad_id,
-                                packing=packing)
+                                packing=packing).to(dev)
                 mask = batch.response_mask
                 micro = MicroBatch(
-                    group, batch, mask, torch.tensor([trajectories[i].advantage for i in group]),
-                    torch.tensor([trajectories[i].rectified for i in group]),
-                    pad_responses([trajectories[i].rollout_logprobs for i in group], mask.shape[1]))
+                    group, batch, mask, torch.tensor([trajectories[i].advantage for i in group], device=dev),
+                    torch.tensor([trajectories[i].rectified for i in group], device=dev),
+                    pad_responses([trajectories[i].rollout_logprobs for i in group], mask.shape[1]).to(dev))
                 if vicra.enabled:
                     micro.no_image = collate(self.policy.family, self.policy.hf_config,
-                                             [no_image_items[i] for i in group], pad_id, packing=packing)
+                                             [no_image_items[i] for i in group], pad_id, packing=packing).to(dev)
                 mine.append(micro)
             out.append(mine)
         stats = layout_stats(items, [group for plan in plans for group in plan], packing)

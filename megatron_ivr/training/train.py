@@ -37,8 +37,9 @@ def _setup(cfg: RunConfig, model_path: str):
     import torch.distributed as dist
 
     from megatron_ivr.training.layout import check_layout
-    from megatron_ivr.training.parallel import ParallelLayout, init_parallel
+    from megatron_ivr.training.parallel import ParallelLayout, init_parallel, select_device
 
+    select_device(cfg.trainer.device)
     torch.set_num_threads(cfg.trainer.num_threads)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     check_layout(cfg, world, model_path)

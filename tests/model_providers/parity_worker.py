@@ -65,8 +65,8 @@ def main() -> None:
             vision_spread = max((g - gathered[0]).abs().max().item() for g in gathered)
         if rank == 0:
             name = hf_config.model_type
-            torch.save({"logprobs": record["logprobs"], "entropy": record["entropy"],
-                        "logprobs_no_image": record_no_image["logprobs"]}, out / f"{name}.pt")
+            torch.save({"logprobs": record["logprobs"].cpu(), "entropy": record["entropy"].cpu(),
+                        "logprobs_no_image": record_no_image["logprobs"].cpu()}, out / f"{name}.pt")
             write_hf_folder(exported.items(), out / f"{name}_export", model_dir)
             results[name] = {"grad_norm": norm}
         spread = torch.tensor([vision_spread])

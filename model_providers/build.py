@@ -60,9 +60,11 @@ def build_empty_model(hf_config, dtype: torch.dtype = torch.float32) -> QwenVLMo
     device (no initialization and none of megatron's CPU-init copies), then given real,
     empty storage. For converters, which fill every parameter from a checkpoint and never
     run the model: buffers (rotary frequencies) are left uninitialized too."""
+    from megatron_ivr.training.parallel import device as trainer_device
+
     with torch.device("meta"):  # megatron's GPU initialization names its device: initialize "on the CPU"
         model = build_model(hf_config, dtype=dtype, on_gpu=False)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = trainer_device()
     made: dict[int, torch.nn.Parameter] = {}  # shared (tied) parameters stay shared
     for module in model.modules():
         for name, param in list(module._parameters.items()):
@@ -157,6 +159,8 @@ def iter_hf_weights(model: QwenVLModel, key_style: str = "legacy") -> Iterator[t
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
+    from megatron_ivr.training.parallel import device as trainer_device
+
     if ps.get_data_parallel_rank() != 0:
         return
     ranks = dist.get_process_group_ranks(ps.get_pipeline_model_parallel_group())
@@ -181,7 +185,7 @@ def iter_hf_weights(model: QwenVLModel, key_style: str = "legacy") -> Iterator[t
                     break
                 hf_name, shape, dtype = header[0]
                 # the sender's tensor lives on its device: NCCL carries it when that is a GPU
-                tensor = torch.empty(shape, dtype=dtype, device="cuda" if torch.cuda.is_available() else "cpu")
+                tensor = torch.empty(shape, dtype=dtype, device=trainer_device())
                 dist.recv(tensor, src=ranks[stage])
                 yield hf_name, tensor
 

@@ -99,7 +99,9 @@ def _loss_for_logprobs(batch: ModelBatch, with_entropy: bool, output: torch.Tens
 
 def forward_logprobs(model, batches: list[ModelBatch], attention_mask_fn, with_entropy: bool = False,
                      loss_fn=None, forward_only: bool = True) -> list[dict]:
-    """Run ``batches`` through the model (one micro-batch each) with megatron's schedule.
+    """Run ``batches`` through the model (one micro-batch each) with megatron's schedule,
+    on the trainer's device; ``attention_mask_fn(seq_length, device=...)`` gives the mask of
+    a batch without its own (``causal_mask``).
 
     ``loss_fn(batch, logits) -> (loss, record)`` defaults to the negative summed log-prob;
     with ``forward_only=False`` gradients accumulate into the parameters. Returns, on every
@@ -117,7 +119,7 @@ def forward_logprobs(model, batches: list[ModelBatch], attention_mask_fn, with_e
         batch = next(data_iterator)
         types = batch.extra.get("mm_token_type_ids")
         mask = batch.attention_mask if batch.attention_mask is not None else \
-            attention_mask_fn(batch.input_ids.shape[1]).to(batch.input_ids.device)
+            attention_mask_fn(batch.input_ids.shape[1], device=batch.input_ids.device)
         output = stage_model(batch.input_ids, batch.position_ids, mask,
                              batch.pixel_values, batch.image_grid_thw,
                              image_mask=(types == 1) if types is not None else None)

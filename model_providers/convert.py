@@ -97,8 +97,11 @@ def _megatron_to_hf_rank(ckpt_dir: str, tmp_dir: str, tp: int, pp: int, max_shar
     hf_config = AutoConfig.from_pretrained(str(Path(ckpt_dir) / "hf"))
     model = build_empty_model(hf_config, dtype=DTYPES[meta["dtype"]])  # filled by the strict load below
     _log(f"[convert] loading {ckpt_dir} at tp={tp}, pp={pp}")
-    state = dist_checkpointing.load(model.sharded_state_dict(), ckpt_dir)
-    model.load_state_dict(state, strict=True)
+    sharded = model.sharded_state_dict()
+    state = dist_checkpointing.load(sharded, ckpt_dir)
+    # a trainer checkpoint also holds the optimizer: its common (non-tensor) part comes back
+    # with any load; only the model's entries go into the model, and those strictly
+    model.load_state_dict({key: value for key, value in state.items() if key in sharded}, strict=True)
     exported = gather_hf_weights(model, meta["key_style"])
     if dist.get_rank() == 0:
         _log(f"[convert] writing {len(exported)} tensors")

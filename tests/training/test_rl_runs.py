@@ -8,8 +8,10 @@ import json
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
+import torch
 
 from tests.training.runs import RL_OVERRIDES, clean_env, command, run, step_records, write_config
 
@@ -64,6 +66,23 @@ def test_step0_engine_and_trainer_logprobs_agree(reference_run):
     assert steps[1]["mismatch/abs_logp_diff_max"] <= 1e-5
     # after each update the bridge keeps them equal too
     assert max(r["mismatch/abs_logp_diff_max"] for r in steps.values()) <= 1e-5
+
+
+def test_a_trainer_checkpoint_converts_to_the_exported_policy(reference_run, tmp_path):
+    """`megatron-ivr eval model.path=<checkpoint>` converts a trainer checkpoint (model and
+    optimizer in one dist_checkpointing save) to HF: bit for bit the policy the run exported
+    after the same (last) step."""
+    from safetensors.torch import load_file
+
+    from megatron_ivr.evaluation import resolve_policy
+
+    run_dir, _ = reference_run
+    converted = resolve_policy(str(run_dir / "checkpoints" / "step_00000003"), tmp_path)
+    exported = load_file(run_dir / "export" / "model.safetensors")
+    mine = {k: v for f in sorted(Path(converted).glob("*.safetensors")) for k, v in load_file(f).items()}
+    assert sorted(mine) == sorted(exported)
+    for key, value in exported.items():
+        assert torch.equal(mine[key], value), key
 
 
 @pytest.mark.parametrize("layout", ["tp2", "pp2", "dp2", "tp2pp2", "one_sequence_per_row", "packed_rows",

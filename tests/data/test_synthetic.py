@@ -119,3 +119,27 @@ def test_board_size_must_hold_the_objects():
 
     with pytest.raises(ConfigError, match="synthetic.max_objects"):
         SyntheticDataConfig(grid=2, max_objects=5).validate()
+
+
+def test_counts_reasoning_reads_the_objects_in_the_descriptions_order():
+    """With the ``counts`` description the reasoning lists the objects kind by kind, in the
+    order the description names the kinds (not the board's reading order), so that a policy
+    can copy its reasoning off its own description, as the prompt asks."""
+    import re
+
+    from megatron_ivr.data.synthetic.responses import write_response
+
+    shown = ("color", "shape")
+    board = [("circle", "yellow", 0, 0), ("square", "red", 0, 1), ("square", "yellow", 1, 0),
+             ("circle", "yellow", 2, 2)]
+    scene = [SceneObject(shape, color, "large", "matte", row, col, shown) for shape, color, row, col in board]
+    question = Question("count_attr", "How many yellow objects are there in the image?", "3", [{"color": "yellow"}],
+                        "count")
+    text = write_response(scene, question, "ivr", "counts")
+    desc = re.search(r"<desc>(.*)</desc>", text).group(1)
+    assert desc == "The image shows 4 objects: 1 red square, 2 yellow circles, 1 yellow square."
+    assert "The yellow objects are a yellow circle, a yellow circle, a yellow square, so 3." in text
+    # the other styles keep the board's reading order in both
+    compact = write_response(scene, question, "ivr", "compact")
+    assert "a yellow circle, a red square, a yellow square, a yellow circle." in compact
+    assert "The yellow objects are a yellow circle, a yellow square, a yellow circle, so 3." in compact

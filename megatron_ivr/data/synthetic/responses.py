@@ -29,8 +29,7 @@ def describe(objects: list[SceneObject], style: str = "full") -> str:
         raise ValueError(f"unknown description style {style!r}; choose from {DESCRIPTION_STYLES}")
     if style == "counts" and objects:
         kinds: dict[str, int] = {}
-        order = {name: i for i, name in enumerate(list(COLORS) + list(SHAPES) + list(SIZES) + list(MATERIALS))}
-        for o in sorted(objects, key=lambda o: (order[o.color], order[o.shape], order[o.size], order[o.material])):
+        for o in description_order(objects, style):
             name = o.phrase()[2:]
             kinds[name] = kinds.get(name, 0) + 1
         parts = [f"{n} {name}{'s' if n > 1 else ''}" for name, n in kinds.items()]
@@ -47,6 +46,16 @@ def describe(objects: list[SceneObject], style: str = "full") -> str:
         return f"The image shows {len(objects)} objects: " + ", ".join(o.phrase() for o in objects) + "."
     items = "; ".join(f"{o.phrase()} at the {o.where()}" for o in objects)
     return f"The image shows {len(objects)} objects: {items}."
+
+
+def description_order(objects: list[SceneObject], style: str) -> list[SceneObject]:
+    """The objects in the order the description names them: by kind (colour, then shape) for
+    ``counts``, as given (reading order) for the other styles. The reasoning lists objects in
+    this order, so that it reads off the description, as the prompt asks."""
+    if style != "counts":
+        return list(objects)
+    order = {name: i for i, name in enumerate(list(COLORS) + list(SHAPES) + list(SIZES) + list(MATERIALS))}
+    return sorted(objects, key=lambda o: (order[o.color], order[o.shape], order[o.size], order[o.material]))
 
 
 def _listing(objects: list[SceneObject], predicate: dict) -> tuple[int, str]:
@@ -88,7 +97,7 @@ def reasoning(objects: list[SceneObject], question: Question) -> tuple[str, str]
 def write_response(objects: list[SceneObject], question: Question, template: str = "ivr",
                    style: str = "full") -> str:
     """A full response in the output template (spec section 1); ``style`` of the description."""
-    think, answer = reasoning(objects, question)
+    think, answer = reasoning(description_order(objects, style), question)
     body = f"<think>{think}</think>\n\\boxed{{{answer}}}"
     if template == "ivr":
         return f"<desc>{describe(objects, style)}</desc>\n{body}"

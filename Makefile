@@ -20,13 +20,15 @@ setup: $(VENV)/.installed
 
 RUN ?= runs/demo
 MIVR := $(VENV)/bin/megatron-ivr
+# SFT runs data-parallel over this many processes (one thread each: the demo's 2 cores)
+SFT_PROCS ?= 2
 
 # synthetic task -> tiny Qwen2.5-VL -> SFT (HF -> Megatron on load) -> RL (IVR-R1 + VICRA)
 # -> greedy test accuracy of the SFT and the RL policy -> report with plots ($(RUN)/report)
 demo: setup
 	$(MIVR) data synth -c $(CONFIG)
 	$(MIVR) model tiny -c $(CONFIG)
-	$(MIVR) sft $(CONFIG)
+	$(VENV)/bin/torchrun --nproc_per_node $(SFT_PROCS) $(MIVR) sft $(CONFIG)
 	$(MIVR) eval -c $(CONFIG) model.path=$(RUN)/sft/hf logging.dir=$(RUN)/eval/sft
 	$(MIVR) train $(CONFIG)
 	$(MIVR) eval -c $(CONFIG) model.path=$(RUN)/rl/hf logging.dir=$(RUN)/eval/rl

@@ -356,7 +356,7 @@ class LoggingConfig:
     tensorboard: bool = False
     wandb: bool = False  # needs `pip install wandb`; project = wandb_project, run name = name
     wandb_project: str = "megatron-ivr"
-    progress: bool = True  # a progress line per step (rewritten in place on a terminal)
+    progress: bool = True  # a progress line per step on a terminal (in place); elsewhere one every 10 s
     interval: int = 1
 
 

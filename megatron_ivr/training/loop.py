@@ -66,13 +66,17 @@ class StopSignal:
 
 
 class Progress:
-    """One line per step on a terminal (rewritten in place), plain lines otherwise."""
+    """One line per step on a terminal (rewritten in place). Not on a terminal (a log file, CI),
+    plain lines: the first and the last step, and otherwise one step every
+    ``plain_interval_s`` seconds, so that a 1,200-step SFT run does not write 1,200 lines."""
 
     def __init__(self, name: str, total: int, keys: tuple[tuple[str, str], ...], enabled: bool = True,
-                 messages: bool = True):
+                 messages: bool = True, plain_interval_s: float = 10.0, clock=time.monotonic):
         """``enabled``: the per-step line; ``messages``: resume, stop and export notices."""
         self.name, self.total, self.keys, self.enabled, self.messages = name, total, keys, enabled, messages
         self.tty = sys.stdout.isatty()
+        self.plain_interval_s, self.clock = plain_interval_s, clock
+        self._last_plain: Optional[float] = None
 
     def update(self, step: int, metrics: dict, seconds: float) -> None:
         if not self.enabled:
@@ -81,8 +85,11 @@ class Progress:
         line = f"[{self.name}] step {step}/{self.total} " + " ".join(parts) + f" {seconds:.1f} s/step"
         if self.tty:
             print("\r" + line.ljust(110), end="\n" if step == self.total else "", flush=True)
-        else:
+            return
+        now = self.clock()
+        if self._last_plain is None or step == self.total or now - self._last_plain >= self.plain_interval_s:
             print(line, flush=True)
+            self._last_plain = now
 
     def message(self, text: str) -> None:
         if self.messages:

@@ -17,6 +17,8 @@ from megatron_ivr.data.synthetic.questions import Question, count, final_answer,
 from megatron_ivr.data.synthetic.scene import COLORS, MATERIALS, SHAPES, SIZES, SceneObject
 
 DESCRIPTION_STYLES = ("full", "compact", "cells", "counts")
+# the order in which a ``counts`` description names kinds: colour, then shape, size, material
+_KIND_RANK = {name: i for i, name in enumerate(list(COLORS) + list(SHAPES) + list(SIZES) + list(MATERIALS))}
 
 
 def describe(objects: list[SceneObject], style: str = "full") -> str:
@@ -54,8 +56,7 @@ def description_order(objects: list[SceneObject], style: str) -> list[SceneObjec
     this order, so that it reads off the description, as the prompt asks."""
     if style != "counts":
         return list(objects)
-    order = {name: i for i, name in enumerate(list(COLORS) + list(SHAPES) + list(SIZES) + list(MATERIALS))}
-    return sorted(objects, key=lambda o: (order[o.color], order[o.shape], order[o.size], order[o.material]))
+    return sorted(objects, key=lambda o: tuple(_KIND_RANK[v] for v in (o.color, o.shape, o.size, o.material)))
 
 
 def _listing(objects: list[SceneObject], predicate: dict) -> tuple[int, str]:

@@ -2,8 +2,9 @@
 
 Requests are rendered with the model's chat template, batched (``batch_size`` prompts x
 ``n`` samples per ``generate`` call, KV cache on), sampled or greedy, and returned with the
-log-prob of every generated token under the policy (raw logits, before temperature and
-top-p, as the trainer computes them).
+log-prob of every generated token under the distribution it was sampled from before
+top-k/top-p: ``log softmax(logits / T)`` (raw logits when greedy), as SGLang returns them and
+the trainer computes them (spec 2).
 
 The ``n`` samples of a prompt share its prefill: the prompt (image included) is run once into
 the KV cache, with the MRoPE offsets repeated per sample. Without it, the prompt and image
@@ -163,9 +164,11 @@ class LocalEngine:
         is transformers' generate's: the text position (the prompt's tokens counted, padding
         skipped) plus the row's MRoPE offset (``rope_deltas``), on all three MRoPE axes.
         Finished rows are fed padding until every row has finished, as transformers does.
-        Returns the tokens ``[B, T]`` and their log-probs under the raw logits ``[B, T]``."""
+        Returns the tokens ``[B, T]`` and their log-probs ``[B, T]`` under ``logits / temperature``
+        (the raw logits when greedy)."""
         base, batch = self.model.model, mask.shape[0]
         processors = _sampler(sampling)
+        scale = sampling.temperature if sampling.temperature > 0 else 1.0
         position = mask.sum(-1, keepdim=True) - 1  # the text position of the prompt's last token
         finished = torch.zeros(batch, dtype=torch.bool)
         tokens, logprobs = [], []
@@ -178,7 +181,7 @@ class LocalEngine:
             token = (processors(None, logits) if processors else logits).argmax(-1)
             token = token.masked_fill(finished, self.pad_token_id)
             tokens.append(token)
-            logprobs.append(logits.log_softmax(-1).gather(-1, token[:, None])[:, 0])
+            logprobs.append((logits / scale).log_softmax(-1).gather(-1, token[:, None])[:, 0])
             finished |= token == self.eos_token_id
             if finished.all():
                 break

@@ -16,6 +16,9 @@ that trains *is* the old policy, so the training forward's own log-probs (detach
 old log-probs, exactly: no separate pass is run for them (spec 2's ratio starts at 1). With
 several mini-batches they are computed before the first update, in the sweep of step 1.
 
+Every log-prob is of ``logits / rollout.temperature`` (``logprobs.tempered``): the distribution
+the rollouts were sampled from, which the engines' log-probs are of too.
+
 Per-token tensors live in the response layout ``[N, T]`` (one row per response, whatever
 the packing), which is what the loss functions take. The loss of a micro-batch is
 normalized by the *global* token (or sequence) count of its mini-batch, and megatron's own
@@ -99,6 +102,8 @@ class RlStep:
     def __init__(self, cfg: RunConfig, policy, processor, reference=None):
         self.cfg, self.policy, self.processor, self.reference = cfg, policy, processor, reference
         self.loss_cfg = LossConfig.from_config(cfg.algorithm)
+        # the sampling temperature of the trajectories (greedy rollouts, T = 0: the raw logits)
+        self.temperature = cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
 
     # --- batches --------------------------------------------------------------------------
     @property
@@ -176,8 +181,8 @@ class RlStep:
                 sweep.append(micro.batch)
             if micro.no_image is not None:
                 sweep.append(micro.no_image)
-        records = iter(forward_logprobs(self.policy.forward_model, sweep, causal_mask, with_entropy=not on_policy)
-                       if sweep else [])
+        records = iter(forward_logprobs(self.policy.forward_model, sweep, causal_mask, with_entropy=not on_policy,
+                                        temperature=self.temperature) if sweep else [])
         for micro in micros:
             if not on_policy:
                 record = next(records)
@@ -187,7 +192,8 @@ class RlStep:
             if not on_policy:
                 micro.finish(old_logp, entropy)
         if self.reference is not None:
-            ref = forward_logprobs(self.reference.model, [m.batch for m in micros], causal_mask)
+            ref = forward_logprobs(self.reference.model, [m.batch for m in micros], causal_mask,
+                                   temperature=self.temperature)
             for micro, record in zip(micros, ref):
                 micro.ref_logp = micro.batch.responses(record["logprobs"])
         return time.perf_counter() - t0
@@ -197,7 +203,7 @@ class RlStep:
         import torch.distributed as dist
         from megatron.core import parallel_state as ps
 
-        from megatron_ivr.training.logprobs import vocab_parallel_entropy, vocab_parallel_logprobs
+        from megatron_ivr.training.logprobs import tempered, vocab_parallel_entropy, vocab_parallel_logprobs
         from megatron_ivr.training.optimizer import global_loss_scale, train_step
         from model_providers.qwen_vl import causal_mask
 
@@ -206,6 +212,7 @@ class RlStep:
 
         def loss_fn(batch, logits):
             micro = by_batch[id(batch)]
+            logits = tempered(logits, self.temperature)
             if micro.old_logp is None:  # on-policy: this forward is the old policy's (entropy first:
                 entropy = batch.responses(vocab_parallel_entropy(logits))  # the log-probs reuse the logits)
             logp = batch.responses(vocab_parallel_logprobs(logits, batch.targets))

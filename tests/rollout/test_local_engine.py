@@ -160,7 +160,9 @@ def test_decode_loop_samples_what_transformers_generate_samples(tiny_models, fam
                                         eos_token_id=engine.eos_token_id, output_logits=True,
                                         return_dict_in_generate=True)
         tokens = out.sequences[:, inputs["input_ids"].shape[1]:]
-        logprobs = torch.stack(out.logits, 1).float().log_softmax(-1).gather(-1, tokens[..., None])[..., 0]
+        # the log-probs of the distribution sampled from (before top-p): logits / T, raw when greedy
+        scale = sampling.temperature or 1.0
+        logprobs = (torch.stack(out.logits, 1).float() / scale).log_softmax(-1).gather(-1, tokens[..., None])[..., 0]
         for completion, row, row_logprobs in zip(got, tokens.tolist(), logprobs):
             want = row[:row.index(engine.eos_token_id) + 1] if engine.eos_token_id in row else row
             assert completion.token_ids == want

@@ -53,8 +53,11 @@ class ServerSpec:
 
     def env_overrides(self) -> dict:
         """What a server needs on top of its environment (the launch scripts export the same):
-        the multimodal cache off, and the CPU engine on CPU."""
-        env = {"SGLANG_VLM_CACHE_SIZE_MB": "0"}
+        the multimodal cache off; log-probs of the tempered distribution the tokens were
+        sampled from (SGLang's default, which the trainer scores: an inherited
+        ``SGLANG_RETURN_ORIGINAL_LOGPROB=1`` would report raw-logit log-probs and skew TIS at
+        T != 1); and the CPU engine on CPU."""
+        env = {"SGLANG_VLM_CACHE_SIZE_MB": "0", "SGLANG_RETURN_ORIGINAL_LOGPROB": "0"}
         if self.device == "cpu":
             env["SGLANG_USE_CPU_ENGINE"] = "1"
         return env

@@ -9,7 +9,8 @@ Layout of ``{dir}/step_{N:08d}/``::
                         ``megatron-ivr convert megatron-to-hf step_N/dist OUT``
     trainer_state.json  step, the job's state (sample order position, engine weight version),
                         the LR scheduler, the layout
-    rng/rank_{r}.json   torch / python / numpy RNG states of rank r (JSON: nothing unpickled)
+    rng/rank_{r}.json   torch / python / numpy RNG states and megatron's model-parallel RNG
+                        streams of rank r (JSON: nothing unpickled)
     COMPLETE            written last: the size of every file above (JSON); a folder without
                         it, or whose files no longer match it (truncated, deleted), is skipped
 
@@ -80,7 +81,21 @@ def rng_state() -> dict:
              "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])]}
     if torch.cuda.is_available():
         saved["cuda"] = torch.cuda.get_rng_state().tolist()
+    saved["model_parallel"] = {name: _generator_state(state).tolist() for name, state in _tracker().get_states().items()}
     return saved
+
+
+def _tracker():
+    """megatron's model-parallel RNG tracker (its named streams: the TP-rank-specific one
+    that dropout and initialization inside tensor-parallel regions draw from)."""
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    return get_cuda_rng_tracker()
+
+
+def _generator_state(state) -> torch.Tensor:
+    """A tracker stream's state: a byte tensor, or a generator (CUDA-graph-safe streams)."""
+    return state.get_state() if isinstance(state, torch.Generator) else state
 
 
 def set_rng_state(saved: dict) -> None:
@@ -91,6 +106,15 @@ def set_rng_state(saved: dict) -> None:
     random.setstate((version, tuple(state), gauss))
     name, keys, pos, has_gauss, cached = saved["numpy"]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    streams = dict(_tracker().get_states())
+    for name, values in saved.get("model_parallel", {}).items():
+        state = torch.tensor(values, dtype=torch.uint8)
+        if isinstance(streams.get(name), torch.Generator):
+            streams[name].set_state(state)
+        else:
+            streams[name] = state
+    if streams:
+        _tracker().set_states(streams)
 
 
 def _materialize_optimizer_state(optimizer) -> None:

@@ -5,12 +5,13 @@ Model: a random Qwen2.5-VL with hidden 1024, 8 decoder layers, a 32k vocabulary 
 4-block vision tower (~200M parameters, ~0.8 GB in fp32). Both directions run at TP1 in one
 process (the converter's own cost, not parallel speed-up), after one warm-up round of each
 arm (imports, process group, page cache). The converter's time includes building the
-Megatron model and megatron-core's distributed-checkpoint save and load. The arms alternate
-over ``--rounds`` rounds (medians), each after an ``os.sync()``: a write that follows another
-arm's gigabyte of dirty pages is throttled by the kernel's writeback (a plain write of 0.8 GB
-measured 0.95-1.9 s on this machine depending on what was written before it).
+Megatron model and megatron-core's distributed-checkpoint save and load. The arms rotate
+over ``--rounds`` rounds (medians), each after an ``os.sync()`` and right after the previous
+arm's output was deleted: on this machine the cost of writing 0.8 GB depends on the page-cache
+history (0.15 s into pages just freed, 1.2-1.7 s into pages not used before, measured with
+the same ``save_file`` in one process), so a fixed order would hand one arm the fast place.
 
-Usage: python benchmarks/convert.py [--layers 8] [--hidden 1024] [--rounds 3]
+Usage: python benchmarks/convert.py [--layers 8] [--hidden 1024] [--rounds 4]
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=4)
     args = parser.parse_args()
     torch.set_num_threads(1)
     from safetensors.torch import load_file, save_file
@@ -61,37 +62,41 @@ def main() -> None:
         tmp = Path(tmp)
         nbytes = make_model(tmp / "source", args.layers, args.hidden)
         mb = nbytes / 1e6
-        # warm-up: imports, the process group and the page cache, for both arms
+        # warm-up: imports, the process group and the page cache, for both arms; the Megatron
+        # checkpoint written here is what every Megatron -> HF arm reads
         load_file(tmp / "source" / "model.safetensors")
-        megatron_to_hf(hf_to_megatron(tmp / "source", tmp / "warm"), tmp / "warm_export")
-        shutil.rmtree(tmp / "warm")
+        megatron_to_hf(hf_to_megatron(tmp / "source", tmp / "input_megatron"), tmp / "warm_export")
         shutil.rmtree(tmp / "warm_export")
 
         def plain():
-            save_file(load_file(tmp / "source" / "model.safetensors"), str(tmp / "plain.safetensors"))
+            save_file(load_file(tmp / "source" / "model.safetensors"), str(tmp / "out"))
 
         def durable():  # the same, written durably: megatron-core's writers fsync every file
-            save_file(load_file(tmp / "source" / "model.safetensors"), str(tmp / "durable.safetensors"))
-            with open(tmp / "durable.safetensors", "rb") as handle:
+            plain()
+            with open(tmp / "out", "rb") as handle:
                 os.fsync(handle.fileno())
 
         arms = {"plain": plain, "durable": durable,
-                "to_megatron": lambda: hf_to_megatron(tmp / "source", tmp / "megatron"),
-                "to_hf": lambda: megatron_to_hf(tmp / "megatron", tmp / "export")}
+                "to_megatron": lambda: hf_to_megatron(tmp / "source", tmp / "out"),
+                "to_hf": lambda: megatron_to_hf(tmp / "input_megatron", tmp / "out")}
+        names = list(arms)
         times = {name: [] for name in arms}
-        for _ in range(args.rounds):  # arms alternate, so that a slow spell of the machine falls on all
-            for name, arm in arms.items():
-                os.sync()  # each arm starts with no dirty pages of the previous one still being written back
+        for r in range(args.rounds):
+            # the arms rotate: each takes each place in the order once per len(arms) rounds, so
+            # that the page-cache state a place inherits (a write into pages just freed is up to
+            # 10x faster on this machine than one into pages never used) falls on all of them
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                os.sync()  # no dirty pages of the previous arm still being written back
                 start = time.perf_counter()
-                arm()
+                arms[name]()
                 times[name].append(time.perf_counter() - start)
-            for name in ("plain.safetensors", "durable.safetensors", "export"):
-                shutil.rmtree(tmp / name) if (tmp / name).is_dir() else (tmp / name).unlink()
-            shutil.rmtree(tmp / "megatron")
+                out = tmp / "out"
+                shutil.rmtree(out) if out.is_dir() else out.unlink()  # every arm starts after the same deletion
     plain_s, durable_s, to_megatron, to_hf = (statistics.median(times[name]) for name in arms)
     ours = to_megatron + to_hf
     print(f"model: {nbytes / 1e9:.2f} GB of fp32 weights ({nbytes // 4 / 1e6:.0f}M parameters); medians of "
-          f"{args.rounds} alternating rounds, os.sync() before each arm")
+          f"{args.rounds} rounds in rotating order, os.sync() before each arm")
+    print("seconds per round: " + "; ".join(f"{name} " + " ".join(f"{t:.2f}" for t in times[name]) for name in times))
     print(f"plain safetensors load + save: {plain_s:.2f} s = {mb / plain_s:.0f} MB/s; with an fsync of the written "
           f"file (as megatron-core's checkpoint writers do; the HF export does not): {durable_s:.2f} s = "
           f"{mb / durable_s:.0f} MB/s")

@@ -95,7 +95,7 @@ def cmd_convert(args) -> int:
     from model_providers.convert import hf_to_megatron, megatron_to_hf
 
     if args.direction == "hf-to-megatron":
-        out = hf_to_megatron(args.src, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype)
+        out = hf_to_megatron(args.src, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype, writers=args.writers)
     else:
         out = megatron_to_hf(args.src, args.out, tp=args.tp, pp=args.pp)
     print(f"wrote {out}")
@@ -193,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
     convert.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                          help="parameter dtype of the Megatron checkpoint")
+    convert.add_argument("--writers", type=int, default=4,
+                         help="hf-to-megatron: writer processes per rank (megatron-core's default is 2; raise it for "
+                              "storage that rewards parallel writes)")
     convert.set_defaults(func=cmd_convert)
 
     launch_note = ("Alone it runs one process; under torchrun (`torchrun --nproc_per_node N $(which megatron-ivr) "

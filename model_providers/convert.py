@@ -2,8 +2,11 @@
 
 - ``hf_to_megatron``: ``tp * pp`` processes (gloo on CPU, NCCL on GPU) each build their
   stage, read only their own slices of the HF tensors, and save collectively with
-  ``dist_checkpointing`` (``torch_dist`` backend). The checkpoint loads at any other TP/PP
-  (megatron reshards on load).
+  ``dist_checkpointing`` (``torch_dist`` backend) with ``writers`` writer processes per rank
+  (megatron's default is 2; on this CPU machine 4 wrote the 0.8 GB checkpoint of
+  ``benchmarks/convert.py`` in a median 1.62 s against 1.83 s over six alternating runs: the
+  writes wait on the page cache and fsync, not on the CPU). The checkpoint loads at any other
+  TP/PP (megatron reshards on load).
 - ``megatron_to_hf``: load a distributed checkpoint at any layout, gather TP shards and PP
   stages to rank 0, write safetensors shards + index + config, tokenizer and processor.
 
@@ -59,9 +62,10 @@ def _log(message: str) -> None:
         print(message, flush=True)
 
 
-def _hf_to_megatron_rank(hf_dir: str, tmp_dir: str, tp: int, pp: int, dtype: str) -> None:
+def _hf_to_megatron_rank(hf_dir: str, tmp_dir: str, tp: int, pp: int, dtype: str, writers: int) -> None:
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 
     from megatron_ivr.training.parallel import ParallelLayout, init_parallel
     from model_providers.build import DTYPES, build_empty_model, load_hf_weights
@@ -75,7 +79,8 @@ def _hf_to_megatron_rank(hf_dir: str, tmp_dir: str, tp: int, pp: int, dtype: str
     _log(f"[convert] built stage models (tp={tp}, pp={pp}); loading {total} tensors on rank 0's stage")
     adapter = load_hf_weights(model, checkpoint, progress=_log)
     _log(f"[convert] loaded in {time.time() - start:.1f}s; saving the distributed checkpoint")
-    dist_checkpointing.save(model.sharded_state_dict(), tmp_dir)
+    dist_checkpointing.save(model.sharded_state_dict(), tmp_dir,
+                            sharded_strategy=TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=writers))
     if dist.get_rank() == 0:
         meta = {"family": model.family.name, "tp": tp, "pp": pp, "dtype": dtype, "key_style": adapter.key_style,
                 "source": str(hf_dir)}
@@ -125,14 +130,17 @@ def _run_into(tmp: Path, out_dir: Path, job: str, world: int, args: dict) -> Non
         raise
 
 
-def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, tp: int = 1, pp: int = 1, dtype: str = "float32") -> Path:
+def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, tp: int = 1, pp: int = 1, dtype: str = "float32",
+                   writers: int = 4) -> Path:
     from model_providers.hf_checkpoint import SIDE_FILES
 
+    if writers < 1:
+        raise ValueError(f"writers must be >= 1, got {writers}")
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     tmp = _fresh_tmp(out_dir)
     tmp.mkdir(parents=True)
     _run_into(tmp, out_dir, "hf_to_megatron", tp * pp,
-              dict(hf_dir=str(hf_dir), tmp_dir=str(tmp), tp=tp, pp=pp, dtype=dtype))
+              dict(hf_dir=str(hf_dir), tmp_dir=str(tmp), tp=tp, pp=pp, dtype=dtype, writers=writers))
     (tmp / "hf").mkdir()
     for name in SIDE_FILES:
         if (hf_dir / name).exists():

@@ -159,7 +159,9 @@ class RolloutConfig:
 
     def validate(self, prefix: str = "rollout") -> None:
         _check(self.n >= 1, f"{prefix}.n", "must be >= 1")
-        _check(self.temperature >= 0, f"{prefix}.temperature", "must be >= 0")
+        _check(self.temperature > 0, f"{prefix}.temperature",
+               "must be > 0: the n responses of a prompt are sampled (greedy rollouts would be identical, "
+               "every advantage 0; evaluation is greedy on its own)")
         _check(0 < self.top_p <= 1, f"{prefix}.top_p", "must be in (0, 1]")
         _check(self.max_new_tokens >= 1, f"{prefix}.max_new_tokens", "must be >= 1")
         _check(self.max_weight_lag >= 0, f"{prefix}.max_weight_lag", "must be >= 0")

@@ -102,8 +102,7 @@ class RlStep:
     def __init__(self, cfg: RunConfig, policy, processor, reference=None):
         self.cfg, self.policy, self.processor, self.reference = cfg, policy, processor, reference
         self.loss_cfg = LossConfig.from_config(cfg.algorithm)
-        # the sampling temperature of the trajectories (greedy rollouts, T = 0: the raw logits)
-        self.temperature = cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
+        self.temperature = cfg.rollout.temperature  # the trajectories' sampling temperature (> 0)
 
     # --- batches --------------------------------------------------------------------------
     @property

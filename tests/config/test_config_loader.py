@@ -90,6 +90,7 @@ def test_unknown_section_from_the_command_line_is_blamed_on_it():
 @pytest.mark.parametrize("override, key", [
     ("algorithm.vicra.score=kl", "algorithm.vicra.score"),  # a formula that the trainer does not run: refused
     ("trainer.pack_length=-1", "trainer.pack_length"),
+    ("rollout.temperature=0", "rollout.temperature"),  # greedy rollouts: every group identical
 ])
 def test_settings_the_trainer_cannot_honour_are_refused_by_key(override, key):
     with pytest.raises(ConfigError) as info:

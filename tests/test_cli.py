@@ -55,3 +55,12 @@ def test_an_impossible_layout_is_a_config_error_before_anything_starts(tiny_mode
     err = capsys.readouterr().err
     assert code == 1
     assert "parallel.tensor_parallel=3 must divide the model's num_key_value_heads (2)" in err
+
+
+def test_sglang_without_servers_is_a_config_error_before_the_model_loads(capsys):
+    """No server URLs: the key is named before anything is loaded (the model path does not
+    exist, so a later check would report that instead)."""
+    code = main(["train", "configs/demo_cpu.yaml", "model.path=/nonexistent", "rollout.backend=sglang"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "rollout.server_urls" in err and "Traceback" not in err

@@ -6,14 +6,21 @@ from __future__ import annotations
 from megatron_ivr.config.schema import RolloutConfig
 
 
+def check_engine_config(rollout: RolloutConfig) -> None:
+    """Refuse, before any model is loaded, an engine that cannot be built."""
+    from megatron_ivr.config.errors import ConfigError
+
+    if rollout.backend == "sglang" and not rollout.server_urls:
+        raise ConfigError("rollout.backend=sglang needs rollout.server_urls (start servers with the server manager "
+                          "or `megatron-ivr launch`, which fills them in)", key="rollout.server_urls")
+
+
 def make_engine(rollout: RolloutConfig, model_path: str, processor, batch_size: int):
     """``batch_size``: requests the in-process engine generates together (ignored by SGLang)."""
+    check_engine_config(rollout)
     if rollout.backend == "sglang":
         from megatron_ivr.rollout.sglang.engine import engine_from_urls
 
-        if not rollout.server_urls:
-            raise ValueError("rollout.backend=sglang needs rollout.server_urls (start servers with the server "
-                             "manager or `megatron-ivr launch`)")
         return engine_from_urls(rollout.server_urls, processor.tokenizer, api_key=rollout.api_key)
     from megatron_ivr.models.tiny import load_model
     from megatron_ivr.rollout.local import LocalEngine

@@ -257,6 +257,9 @@ def _check_packing(cfg: RunConfig) -> None:
 def run_rl(cfg: RunConfig) -> int:
     from megatron_ivr.training.parallel import destroy_parallel
 
+    from megatron_ivr.rollout.factory import check_engine_config
+
+    check_engine_config(cfg.rollout)  # before minutes of model loading
     rank = _setup(cfg, cfg.model.path)
     processor = load_processor(cfg.model.path)
     trainer = cfg.trainer

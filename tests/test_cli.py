@@ -64,3 +64,16 @@ def test_sglang_without_servers_is_a_config_error_before_the_model_loads(capsys)
     err = capsys.readouterr().err
     assert code == 1
     assert "rollout.server_urls" in err and "Traceback" not in err
+
+
+def test_sft_on_data_without_reference_responses_is_a_data_error(tiny_models, synthetic_dir, capsys):
+    """train.jsonl has questions and answers but no reference responses: one clear line, and
+    the process groups are torn down (the next in-process job starts cleanly)."""
+    import torch.distributed as dist
+
+    code = main(["sft", "configs/demo_cpu.yaml", f"sft.init_path={tiny_models['qwen2_5_vl']}",
+                 f"sft.data_paths=[{synthetic_dir / 'train.jsonl'}]", "logging.progress=false"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "no sample has a reference response" in err and "Traceback" not in err
+    assert not dist.is_initialized()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +66,10 @@ def decode_image(source: Any, root: Path | None = None, allow_outside_root: bool
 
 
 def _inside(path: Path, root: Path) -> bool:
-    return path.resolve().is_relative_to(Path(root).resolve())
+    """Whether ``path`` names a file under ``root`` as written (``..`` and absolute paths
+    elsewhere are outside). Links are not followed: an images folder linked into the dataset
+    folder by whoever set it up counts as inside, as datasets on shared storage often are."""
+    return Path(os.path.normpath(os.path.abspath(path))).is_relative_to(os.path.normpath(os.path.abspath(root)))
 
 
 def resize_for_qwen(image: Image.Image, factor: int, min_pixels: int, max_pixels: int) -> Image.Image:

@@ -81,7 +81,8 @@ def rng_state() -> dict:
              "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])]}
     if torch.cuda.is_available():
         saved["cuda"] = torch.cuda.get_rng_state().tolist()
-    saved["model_parallel"] = {name: _generator_state(state).tolist() for name, state in _tracker().get_states().items()}
+    saved["model_parallel"] = {name: _generator_state(state).tolist()
+                               for name, state in _tracker().get_states().items()}
     return saved
 
 

@@ -35,15 +35,24 @@ def response_token_ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
 
+def reference_samples(cfg: RunConfig, datasets: list) -> list:
+    """The samples SFT trains on: those with a reference response; none is a data error
+    (checked before the model loads)."""
+    from megatron_ivr.data import DataError
+
+    samples = [s for dataset in datasets for s in dataset.samples if s.reasoning]
+    if not samples:
+        raise DataError(f"{cfg.sft.data_paths}: no sample has a reference response (a 'reasoning' or "
+                        "'response' column, or chat 'messages')")
+    return samples
+
+
 class SftJob:
     name = "sft"
 
     def __init__(self, cfg: RunConfig, policy, processor, datasets: list):
         self.cfg, self.policy, self.processor = cfg, policy, processor
-        self.samples = [s for dataset in datasets for s in dataset.samples if s.reasoning]
-        if not self.samples:
-            raise ValueError(f"{cfg.sft.data_paths}: no sample has a reference response (a 'reasoning' or "
-                             "'response' column, or chat 'messages')")
+        self.samples = reference_samples(cfg, datasets)
         self.total_steps = cfg.sft.steps
         self.sampler = EpochSampler(len(self.samples), cfg.trainer.seed)
         self.data_metrics = {}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -32,19 +33,25 @@ from megatron_ivr.training.policy import ScheduleSettings, export_hf, load_polic
 logger = logging.getLogger(__name__)
 
 
-def _setup(cfg: RunConfig, model_path: str):
-    """Threads, process groups (checked against the model first) and the rank."""
+@contextmanager
+def _parallel(cfg: RunConfig, model_path: str):
+    """Threads and process groups (the layout checked against the model first) for the
+    body of a job; yields the rank. The groups are torn down however the body ends (a data
+    or config error after start-up included)."""
     import torch.distributed as dist
 
     from megatron_ivr.training.layout import check_layout
-    from megatron_ivr.training.parallel import ParallelLayout, init_parallel, select_device
+    from megatron_ivr.training.parallel import ParallelLayout, destroy_parallel, init_parallel, select_device
 
     select_device(cfg.trainer.device)
     torch.set_num_threads(cfg.trainer.num_threads)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     check_layout(cfg, world, model_path)
     init_parallel(ParallelLayout(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel), cfg.trainer.seed)
-    return dist.get_rank()
+    try:
+        yield dist.get_rank()
+    finally:
+        destroy_parallel()
 
 
 def _writer(cfg: RunConfig, log_dir: str, rank: int):
@@ -65,32 +72,31 @@ def _read(cfg: RunConfig, path: str, model_path: str):
 
 
 def run_sft(cfg: RunConfig) -> int:
-    from megatron_ivr.training.parallel import destroy_parallel
-    from megatron_ivr.training.sft import SftJob
+    from megatron_ivr.training.sft import SftJob, reference_samples
 
     sft = cfg.sft
-    rank = _setup(cfg, sft.init_path)
-    out = Path(sft.output_dir)
-    processor = load_processor(sft.init_path)
-    datasets = [_read(cfg, path, sft.init_path) for path in sft.data_paths]
-    policy = load_policy(sft.init_path, cfg.model.dtype,
-                         OptimizerSettings(lr=sft.lr, weight_decay=sft.weight_decay, clip_grad=sft.grad_clip),
-                         ScheduleSettings(sft.lr_warmup_steps, sft.steps, sft.lr_schedule, sft.min_lr),
-                         cfg.parallel.fp8)
-    job = SftJob(cfg, policy, processor, datasets)
-    writer = _writer(cfg, str(out / "logs"), rank)
-    progress = Progress("sft", job.total_steps, (("sft/loss", "loss"), ("sft/lr", "lr")),
-                        enabled=rank == 0 and cfg.logging.progress, messages=rank == 0)
-    try:
-        checkpointer = Checkpointer(out / "checkpoints", cfg.checkpoint.keep_last, sft.init_path)
-        last = run_job(job, policy, checkpointer, writer, progress, sft.save_interval, cfg.checkpoint.resume)
-        if last == job.total_steps:
-            export_hf(policy, str(out / "hf"), sft.init_path)
-            progress.message(f"[sft] wrote the fine-tuned policy to {out / 'hf'}")
-    finally:
-        if writer is not None:
-            writer.close()
-        destroy_parallel()
+    with _parallel(cfg, sft.init_path) as rank:
+        out = Path(sft.output_dir)
+        processor = load_processor(sft.init_path)
+        datasets = [_read(cfg, path, sft.init_path) for path in sft.data_paths]
+        reference_samples(cfg, datasets)  # before the model loads
+        policy = load_policy(sft.init_path, cfg.model.dtype,
+                             OptimizerSettings(lr=sft.lr, weight_decay=sft.weight_decay, clip_grad=sft.grad_clip),
+                             ScheduleSettings(sft.lr_warmup_steps, sft.steps, sft.lr_schedule, sft.min_lr),
+                             cfg.parallel.fp8)
+        job = SftJob(cfg, policy, processor, datasets)
+        writer = _writer(cfg, str(out / "logs"), rank)
+        progress = Progress("sft", job.total_steps, (("sft/loss", "loss"), ("sft/lr", "lr")),
+                            enabled=rank == 0 and cfg.logging.progress, messages=rank == 0)
+        try:
+            checkpointer = Checkpointer(out / "checkpoints", cfg.checkpoint.keep_last, sft.init_path)
+            last = run_job(job, policy, checkpointer, writer, progress, sft.save_interval, cfg.checkpoint.resume)
+            if last == job.total_steps:
+                export_hf(policy, str(out / "hf"), sft.init_path)
+                progress.message(f"[sft] wrote the fine-tuned policy to {out / 'hf'}")
+        finally:
+            if writer is not None:
+                writer.close()
     return 0
 
 
@@ -255,35 +261,32 @@ def _check_packing(cfg: RunConfig) -> None:
 
 
 def run_rl(cfg: RunConfig) -> int:
-    from megatron_ivr.training.parallel import destroy_parallel
-
     from megatron_ivr.rollout.factory import check_engine_config
 
     check_engine_config(cfg.rollout)  # before minutes of model loading
-    rank = _setup(cfg, cfg.model.path)
-    processor = load_processor(cfg.model.path)
-    trainer = cfg.trainer
-    _check_packing(cfg)
-    schedule_steps = trainer.steps * trainer.mini_batches
-    policy = load_policy(cfg.model.path, cfg.model.dtype, OptimizerSettings.from_config(trainer),
-                         ScheduleSettings(trainer.lr_warmup_steps, schedule_steps, trainer.lr_schedule, trainer.min_lr),
-                         cfg.parallel.fp8)
-    reference = load_policy(cfg.model.path, cfg.model.dtype) if cfg.algorithm.beta > 0 else None
-    job = RlJob(cfg, policy, processor, reference, rank)
-    writer = _writer(cfg, cfg.logging.dir, rank)
-    progress = Progress("rl", job.total_steps, (("reward/mean", "reward"), ("reward/accuracy", "acc"),
-                                                ("loss/total", "loss")), enabled=rank == 0 and cfg.logging.progress,
-                        messages=rank == 0)
-    try:
-        checkpointer = Checkpointer(cfg.checkpoint.dir, cfg.checkpoint.keep_last, cfg.model.path)
-        last = run_job(job, policy, checkpointer, writer, progress, cfg.checkpoint.save_interval,
-                       cfg.checkpoint.resume)
-        if last == job.total_steps and trainer.export_dir:
-            export_hf(policy, trainer.export_dir, cfg.model.path)
-            progress.message(f"[rl] wrote the trained policy to {trainer.export_dir}")
-    finally:
-        job.close()
-        if writer is not None:
-            writer.close()
-        destroy_parallel()
+    with _parallel(cfg, cfg.model.path) as rank:
+        processor = load_processor(cfg.model.path)
+        trainer = cfg.trainer
+        _check_packing(cfg)
+        schedule_steps = trainer.steps * trainer.mini_batches
+        policy = load_policy(cfg.model.path, cfg.model.dtype, OptimizerSettings.from_config(trainer),
+                             ScheduleSettings(trainer.lr_warmup_steps, schedule_steps, trainer.lr_schedule,
+                                              trainer.min_lr), cfg.parallel.fp8)
+        reference = load_policy(cfg.model.path, cfg.model.dtype) if cfg.algorithm.beta > 0 else None
+        job = RlJob(cfg, policy, processor, reference, rank)
+        writer = _writer(cfg, cfg.logging.dir, rank)
+        progress = Progress("rl", job.total_steps, (("reward/mean", "reward"), ("reward/accuracy", "acc"),
+                                                    ("loss/total", "loss")),
+                            enabled=rank == 0 and cfg.logging.progress, messages=rank == 0)
+        try:
+            checkpointer = Checkpointer(cfg.checkpoint.dir, cfg.checkpoint.keep_last, cfg.model.path)
+            last = run_job(job, policy, checkpointer, writer, progress, cfg.checkpoint.save_interval,
+                           cfg.checkpoint.resume)
+            if last == job.total_steps and trainer.export_dir:
+                export_hf(policy, trainer.export_dir, cfg.model.path)
+                progress.message(f"[rl] wrote the trained policy to {trainer.export_dir}")
+        finally:
+            job.close()
+            if writer is not None:
+                writer.close()
     return 0

@@ -131,6 +131,19 @@ def test_image_paths_that_leave_the_dataset_folder_are_refused(synthetic_dir, tm
     assert [s.id for s in allowed.samples] == ["inside", "absolute"]  # ../../etc/hostname is no image
 
 
+def test_an_images_folder_linked_into_the_dataset_folder_counts_as_inside(synthetic_dir, tmp_path):
+    """Datasets on shared storage are often linked in: the path as written decides, links are
+    not followed; a written ``..`` through the link still leaves."""
+    (tmp_path / "images").symlink_to(synthetic_dir / "images", target_is_directory=True)
+    rows = [{"id": "linked", "question": "q", "answer": "1", "images": ["images/train_00000.png"]},
+            {"id": "dotdot", "question": "q", "answer": "1", "images": ["images/../../train.jsonl"]}]
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dataset = read_dataset(path, max_bad_fraction=1.0)
+    assert [s.id for s in dataset.samples] == ["linked"]
+    assert [b.id for b in dataset.bad] == ["dotdot"] and "leaves the dataset folder" in dataset.bad[0].reason
+
+
 def test_a_line_of_invalid_utf8_is_reported_by_line_and_skipped(synthetic_dir, tmp_path):
     good = (synthetic_dir / "train.jsonl").read_bytes().splitlines()[:3]
     path = synthetic_dir / "utf8_test.jsonl"

@@ -21,7 +21,8 @@ from megatron_ivr.training.parallel import free_port
 # distribution.
 RL_OVERRIDES = [
     "trainer.steps=3", "trainer.prompts_per_step=4", "trainer.lr=1e-3", "trainer.max_tokens_per_micro_batch=400",
-    "rollout.n=4", "rollout.max_new_tokens=24", "rollout.temperature=0.8", "algorithm.overlong_shaping=true", "algorithm.overlong_cache=16",
+    "rollout.n=4", "rollout.max_new_tokens=24", "rollout.temperature=0.8", "algorithm.overlong_shaping=true",
+    "algorithm.overlong_cache=16",
     "algorithm.vicra.enabled=true", "algorithm.ivr.enabled=true", "algorithm.ivr.tau=-0.5",
     "algorithm.ivr.critique_max_new_tokens=12", "algorithm.ivr.max_rounds=1", "checkpoint.save_interval=0",
     "logging.progress=false",

@@ -237,6 +237,22 @@ class Checkpointer:
         dist.barrier()
         return time.perf_counter() - start
 
+    def _not_this_model(self, folder: Path, exc: Exception):
+        """The error for resuming from a checkpoint of another model (a reused checkpoint.dir)."""
+        from megatron_ivr.config.errors import ConfigError
+        from model_providers.convert import META_NAME
+
+        meta_file = folder / "dist" / META_NAME
+        source = json.loads(meta_file.read_text()).get("source") if meta_file.exists() else None
+        failures = getattr(exc, "failures", None)  # torch's CheckpointException wraps each rank's error
+        cause = next(iter(failures.values()), exc) if failures else exc
+        cause = cause[0] if isinstance(cause, tuple) else cause  # (exception, traceback)
+        text = str(cause.args[0]) if isinstance(cause, KeyError) and cause.args else str(cause)
+        detail = (text.splitlines() or [type(cause).__name__])[0][:200]
+        return ConfigError(f"{folder} holds a checkpoint of another model (saved from {source}; this run's model is "
+                           f"{self.source_dir}): set another checkpoint.dir, or empty this one ({detail} ...)",
+                           key="checkpoint.dir")
+
     def _write_converter_files(self, folder: Path, policy) -> None:
         from megatron.core import parallel_state as ps
 
@@ -258,9 +274,14 @@ class Checkpointer:
         """Restore model, optimizer, scheduler and this rank's RNG; return the trainer state."""
         import torch.distributed as dist
         from megatron.core import dist_checkpointing
+        from megatron.core.dist_checkpointing.core import CheckpointingException
+        from torch.distributed.checkpoint.api import CheckpointException
 
         _materialize_optimizer_state(policy.optimizer)
-        loaded = dist_checkpointing.load({"model": policy.model.sharded_state_dict()}, str(folder / "dist"))
+        try:
+            loaded = dist_checkpointing.load({"model": policy.model.sharded_state_dict()}, str(folder / "dist"))
+        except (KeyError, CheckpointingException, CheckpointException) as exc:  # tensors missing or reshaped
+            raise self._not_this_model(folder, exc) from None
         policy.model.load_state_dict(loaded["model"], strict=True)
         optimizer_state = policy.optimizer.sharded_state_dict(policy.model.sharded_state_dict(), is_loading=True,
                                                               metadata=OPTIMIZER_METADATA)

@@ -189,6 +189,21 @@ def test_damaged_newest_checkpoint_is_skipped(tmp_path, tiny_models, synthetic_d
     assert "resumed from" in result.stdout and "step_00000001" in result.stdout
 
 
+def test_resuming_into_another_models_checkpoints_is_a_clear_error(tmp_path, tiny_models, synthetic_dir):
+    """A reused checkpoint.dir from a run of another model: one line naming the key and both
+    models, exit 1, instead of dist_checkpointing's list of every missing tensor."""
+    config = write_config(tmp_path, tiny_models["qwen2_5_vl"], synthetic_dir)
+    overrides = RL_OVERRIDES + ["trainer.steps=1", "checkpoint.save_interval=1", "algorithm.ivr.enabled=false"]
+    run("train", config, overrides)
+    other = [*overrides[:-3], "trainer.steps=2", f"model.path={tiny_models['qwen3_vl']}"]
+    result = subprocess.run(command("train", config, other), env=clean_env(), capture_output=True, text=True,
+                            timeout=400)
+    assert result.returncode == 1
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: ") and "holds a checkpoint of another model" in error
+    assert "checkpoint.dir" in error and str(tiny_models["qwen3_vl"]) in error
+
+
 def test_broken_samples_are_reported_and_skipped(tmp_path, tiny_models, synthetic_dir):
     """3% of the training rows are broken (missing image, invalid UTF-8, empty question):
     the run trains to the end, names them, and logs the bad share."""

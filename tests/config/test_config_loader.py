@@ -48,6 +48,8 @@ def test_demo_config_loads_and_round_trips(tmp_path):
     ("", ["algorithm.ivr.max_rounds=0"], "algorithm.ivr.max_rounds", COMMAND_LINE), # out of range, nested
     ("", ["data.max_bad_fraction=-0.1"], "data.max_bad_fraction", COMMAND_LINE),
     ("", ["parallel.context_parallel=2"], "parallel.context_parallel", COMMAND_LINE),  # not supported yet
+    ("", ["tiny_model.hidden_size=100"], "tiny_model.hidden_size", COMMAND_LINE),   # head_dim 25: odd
+    ("", ["tiny_model.vision_hidden_size=36"], "tiny_model.vision_hidden_size", COMMAND_LINE),
 ])
 def test_errors_name_the_key_and_where_it_was_set(tmp_path, file_text, overrides, key, where):
     path = write(tmp_path / "bad.yaml", file_text)

@@ -115,9 +115,8 @@ class TinyModelConfig:
         _check(self.num_heads % self.num_kv_heads == 0, f"{prefix}.num_kv_heads",
                "must divide num_heads")
         head_dim = self.hidden_size // self.num_heads
-        _check(head_dim % 2 == 0 and head_dim >= 8, f"{prefix}.hidden_size",
-               f"hidden_size / num_heads = {head_dim} must be even and >= 8 (the rotary half of each head is split "
-               "into MRoPE's temporal, height and width sections)")
+        _check(head_dim % 2 == 0, f"{prefix}.hidden_size",
+               f"hidden_size / num_heads = {head_dim} must be even (rotary embeddings rotate pairs of channels)")
         _check(self.vision_hidden_size % 8 == 0, f"{prefix}.vision_hidden_size",
                "must be a multiple of 8 (two vision heads, each with an even rotary half)")
 

@@ -120,13 +120,27 @@ def test_killed_server_loses_no_sample(server, tiny_models):
     engine = engine_for(server, tiny_models["qwen2_5_vl"], retries=40, cool_off_s=5.0, timeout_s=120)
     requests = [GenerationRequest(f"Question {i}?", [scene()] if i % 2 else [], f"s{i}") for i in range(16)]
     results = {}
+    payload = engine.payload
+
+    def full_length_payload(*args):
+        # Every sample runs to max_new_tokens, so the batch outlasts the kill however early the
+        # policy (here the weights an earlier test pushed) would emit EOS. CI once saw the whole
+        # batch end within 1.5 s.
+        body = payload(*args)
+        body["sampling_params"]["ignore_eos"] = True
+        return body
+
+    engine.payload = full_length_payload
 
     def run_batch():
         results["out"] = engine.generate(requests, SamplingParams(max_new_tokens=256, temperature=1.0, n=2))
 
     worker = threading.Thread(target=run_batch)
     worker.start()
-    time.sleep(1.5)
+    deadline = time.monotonic() + 60
+    while engine.client.stats.requests < 32 and time.monotonic() < deadline:  # every sample is in flight
+        time.sleep(0.05)
+    time.sleep(0.5)
     assert worker.is_alive(), "the batch ended before the kill: make it longer"
     server.kill(0)
     assert server.restart_dead() == 1  # the manager brings it back; the client retries meanwhile
@@ -134,5 +148,5 @@ def test_killed_server_loses_no_sample(server, tiny_models):
     engine.client.close()
     out = results["out"]
     assert [len(group) for group in out] == [2] * 16
-    assert all(c.token_ids and len(c.logprobs) == len(c.token_ids) for group in out for c in group)
+    assert all(len(c.token_ids) == 256 and len(c.logprobs) == 256 for group in out for c in group)
     assert engine.client.stats.retries >= 1

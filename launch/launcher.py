@@ -54,7 +54,12 @@ def check_sizing(cfg: RunConfig, mode: str) -> None:
 
 def launch_folder(cfg: RunConfig) -> Path:
     folder = Path(cfg.launch.job_dir).resolve() / cfg.launch.job_name / time.strftime("%Y%m%d-%H%M%S")
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # e.g. a cluster path (/lustre/...) on a laptop, for a dry run
+        raise ConfigError(f"launch.job_dir: cannot create the job folder {folder} ({exc.strerror or exc}); the "
+                          f"scripts, logs and run config go there, also for --dryrun: set launch.job_dir to a "
+                          f"writable folder (e.g. launch.job_dir=runs/launch)", key="launch.job_dir") from exc
     return folder
 
 

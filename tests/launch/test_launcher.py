@@ -130,6 +130,14 @@ def test_impossible_launches_are_refused_naming_the_key(tmp_path, overrides, key
     assert not list(tmp_path.rglob("*.sh"))  # nothing rendered
 
 
+def test_a_job_dir_that_cannot_be_made_is_a_config_error(tmp_path):
+    blocker = tmp_path / "not_a_folder"  # a file where the job folder would go (root ignores permissions)
+    blocker.write_text("")
+    with pytest.raises(ConfigError) as error:
+        launch("slurm", load_config(None, [*SLURM, f"launch.job_dir={blocker}/jobs"]), dryrun=True)
+    assert error.value.key == "launch.job_dir" and str(blocker) in str(error.value)
+
+
 def test_launch_local_runs_two_trainer_processes(tmp_path, tiny_models, synthetic_dir):
     config = write_config(tmp_path, tiny_models["qwen2_5_vl"], synthetic_dir)
     overrides = [o for o in RL_OVERRIDES if not o.startswith("trainer.steps")]

@@ -76,6 +76,45 @@ def test_generation_with_images_matches_transformers(server, tiny_models):
     assert (torch.tensor(completion.logprobs) - logprobs[:len(completion.logprobs)]).abs().max() <= 1e-4
 
 
+def tempered_logprobs(path, image, token_ids, temperature):
+    """log softmax(logits / T) over the whole vocabulary at each of ``token_ids``, teacher-forced
+    in transformers after the probe question's prompt: [len(token_ids), vocab]."""
+    processor, model = load_processor(path), load_model(path).eval()
+    text = processor.apply_chat_template(chat_messages("How many objects?", 1), tokenize=False,
+                                         add_generation_prompt=True)
+    inputs = processor(text=[text], images=[image], return_tensors="pt")
+    prompt_length = inputs["input_ids"].shape[1]
+    continuation = torch.tensor([token_ids])
+    for key in ("attention_mask", "mm_token_type_ids"):  # per-token inputs: the continuation is text
+        if key in inputs:
+            inputs[key] = torch.cat([inputs[key], torch.full_like(continuation, int(key == "attention_mask"))], 1)
+    inputs["input_ids"] = torch.cat([inputs["input_ids"], continuation], 1)
+    with torch.no_grad():
+        logits = model(**inputs).logits[0, prompt_length - 1:-1].float()
+    return (logits / temperature).log_softmax(-1)
+
+
+def test_sampled_logprobs_are_of_the_tempered_distribution_before_top_p(server, tiny_models):
+    """At T = 0.8 and top_p = 0.5 the server reports log softmax(logits / T) of each sampled
+    token over the whole vocabulary (SGLANG_RETURN_ORIGINAL_LOGPROB=0, which the server manager
+    pins), not renormalized over the top-p set: the same distribution the local engine
+    reports and the trainer scores, so the TIS weight compares like with like."""
+    path = tiny_models["qwen2_5_vl"]
+    engine = engine_for(server, path)
+    completion = engine.generate([GenerationRequest("How many objects?", [scene()], "top-p")],
+                                 SamplingParams(max_new_tokens=16, temperature=0.8, top_p=0.5, seed=3))[0][0]
+    engine.client.close()
+    assert len(completion.token_ids) >= 4
+    full = tempered_logprobs(path, scene(), completion.token_ids, 0.8)
+    got = torch.tensor(completion.logprobs)
+    taken = full.gather(-1, torch.tensor(completion.token_ids)[:, None])[:, 0]
+    assert (got - taken).abs().max() <= 1e-4
+    # the top-p set: the most likely tokens up to the one whose cumulative mass first reaches 0.5
+    probs = full.exp().sort(-1, descending=True).values
+    nucleus_mass = (probs * ((probs.cumsum(-1) - probs) < 0.5)).sum(-1)
+    assert (got - (taken - nucleus_mass.log())).abs().max() > 1e-2  # renormalized log-probs would differ
+
+
 @pytest.mark.parametrize("transport, version, layout", [
     ("tensor", 7, ("2", "1")), ("distributed", 8, ("2", "1")),
     ("distributed_per_stage", 9, ("1", "2")),  # two pipeline stages, each broadcasting its own layers

@@ -126,7 +126,12 @@ def _sdpa_attention_class():
             blocks = attention_mask if isinstance(attention_mask, BlockMask) else None
             if blocks is not None:
                 attention_mask = blocks.dense
-            if packed_seq_params is not None or attention_bias is not None or self.softmax_offset is not None:
+            thd = packed_seq_params is not None and packed_seq_params.qkv_format == "thd"
+            if thd and attention_bias is None and self.softmax_offset is None:
+                # megatron's attention squeezed the batch: query/key/value [T, h, d]
+                query, key, value, attention_mask = (query[:, None], key[:, None], value[:, None],
+                                                     thd_mask(packed_seq_params.cu_seqlens_q, query.shape[0]))
+            elif packed_seq_params is not None or attention_bias is not None or self.softmax_offset is not None:
                 return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias,
                                        packed_seq_params)
             repeat = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
@@ -144,6 +149,15 @@ def _sdpa_attention_class():
             return context.permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1], self.hidden_size_per_partition)
 
     return SdpaDotProductAttention
+
+
+def thd_mask(cu_seqlens: torch.Tensor, length: int) -> torch.Tensor:
+    """``[1, 1, T, T]`` (True = blocked): each token sees the earlier tokens of its own
+    sequence, the visibility Transformer Engine's THD attention gives from ``cu_seqlens``."""
+    position = torch.arange(length, device=cu_seqlens.device)
+    sequence = torch.bucketize(position, cu_seqlens[1:].to(position.dtype), right=True)
+    allowed = (sequence[:, None] == sequence[None, :]) & (position[:, None] >= position[None, :])
+    return ~allowed[None, None]
 
 
 def transformer_engine_available() -> bool:
@@ -274,13 +288,31 @@ class QwenVLModel(_megatron_module()):
         return embeddings
 
     def forward(self, input_ids, position_ids, attention_mask, pixel_values=None, image_grid_thw=None,
-                image_mask=None):
+                image_mask=None, cu_seqlens=None):
+        """``cu_seqlens`` (THD packing: one row, ``B = 1``): the boundaries of the sequences
+        in the row, ending at its length; ``attention_mask`` is then None."""
         decoder_input = self.embed(input_ids, pixel_values, image_grid_thw, image_mask) if self.pre_process else None
         try:
             return self.language(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                                 decoder_input=decoder_input)
+                                 decoder_input=decoder_input, packed_seq_params=thd_params(cu_seqlens))
         finally:
             self._deepstack = None
+
+
+def thd_params(cu_seqlens: Optional[torch.Tensor]):
+    """megatron-core's ``PackedSeqParams`` in THD format for one packed row (None: none).
+
+    The boundaries must end at the row's length (``batching.thd_boundaries``): megatron's THD
+    rotary embedding then takes each token's own angle from the ``[T, 1, 1, d]`` MRoPE angles
+    (its "exact mapping"); otherwise it would re-count 0, 1, 2, ... inside each sequence,
+    which is wrong for image tokens (the MRoPE packing bug of peers)."""
+    if cu_seqlens is None:
+        return None
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                           max_seqlen_q=longest, max_seqlen_kv=longest)
 
 
 def causal_mask(seq_length: int, device=None) -> torch.Tensor:

@@ -13,7 +13,7 @@
 # Steps: versions -> synthetic data and tiny models -> megatron-core vs transformers parity
 # (tests/model_providers/test_parity.py at TP1, the model on CUDA with NCCL, the reference
 # on CPU) -> SFT on CUDA -> RL with IVR-R1 + VICRA (checkpoint, then resume) -> bf16 RL ->
-# HF -> Megatron -> HF round trip (bit-exact) -> greedy evaluation of the SFT and RL policies.
+# packed rows -> HF -> Megatron -> HF round trip (bit-exact) -> greedy evaluation of the SFT and RL policies.
 set -u
 OUT=${1:-runs/gpu_check}
 RUN=runs/gpu_check_run
@@ -52,6 +52,11 @@ step train 240 $MIVR train $CFG "${paths[@]}" trainer.steps=4 checkpoint.save_in
 step resume 180 $MIVR train $CFG "${paths[@]}" trainer.steps=6 checkpoint.save_interval=2
 step train_bf16 180 $MIVR train $CFG "${paths[@]}" model.dtype=bfloat16 trainer.steps=2 \
     checkpoint.dir=$RUN/rl_bf16/checkpoints logging.dir=$RUN/rl_bf16/logs trainer.export_dir=$RUN/rl_bf16/hf
+# row packing (with Transformer Engine importable: THD format, cu_seqlens); its step-0 rollout/
+# trainer mismatch in the metrics shows whether the packed log-probs are right
+step train_packed 180 $MIVR train $CFG "${paths[@]}" trainer.share_prompts=false trainer.pack_length=2048 \
+    trainer.steps=2 checkpoint.dir=$RUN/rl_packed/checkpoints logging.dir=$RUN/rl_packed/logs \
+    trainer.export_dir=null
 step convert 120 bash -c "$MIVR convert hf-to-megatron $RUN/models/qwen2_5_vl_tiny $RUN/convert/megatron && \
 $MIVR convert megatron-to-hf $RUN/convert/megatron $RUN/convert/hf && python3 -c '
 import sys; from safetensors.torch import load_file

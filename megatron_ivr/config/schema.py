@@ -271,7 +271,9 @@ class TrainerConfig:
     # > 0: a shared-prompt row holds at most this many tokens (larger groups are split, each part
     # with its own prompt copy); attention runs block by block, so whole groups (0) are usually fastest
     shared_row_tokens: int = 0
-    pack_length: int = 0  # > 0: several groups/sequences share rows of this many tokens (local spec)
+    # > 0: several groups/sequences share rows of this many tokens (block-diagonal mask on the local
+    # spec; on Transformer Engine the micro-batch's sequences go in one THD row split by cu_seqlens)
+    pack_length: int = 0
     # a separate old-log-prob pass even with one mini-batch, where the training forward's own are exact
     recompute_old_logprobs: bool = False
     seed: int = 0

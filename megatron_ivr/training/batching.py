@@ -18,6 +18,11 @@
     ``G (P + R)``.
   * ``pack_length > 0``: several such units (groups or single sequences) share one row up
     to that many tokens, each attending only to itself (block-diagonal causal mask).
+  * ``thd``: Transformer Engine's packed format. Every unit of the micro-batch goes back to
+    back in a single row, and ``cu_seqlens`` (the units' boundaries, with any row padding as
+    a last segment of its own, so that the boundaries cover every token) take the place of
+    a mask. THD cannot express a prefix shared by several branches, so it takes single
+    sequences only (``share_prompts=False``).
 
   MRoPE positions are computed per unit by transformers' ``get_rope_index`` on the unit's
   own prompt and image grids *before* packing, image features are scattered per unit in row
@@ -26,8 +31,9 @@
   the ``[N, T]`` response layout the losses take.
 
 Packed rows need an explicit attention mask, which megatron-core's local attention spec takes
-(``[B, 1, S, S]``); Transformer Engine's fused attention takes THD ``cu_seqlens`` instead,
-which cannot express a shared prefix (not built: packing is refused on the TE spec).
+(``[B, 1, S, S]``); Transformer Engine's fused attention takes THD ``cu_seqlens`` instead
+(``Packing(thd=True)``), which the local spec's attention also takes (a block-diagonal mask
+built from them), so the THD path runs, and is tested, on a CPU too.
 """
 
 from __future__ import annotations
@@ -133,15 +139,24 @@ class Packing:
     # > 0: a shared-prompt unit holds at most this many tokens; a larger group is split into
     # several units, each with its own prompt copy (a cap on row length)
     unit_tokens: int = 0
+    thd: bool = False  # a micro-batch's rows back to back in one row, split by cu_seqlens
+
+    def __post_init__(self):
+        if self.thd and self.share_prompts:
+            raise ValueError("THD packing (Transformer Engine) cannot share a prompt between responses: "
+                             "set trainer.share_prompts=false")
 
     @property
     def masked(self) -> bool:
-        return self.share_prompts or self.pack_length > 0
+        """Whether rows need an attention mask (THD rows carry ``cu_seqlens`` instead)."""
+        return self.share_prompts or (self.pack_length > 0 and not self.thd)
 
     @classmethod
-    def from_config(cls, trainer) -> Packing:
-        """From the run's :class:`~megatron_ivr.config.schema.TrainerConfig`."""
-        return cls(trainer.share_prompts, trainer.pack_length, trainer.shared_row_tokens)
+    def from_config(cls, trainer, transformer_engine: bool = False) -> Packing:
+        """From the run's :class:`~megatron_ivr.config.schema.TrainerConfig`; on Transformer
+        Engine layers row packing (``trainer.pack_length``) is laid out in THD format."""
+        return cls(trainer.share_prompts, trainer.pack_length, trainer.shared_row_tokens,
+                   thd=transformer_engine and trainer.pack_length > 0)
 
 
 def units_of(items: list[Encoded], packing: Packing) -> list[list[int]]:
@@ -239,6 +254,8 @@ def collate(family, hf_config, items: list[Encoded], pad_id: int, pad_to_multipl
     marks the positions that score response tokens; ``responses(x)`` reads any ``[B, S]``
     tensor back as ``[N, T]`` in the order of ``items``."""
     rows = rows_of(items, packing)
+    if packing.thd:
+        rows = [[unit for row in rows for unit in row]]  # one row: the units split by cu_seqlens
     units = [unit for row in rows for unit in row]
     unit_positions = iter(_unit_positions(family, hf_config, items, units))
     width = max(sum(unit_length(items, unit) for unit in row) for row in rows)
@@ -284,14 +301,30 @@ def collate(family, hf_config, items: list[Encoded], pad_id: int, pad_to_multipl
                 grids.append(prompt.grid)
             count += 1
     attention = (unit_id >= 0).long()
-    mask = None
+    mask = cu_seqlens = None
     if packing.masked:  # each token sees its unit's prefix and its own branch, causally
         mask = BlockMask.from_segments(unit_id, branch_id)
+    if packing.thd:
+        cu_seqlens = thd_boundaries([unit_length(items, unit) for unit in units], width)
     return ModelBatch(input_ids, positions, loss_mask, torch.cat(pixel_values) if pixel_values else None,
-                      torch.cat(grids) if grids else None, attention_mask=mask,
+                      torch.cat(grids) if grids else None, attention_mask=mask, cu_seqlens=cu_seqlens,
                       response_index=(index_rows, index_cols), response_mask=response_mask,
                       extra={"attention_mask": attention, "mm_token_type_ids": mm_types,
                              "response_lengths": [len(item.response_ids) for item in items]})
+
+
+def thd_boundaries(lengths: list[int], width: int) -> torch.Tensor:
+    """``cu_seqlens`` (int32) of sequences of ``lengths`` back to back in a row of ``width``
+    tokens; the row's padding, if any, is one more sequence. The boundaries then cover the
+    whole row: megatron's THD rotary embedding splits the row by them, and reads each token's
+    own MRoPE angle only when they end at the row's length (otherwise it re-counts 0, 1, 2,
+    ... in each sequence)."""
+    bounds = [0]
+    for length in lengths:
+        bounds.append(bounds[-1] + length)
+    if bounds[-1] < width:
+        bounds.append(width)
+    return torch.tensor(bounds, dtype=torch.int32)
 
 
 def build_model_batch(processor, family, hf_config, items: list[ScoredSequence],
@@ -329,6 +362,8 @@ def layout_stats(items: list[Encoded], plan: list[list[int]], packing: Packing) 
     for group in plan:
         members = [items[i] for i in group]
         lengths = [sum(unit_length(members, unit) for unit in row) for row in rows_of(members, packing)]
+        if packing.thd:  # collate lays the micro-batch out as one row
+            lengths = [sum(lengths)]
         row_plan.append(list(range(len(row_lengths), len(row_lengths) + len(lengths))))
         row_lengths += lengths
     real = sum(row_lengths)

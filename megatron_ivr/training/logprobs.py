@@ -33,6 +33,8 @@ class ModelBatch:
     response_index: Optional[tuple[torch.Tensor, torch.Tensor]] = None
     response_mask: Optional[torch.Tensor] = None  # [N, T]
     extra: dict = field(default_factory=dict)
+    # THD packing (one row, B = 1): the sequences' boundaries [n + 1], int32, in place of a mask
+    cu_seqlens: Optional[torch.Tensor] = None
 
     @property
     def targets(self) -> torch.Tensor:
@@ -56,7 +58,19 @@ class ModelBatch:
         index = tuple(move(t) for t in self.response_index) if self.response_index is not None else None
         return ModelBatch(move(self.input_ids), move(self.position_ids), move(self.loss_mask),
                           move(self.pixel_values), move(self.image_grid_thw), move(self.attention_mask),
-                          index, move(self.response_mask), {k: move(v) for k, v in self.extra.items()})
+                          index, move(self.response_mask), {k: move(v) for k, v in self.extra.items()},
+                          move(self.cu_seqlens))
+
+    def model_inputs(self, attention_mask_fn) -> dict:
+        """Keyword arguments of ``QwenVLModel.forward`` for this batch: its own mask, the THD
+        boundaries (no mask), or ``attention_mask_fn(seq_length, device=...)`` (causal)."""
+        mask = self.attention_mask
+        if mask is None and self.cu_seqlens is None:
+            mask = attention_mask_fn(self.input_ids.shape[1], device=self.input_ids.device)
+        types = self.extra.get("mm_token_type_ids")
+        return dict(input_ids=self.input_ids, position_ids=self.position_ids, attention_mask=mask,
+                    pixel_values=self.pixel_values, image_grid_thw=self.image_grid_thw,
+                    image_mask=(types == 1) if types is not None else None, cu_seqlens=self.cu_seqlens)
 
 
 def vocab_parallel_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -126,13 +140,7 @@ def forward_logprobs(model, batches: list[ModelBatch], attention_mask_fn, with_e
 
     def forward_step(data_iterator, stage_model):
         batch = next(data_iterator)
-        types = batch.extra.get("mm_token_type_ids")
-        mask = batch.attention_mask if batch.attention_mask is not None else \
-            attention_mask_fn(batch.input_ids.shape[1], device=batch.input_ids.device)
-        output = stage_model(batch.input_ids, batch.position_ids, mask,
-                             batch.pixel_values, batch.image_grid_thw,
-                             image_mask=(types == 1) if types is not None else None)
-        return output, partial(loss_fn, batch)
+        return stage_model(**batch.model_inputs(attention_mask_fn)), partial(loss_fn, batch)
 
     seq_length = max(b.input_ids.shape[1] for b in batches)
     custom = loss_fn is not None

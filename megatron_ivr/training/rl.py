@@ -48,6 +48,7 @@ from megatron_ivr.training.batching import (
     plan_layout,
 )
 from megatron_ivr.training.experience import Experience, Trajectory
+from model_providers.qwen_vl import transformer_engine_available
 
 DIAGNOSTIC_SUMS = ("tokens", "entropy", "on_tokens", "abs_diff", "kl", "tis_clipped", "vg", "vg_entropy",
                    "others", "other_entropy", "w")
@@ -120,7 +121,7 @@ class RlStep:
 
         cfg, vicra, dev = self.cfg, self.cfg.algorithm.vicra, device()
         pad_id = self.processor.tokenizer.pad_token_id
-        packing = Packing.from_config(cfg.trainer)
+        packing = Packing.from_config(cfg.trainer, transformer_engine_available())
         prompts = PromptCache(self.processor)
         items = encode_all(prompts, [ScoredSequence(t.prompt, t.images, t.response_ids) for t in trajectories])
         dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()

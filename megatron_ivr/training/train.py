@@ -248,16 +248,17 @@ class RlJob:
 
 
 def _check_packing(cfg: RunConfig) -> None:
-    """Packed rows need an explicit attention mask, which Transformer Engine's fused attention
-    does not take (its THD format cannot express a shared prompt; not built here)."""
+    """Shared prompts need an explicit attention mask, which Transformer Engine's fused
+    attention does not take; its THD format (``cu_seqlens``) packs single sequences, which is
+    what ``trainer.pack_length`` becomes on TE layers (training/batching.py)."""
     from megatron_ivr.config.errors import ConfigError
-    from megatron_ivr.training.batching import Packing
     from model_providers.qwen_vl import transformer_engine_available
 
-    if Packing.from_config(cfg.trainer).masked and transformer_engine_available():
-        raise ConfigError("trainer.share_prompts / trainer.pack_length need megatron-core's local attention spec; "
-                          "with Transformer Engine set trainer.share_prompts=false trainer.pack_length=0",
-                          key="trainer.share_prompts")
+    if cfg.trainer.share_prompts and transformer_engine_available():
+        raise ConfigError("trainer.share_prompts needs megatron-core's local attention spec (a group's responses "
+                          "share one prompt copy through an attention mask, which Transformer Engine's attention "
+                          "does not take): set trainer.share_prompts=false; trainer.pack_length > 0 then packs "
+                          "sequences in Transformer Engine's THD format", key="trainer.share_prompts")
 
 
 def run_rl(cfg: RunConfig) -> int:

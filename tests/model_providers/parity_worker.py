@@ -24,7 +24,7 @@ def main() -> None:
     import torch.distributed as dist
 
     from megatron_ivr.models.processor import load_processor
-    from megatron_ivr.training.batching import build_model_batch
+    from megatron_ivr.training.batching import Packing, build_model_batch
     from megatron_ivr.training.logprobs import forward_logprobs
     from megatron_ivr.training.optimizer import OptimizerSettings, train_step, wrap_for_training
     from megatron_ivr.training.parallel import ParallelLayout, init_parallel
@@ -52,6 +52,14 @@ def main() -> None:
         with torch.no_grad():
             record = forward_logprobs(model, [batch], causal_mask, with_entropy=True)[0]
             record_no_image = forward_logprobs(model, [no_image], causal_mask)[0]
+            # THD packing (Transformer Engine's format, through the local spec's attention): every
+            # sample, with and without its images, back to back in one row
+            both = with_image + without_image
+            plain = build_model_batch(processor, family, hf_config, both)
+            thd = build_model_batch(processor, family, hf_config, both, pad_to_multiple=16,
+                                    packing=Packing(pack_length=10_000, thd=True))
+            thd_diff = (thd.responses(forward_logprobs(model, [thd], causal_mask)[0]["logprobs"])
+                        - plain.responses(forward_logprobs(model, [plain], causal_mask)[0]["logprobs"])).abs().max()
         exported = gather_hf_weights(model, adapter.key_style)  # before the step changes the weights
         # one step through megatron's DDP, finalize_model_grads and distributed optimizer
         ddp, optimizer = wrap_for_training(model, OptimizerSettings(lr=1e-4, clip_grad=1e9))
@@ -68,7 +76,7 @@ def main() -> None:
             torch.save({"logprobs": record["logprobs"].cpu(), "entropy": record["entropy"].cpu(),
                         "logprobs_no_image": record_no_image["logprobs"].cpu()}, out / f"{name}.pt")
             write_hf_folder(exported.items(), out / f"{name}_export", model_dir)
-            results[name] = {"grad_norm": norm}
+            results[name] = {"grad_norm": norm, "thd_max_diff": thd_diff.item()}
         spread = torch.tensor([vision_spread])
         dist.all_reduce(spread, op=dist.ReduceOp.MAX)
         if rank == 0:

@@ -118,6 +118,14 @@ def test_logprobs_entropy_and_no_image_pass_match_transformers(layout_run, refer
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_thd_packing_matches_one_sequence_per_row(layout_run, family):
+    """At every layout: the parity samples with and without their images in one THD row
+    (``cu_seqlens``, row padded to a multiple of 16) give the log-probs of one row each."""
+    name, _, results = layout_run
+    assert results[family]["thd_max_diff"] <= TOL, name
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_gradient_norm_matches_transformers(layout_run, references, family):
     name, _, results = layout_run
     norm, ref = results[family]["grad_norm"], references[family]["grad_norm"]

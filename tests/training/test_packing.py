@@ -31,6 +31,9 @@ LAYOUTS = {
     "rows": Packing(pack_length=160),
     "shared prompts in rows": Packing(share_prompts=True, pack_length=400),
     "everything in one row": Packing(share_prompts=True, pack_length=10_000),
+    # Transformer Engine's format, here through the local spec's attention (a mask built from
+    # cu_seqlens) and megatron's own THD rotary path
+    "THD": Packing(pack_length=160, thd=True),
 }
 
 
@@ -74,10 +77,7 @@ def _forward(model, batch):
     from model_providers.qwen_vl import causal_mask
 
     model.zero_grad(set_to_none=True)
-    types = batch.extra["mm_token_type_ids"]
-    mask = batch.attention_mask if batch.attention_mask is not None else causal_mask(batch.input_ids.shape[1])
-    logits = model(batch.input_ids, batch.position_ids, mask, batch.pixel_values, batch.image_grid_thw,
-                   image_mask=types == 1)
+    logits = model(**batch.model_inputs(causal_mask))
     entropy = batch.responses(vocab_parallel_entropy(logits.detach()))
     logp = batch.responses(vocab_parallel_logprobs(logits, batch.targets))
     weights = torch.linspace(-1.0, 1.0, logp.numel()).reshape(logp.shape)
@@ -126,6 +126,42 @@ def test_a_wrong_position_or_mask_is_caught(tiny_models, parallel):
     dense = batch.attention_mask.dense
     leaky.attention_mask = torch.triu(torch.ones_like(dense[0, 0]), 1)[None, None].expand_as(dense).clone()
     assert (_forward(model, leaky)[0] - ref_logp).abs().max() > 1e-3
+
+
+def test_thd_rows_take_each_tokens_own_mrope_angle(tiny_models, parallel):
+    """THD packing (Transformer Engine's format; here megatron's THD rotary path with the
+    local spec's attention): a row padded to a multiple of 64 still matches one sequence per
+    row, because its padding is a sequence of its own and the boundaries end at the row's
+    length (megatron's THD rotary embedding then reads each token's own MRoPE angle).
+    Positions re-counted 0, 1, 2, ... in each sequence (1-D, as for text: the peers' bug with
+    image tokens) and boundaries that join two sequences are both caught."""
+    from model_providers.qwen_vl import thd_mask
+
+    model, hf_config, provider, processor = _model(tiny_models["qwen2_5_vl"])
+    prompts = PromptCache(processor)
+    encoded = [encode(prompts, item) for item in mixed_items()]
+    pad = processor.tokenizer.pad_token_id
+    ref_logp, _, _ = _forward(model, collate(provider, hf_config, encoded, pad))
+    packing = Packing(pack_length=160, thd=True)
+    padded = collate(provider, hf_config, encoded, pad, pad_to_multiple=64, packing=packing)
+    width = padded.input_ids.shape[1]
+    assert padded.input_ids.shape[0] == 1 and width % 64 == 0 and int(padded.cu_seqlens[-2]) < width
+    assert int(padded.cu_seqlens[-1]) == width and padded.attention_mask is None
+    assert (_forward(model, padded)[0] - ref_logp).abs().max() <= 1e-5
+    recounted = collate(provider, hf_config, encoded, pad, pad_to_multiple=64, packing=packing)
+    bounds = recounted.cu_seqlens.tolist()
+    counting = torch.cat([torch.arange(b - a) for a, b in zip(bounds, bounds[1:])])
+    recounted.position_ids = counting.expand(3, 1, width).clone()  # 0, 1, 2, ... in every sequence
+    assert (_forward(model, recounted)[0] - ref_logp).abs().max() > 1e-3
+    joined = collate(provider, hf_config, encoded, pad, packing=packing)
+    joined.cu_seqlens = torch.cat([joined.cu_seqlens[:1], joined.cu_seqlens[2:]])  # sequences 0 and 1 as one
+    assert (_forward(model, joined)[0] - ref_logp).abs().max() > 1e-3
+    # the mask the local spec builds from the boundaries: causal inside each sequence only
+    mask = ~thd_mask(torch.tensor([0, 2, 5], dtype=torch.int32), 5)[0, 0]
+    assert mask.int().tolist() == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0],
+                                   [0, 0, 1, 1, 1]]
+    with pytest.raises(ValueError, match="share_prompts"):
+        Packing(share_prompts=True, thd=True)
 
 
 def test_shared_prompt_layout(tiny_models):
@@ -178,3 +214,21 @@ def test_plan_layout_covers_every_sequence_once_and_splits_units_for_data_parall
     one_group = encoded[:3]
     plan = plan_layout(one_group, packing, max_tokens=10_000, min_count=3)
     assert sorted(i for group in plan for i in group) == [0, 1, 2] and len(plan) == 3
+
+
+def test_transformer_engine_gets_thd_rows_and_refuses_shared_prompts(monkeypatch):
+    """With TE layers, ``trainer.pack_length`` becomes THD packing and shared prompts (a mask
+    TE's attention does not take) are refused by key before the model loads."""
+    import model_providers.qwen_vl as qwen_vl
+    from megatron_ivr.config import ConfigError, load_config
+    from megatron_ivr.training.train import _check_packing
+
+    trainer = load_config(None, ["trainer.share_prompts=false", "trainer.pack_length=512"]).trainer
+    assert Packing.from_config(trainer, transformer_engine=True) == Packing(pack_length=512, thd=True)
+    assert not Packing.from_config(trainer, transformer_engine=True).masked
+    assert Packing.from_config(trainer, transformer_engine=False) == Packing(pack_length=512)
+    monkeypatch.setattr(qwen_vl, "transformer_engine_available", lambda: True)
+    _check_packing(load_config(None, ["trainer.share_prompts=false", "trainer.pack_length=512"]))
+    with pytest.raises(ConfigError) as error:
+        _check_packing(load_config(None, ["trainer.share_prompts=true"]))
+    assert error.value.key == "trainer.share_prompts" and "THD" in str(error.value)

@@ -274,6 +274,10 @@ class TrainerConfig:
     # > 0: several groups/sequences share rows of this many tokens (block-diagonal mask on the local
     # spec; on Transformer Engine the micro-batch's sequences go in one THD row split by cu_seqlens)
     pack_length: int = 0
+    # how packed rows separate their sequences: "mask" (block-diagonal mask, local spec), "thd"
+    # (Transformer Engine's cu_seqlens; on the local spec a mask built from them: the TE layout
+    # on a CPU), "auto" (thd on TE layers, mask otherwise)
+    packed_format: Literal["auto", "mask", "thd"] = "auto"
     # a separate old-log-prob pass even with one mini-batch, where the training forward's own are exact
     recompute_old_logprobs: bool = False
     seed: int = 0
@@ -292,6 +296,9 @@ class TrainerConfig:
         _check(self.max_tokens_per_micro_batch >= 16, f"{prefix}.max_tokens_per_micro_batch", "must be >= 16")
         _check(self.pack_length >= 0, f"{prefix}.pack_length", "must be >= 0 (0: no row packing)")
         _check(self.shared_row_tokens >= 0, f"{prefix}.shared_row_tokens", "must be >= 0 (0: one row per group)")
+        _check(self.packed_format != "thd" or (self.pack_length > 0 and not self.share_prompts),
+               f"{prefix}.packed_format", "thd packs single sequences into rows: it needs trainer.pack_length > 0 "
+               "and trainer.share_prompts=false (THD cannot express a prompt shared by several responses)")
         _check(self.num_threads >= 1, f"{prefix}.num_threads", "must be >= 1")
 
 

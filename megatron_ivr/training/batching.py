@@ -153,10 +153,12 @@ class Packing:
 
     @classmethod
     def from_config(cls, trainer, transformer_engine: bool = False) -> Packing:
-        """From the run's :class:`~megatron_ivr.config.schema.TrainerConfig`; on Transformer
-        Engine layers row packing (``trainer.pack_length``) is laid out in THD format."""
+        """From the run's :class:`~megatron_ivr.config.schema.TrainerConfig`: row packing
+        (``trainer.pack_length``) in THD format when ``trainer.packed_format`` says so, or
+        when it is ``auto`` and the layers are Transformer Engine's."""
+        thd = trainer.packed_format == "thd" or (trainer.packed_format == "auto" and transformer_engine)
         return cls(trainer.share_prompts, trainer.pack_length, trainer.shared_row_tokens,
-                   thd=transformer_engine and trainer.pack_length > 0)
+                   thd=thd and trainer.pack_length > 0)
 
 
 def units_of(items: list[Encoded], packing: Packing) -> list[list[int]]:
@@ -356,7 +358,7 @@ def plan_micro_batches(lengths: list[int], max_tokens: int, min_count: int = 1) 
 
 def layout_stats(items: list[Encoded], plan: list[list[int]], packing: Packing) -> dict:
     """Padding share of the micro-batches of ``plan`` as :func:`collate` lays them out, their
-    real tokens, and the share of tokens that shared prompts saved against one sequence per row."""
+    real tokens, the rows, and the share of tokens that shared prompts saved against one sequence per row."""
     row_lengths: list[int] = []
     row_plan: list[list[int]] = []
     for group in plan:
@@ -369,6 +371,7 @@ def layout_stats(items: list[Encoded], plan: list[list[int]], packing: Packing) 
     real = sum(row_lengths)
     unpacked = sum(items[i].length for group in plan for i in group)
     return {"batch/padding_share": padding_share(row_lengths, row_plan), "batch/tokens": float(real),
+            "batch/rows": float(len(row_lengths)),
             "batch/shared_prompt_savings": 1.0 - real / unpacked if unpacked else 0.0}
 
 

@@ -254,11 +254,16 @@ def _check_packing(cfg: RunConfig) -> None:
     from megatron_ivr.config.errors import ConfigError
     from model_providers.qwen_vl import transformer_engine_available
 
-    if cfg.trainer.share_prompts and transformer_engine_available():
+    if not transformer_engine_available():
+        return
+    if cfg.trainer.share_prompts:
         raise ConfigError("trainer.share_prompts needs megatron-core's local attention spec (a group's responses "
                           "share one prompt copy through an attention mask, which Transformer Engine's attention "
                           "does not take): set trainer.share_prompts=false; trainer.pack_length > 0 then packs "
                           "sequences in Transformer Engine's THD format", key="trainer.share_prompts")
+    if cfg.trainer.packed_format == "mask" and cfg.trainer.pack_length > 0:
+        raise ConfigError("trainer.packed_format=mask needs megatron-core's local attention spec; with Transformer "
+                          "Engine use auto or thd", key="trainer.packed_format")
 
 
 def run_rl(cfg: RunConfig) -> int:

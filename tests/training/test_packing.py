@@ -227,8 +227,19 @@ def test_transformer_engine_gets_thd_rows_and_refuses_shared_prompts(monkeypatch
     assert Packing.from_config(trainer, transformer_engine=True) == Packing(pack_length=512, thd=True)
     assert not Packing.from_config(trainer, transformer_engine=True).masked
     assert Packing.from_config(trainer, transformer_engine=False) == Packing(pack_length=512)
+    trainer.packed_format = "thd"  # TE's layout on the local spec (how a CPU runs it)
+    assert Packing.from_config(trainer, transformer_engine=False) == Packing(pack_length=512, thd=True)
+    for overrides in (["trainer.packed_format=thd"], ["trainer.packed_format=thd", "trainer.share_prompts=false"],
+                      ["trainer.packed_format=thd", "trainer.pack_length=512"]):
+        with pytest.raises(ConfigError) as error:  # THD needs row packing of single sequences
+            load_config(None, overrides)
+        assert error.value.key == "trainer.packed_format"
     monkeypatch.setattr(qwen_vl, "transformer_engine_available", lambda: True)
     _check_packing(load_config(None, ["trainer.share_prompts=false", "trainer.pack_length=512"]))
     with pytest.raises(ConfigError) as error:
         _check_packing(load_config(None, ["trainer.share_prompts=true"]))
     assert error.value.key == "trainer.share_prompts" and "THD" in str(error.value)
+    with pytest.raises(ConfigError) as error:
+        _check_packing(load_config(None, ["trainer.share_prompts=false", "trainer.pack_length=512",
+                                          "trainer.packed_format=mask"]))
+    assert error.value.key == "trainer.packed_format"

@@ -185,6 +185,10 @@ class VicraConfig:
     noise_std: float = 200.0
     blur_radius: float = 5.0
     grounded_threshold: float = 0.2
+    # the no-image pass skips responses whose advantage is 0: their shaped advantage A * psi(w)
+    # is 0 whatever w is (the loss is unchanged); the vicra/* diagnostics then cover the scored
+    # responses (vicra/scored_share says how many tokens that is)
+    skip_zero_advantage: bool = True
 
 
 @dataclass

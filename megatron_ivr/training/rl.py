@@ -51,7 +51,7 @@ from megatron_ivr.training.experience import Experience, Trajectory
 from model_providers.qwen_vl import transformer_engine_available
 
 DIAGNOSTIC_SUMS = ("tokens", "entropy", "on_tokens", "abs_diff", "kl", "tis_clipped", "vg", "vg_entropy",
-                   "others", "other_entropy", "w")
+                   "others", "other_entropy", "w", "scored")
 
 
 @dataclass
@@ -65,7 +65,10 @@ class MicroBatch:
     sequence_advantages: torch.Tensor  # [N]
     rectified: torch.Tensor  # [N] bool
     rollout_logp: torch.Tensor  # the engine's log-probs, [N, T]
-    no_image: Optional[object] = None  # ModelBatch without (or with distorted) images, for VICRA
+    # VICRA: the responses its no-image pass scores ([N] bool), their ModelBatch without (or with
+    # distorted) images, and its log-probs in the [N, T] layout (0 on the rows not scored)
+    vicra_rows: Optional[torch.Tensor] = None
+    no_image: Optional[object] = None
     no_image_logp: Optional[torch.Tensor] = None
     old_logp: Optional[torch.Tensor] = None
     entropy: Optional[torch.Tensor] = None
@@ -80,12 +83,25 @@ class MicroBatch:
         rectified responses were generated under another prompt: no engine log-probs)."""
         self.old_logp, self.entropy = old_logp * self.mask, entropy * self.mask
         base = self.sequence_advantages[:, None] * self.mask
-        if self.no_image_logp is not None:
-            self.w = prob_diff_scores(self.old_logp, self.no_image_logp) * self.mask
+        if self.vicra_rows is not None:  # w = 0 (psi = 1) on rows not scored: their advantage is 0
+            self.w = torch.zeros_like(self.old_logp)
+            if self.no_image_logp is not None:
+                self.w = prob_diff_scores(self.old_logp, self.no_image_logp) * self.scored_mask
             self.advantages = base * psi(self.w, self.mask)
         else:
             self.advantages = base
         self.behaviour_logp = torch.where(self.rectified[:, None], self.old_logp, self.rollout_logp)
+
+    @property
+    def scored_mask(self) -> torch.Tensor:
+        """``[N, T]``: the valid tokens of the responses VICRA's no-image pass scored."""
+        return self.mask * self.vicra_rows[:, None].to(self.mask.dtype)
+
+    def set_no_image_logp(self, scored_logp: torch.Tensor) -> None:
+        """The no-image pass's ``[n_scored, T']`` log-probs into the ``[N, T]`` layout."""
+        out = torch.zeros_like(self.mask)
+        out[self.vicra_rows, :scored_logp.shape[1]] = scored_logp.to(out.dtype)
+        self.no_image_logp = out
 
 
 def broadcast_experience(experience: Optional[Experience]) -> Experience:
@@ -139,12 +155,14 @@ class RlStep:
         if any(len(plan) < dp_size for plan in plans):
             raise ValueError(f"a mini-batch has fewer sequences than the {dp_size} data-parallel ranks: raise "
                              "trainer.prompts_per_step or rollout.n, or lower trainer.mini_batches")
-        if vicra.enabled:
+        if vicra.enabled:  # the responses the no-image pass scores (spec 3)
+            scored = [t.advantage != 0 or not vicra.skip_zero_advantage for t in trajectories]
             images = distort_batch([t.images for t in trajectories], vicra.distortion, seed=step,
                                    patch_ratio=vicra.patch_ratio, noise_std=vicra.noise_std,
                                    blur_radius=vicra.blur_radius)
-            no_image_items = encode_all(prompts, [ScoredSequence(t.prompt, imgs, t.response_ids)
-                                                  for t, imgs in zip(trajectories, images)])
+            wanted = [i for i, keep in enumerate(scored) if keep]
+            no_image_items = dict(zip(wanted, encode_all(prompts, [
+                ScoredSequence(trajectories[i].prompt, images[i], trajectories[i].response_ids) for i in wanted])))
         out = []
         for plan in plans:
             mine = []
@@ -157,8 +175,11 @@ class RlStep:
                     torch.tensor([trajectories[i].rectified for i in group], device=dev),
                     pad_responses([trajectories[i].rollout_logprobs for i in group], mask.shape[1]).to(dev))
                 if vicra.enabled:
-                    micro.no_image = collate(self.policy.family, self.policy.hf_config,
-                                             [no_image_items[i] for i in group], pad_id, packing=packing).to(dev)
+                    micro.vicra_rows = torch.tensor([scored[i] for i in group], device=dev)
+                    rows = [i for i in group if scored[i]]
+                    if rows:
+                        micro.no_image = collate(self.policy.family, self.policy.hf_config,
+                                                 [no_image_items[i] for i in rows], pad_id, packing=packing).to(dev)
                 mine.append(micro)
             out.append(mine)
         stats = layout_stats(items, [group for plan in plans for group in plan], packing)
@@ -188,7 +209,7 @@ class RlStep:
                 record = next(records)
                 old_logp, entropy = micro.batch.responses(record["logprobs"]), micro.batch.responses(record["entropy"])
             if micro.no_image is not None:
-                micro.no_image_logp = micro.no_image.responses(next(records)["logprobs"])
+                micro.set_no_image_logp(micro.no_image.responses(next(records)["logprobs"]))
             if not on_policy:
                 micro.finish(old_logp, entropy)
         if self.reference is not None:
@@ -264,11 +285,12 @@ class RlStep:
         on = valid & ~micro.rectified[:, None]
         diff = (micro.old_logp - micro.behaviour_logp)[on].double()
         entropy = micro.entropy.double()
-        grounded = valid & (micro.w > threshold) if micro.w is not None else torch.zeros_like(valid)
-        other = valid & ~grounded
+        scored = micro.scored_mask.bool() if micro.vicra_rows is not None else torch.zeros_like(valid)
+        grounded = scored & (micro.w > threshold) if micro.w is not None else torch.zeros_like(valid)
+        other = scored & ~grounded
         sums = [valid.sum(), entropy[valid].sum(), on.sum(), diff.abs().sum(), (diff.exp() - diff - 1).sum(),
                 (diff.exp() > cap).sum() if cap else 0.0, grounded.sum(), entropy[grounded].sum(), other.sum(),
-                entropy[other].sum(), micro.w[valid].double().sum() if micro.w is not None else 0.0]
+                entropy[other].sum(), micro.w[scored].double().sum() if micro.w is not None else 0.0, scored.sum()]
         return [float(x) for x in sums], float(diff.abs().max()) if diff.numel() else 0.0
 
     def _reduce_diagnostics(self, parts: list[tuple[list[float], float]]) -> dict:
@@ -283,7 +305,7 @@ class RlStep:
         dist.all_reduce(sums, group=ps.get_data_parallel_group())
         dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=ps.get_data_parallel_group())
         (tokens, entropy_sum, on_tokens, abs_diff, kl, clipped, vg, vg_entropy, others, other_entropy,
-         w_sum) = sums.tolist()
+         w_sum, scored) = sums.tolist()
         out = {"policy/entropy": entropy_sum / max(tokens, 1.0),
                "mismatch/abs_logp_diff_mean": abs_diff / max(on_tokens, 1.0),
                "mismatch/abs_logp_diff_max": peak.item(), "mismatch/kl": kl / max(on_tokens, 1.0),
@@ -291,7 +313,7 @@ class RlStep:
         if self.cfg.algorithm.vicra.enabled:
             vg_mean = vg_entropy / vg if vg else 0.0
             other_mean = other_entropy / others if others else 0.0
-            out.update({"vicra/vg_share": vg / max(tokens, 1.0), "vicra/vg_entropy": vg_mean,
+            out.update({"vicra/vg_share": vg / max(scored, 1.0), "vicra/vg_entropy": vg_mean,
                         "vicra/other_entropy": other_mean, "vicra/entropy_gap": vg_mean - other_mean,
-                        "vicra/w_mean": w_sum / max(tokens, 1.0)})
+                        "vicra/w_mean": w_sum / max(scored, 1.0), "vicra/scored_share": scored / max(tokens, 1.0)})
         return out

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.training.runs import clean_env
 
@@ -25,3 +26,11 @@ def test_positive_advantage_raises_and_negative_lowers_the_logprob(tiny_models, 
     # the step's diagnostics (sums reduced over ranks) equal the spec's pure functions
     for key, value in out["expected"].items():
         assert out["reduced"][key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+    # VICRA's no-image pass skips the zero-advantage response: the shaped advantages are those
+    # of a pass over every response (w of the skipped response is 0, psi = 1, times A = 0)
+    skip, every = out["skipping"]["skip"], out["skipping"]["all"]
+    assert (skip["no_image_responses"], every["no_image_responses"]) == (2, 3)
+    assert torch.allclose(torch.tensor(skip["advantages"]), torch.tensor(every["advantages"]), atol=1e-6)
+    assert torch.tensor(skip["advantages"][2]).abs().max() == 0
+    assert torch.allclose(torch.tensor(skip["w"][:2]), torch.tensor(every["w"][:2]), atol=1e-6)
+    assert torch.tensor(skip["w"][2]).abs().max() == 0 < torch.tensor(every["w"][2]).abs().max()

@@ -28,6 +28,8 @@ LAYOUTS = {  # name: (processes, overrides)
     # local spec, with tensor parallelism
     "thd_tp2": (2, ["parallel.tensor_parallel=2", "trainer.share_prompts=false", "trainer.pack_length=1500",
                     "trainer.packed_format=thd"]),
+    "thd_pp2": (2, ["parallel.pipeline_parallel=2", "trainer.share_prompts=false", "trainer.pack_length=300",
+                    "trainer.packed_format=thd"]),
     "old_logprob_pass": (1, ["trainer.recompute_old_logprobs=true"]),
 }
 
@@ -90,7 +92,7 @@ def test_a_trainer_checkpoint_converts_to_the_exported_policy(reference_run, tmp
 
 
 @pytest.mark.parametrize("layout", ["tp2", "pp2", "dp2", "tp2pp2", "one_sequence_per_row", "packed_rows",
-                                    "thd_tp2", "old_logprob_pass"])
+                                    "thd_tp2", "thd_pp2", "old_logprob_pass"])
 def test_layout_invariance(layout, reference_run, tmp_path, tiny_models, synthetic_dir):
     _, reference = reference_run
     nproc, overrides = LAYOUTS[layout]
@@ -106,7 +108,7 @@ def test_layout_invariance(layout, reference_run, tmp_path, tiny_models, synthet
         assert other["reward/mean"] == pytest.approx(record["reward/mean"], abs=1e-9)
         for key in ("policy/entropy", "vicra/vg_share", "vicra/w_mean", "mismatch/kl"):  # reduced over DP ranks
             assert other[key] == pytest.approx(record[key], rel=1e-4, abs=1e-7), key
-        if layout == "thd_tp2":  # one row per micro-batch (the reference: one per group)
+        if layout.startswith("thd"):  # one row per micro-batch (the reference: one per group)
             assert other["batch/rows"] == other["batch/micro_batches"] and other["batch/shared_prompt_savings"] == 0
 
 

@@ -2,7 +2,9 @@
 
 Reads ``metrics.jsonl`` (in RUN_DIR or RUN_DIR/logs). A resumed run may have logged a step
 twice (before the crash and again after the resume): the last record of a step wins.
-Evaluation records (keys ``eval/...``, no step) are listed in the summary table.
+Evaluation records (keys ``eval/...``, no step) are listed in the summary table. Curves of 20
+steps or more are drawn thin per step with their trailing mean over a tenth of the run (at
+least 5 steps) on top: a few prompts per step make per-step RL metrics noisy.
 """
 
 from __future__ import annotations
@@ -77,10 +79,17 @@ def plot(steps: dict[int, dict], out: Path, name: str = "curves") -> Path:
     rows = max(1, math.ceil(len(panels) / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.2 * rows), squeeze=False)
     for ax, (title, series) in zip(axes.flat, panels):
+        window = 0
         for key, label in series:
             xs = [s for s, r in steps.items() if isinstance(r.get(key), (int, float))]
-            ax.plot(xs, [steps[s][key] for s in xs], label=label, marker="." if len(xs) < 40 else None)
-        ax.set_title(title)
+            ys = [steps[s][key] for s in xs]
+            if len(xs) < 20:
+                ax.plot(xs, ys, label=label, marker=".")
+                continue
+            window = max(5, len(xs) // 10)
+            line, = ax.plot(xs, ys, alpha=0.3, linewidth=0.8)
+            ax.plot(xs, trailing_mean(ys, window), color=line.get_color(), label=label)
+        ax.set_title(f"{title} (bold: {window}-step mean)" if window else title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -91,6 +100,17 @@ def plot(steps: dict[int, dict], out: Path, name: str = "curves") -> Path:
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+def trailing_mean(values: list[float], window: int) -> list[float]:
+    """The mean of each value and the up to ``window - 1`` values before it."""
+    out, total = [], 0.0
+    for i, value in enumerate(values):
+        total += value
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
 
 
 def _mean(values: list) -> float:

@@ -160,6 +160,19 @@ def thd_mask(cu_seqlens: torch.Tensor, length: int) -> torch.Tensor:
     return ~allowed[None, None]
 
 
+def token_alignment(fp8: Optional[str]) -> int:
+    """How many tokens a row is padded to a multiple of: FP8 GEMMs of Transformer Engine need
+    the token dimension aligned (megatron-core's ``get_fp8_align_size``: 16, 32 for MXFP8);
+    1 without FP8. Right padding changes no real token's output (causal attention; packed
+    rows mask it or give it a sequence of its own)."""
+    if fp8 is None:
+        return 1
+    from megatron.core.enums import Fp8Recipe
+    from megatron.core.fp8_utils import get_fp8_align_size
+
+    return get_fp8_align_size(Fp8Recipe(fp8))
+
+
 def transformer_engine_available() -> bool:
     if not torch.cuda.is_available():
         return False

@@ -48,7 +48,7 @@ from megatron_ivr.training.batching import (
     plan_layout,
 )
 from megatron_ivr.training.experience import Experience, Trajectory
-from model_providers.qwen_vl import transformer_engine_available
+from model_providers.qwen_vl import token_alignment, transformer_engine_available
 
 DIAGNOSTIC_SUMS = ("tokens", "entropy", "on_tokens", "abs_diff", "kl", "tis_clipped", "vg", "vg_entropy",
                    "others", "other_entropy", "w", "scored")
@@ -120,6 +120,7 @@ class RlStep:
         self.cfg, self.policy, self.processor, self.reference = cfg, policy, processor, reference
         self.loss_cfg = LossConfig.from_config(cfg.algorithm)
         self.temperature = cfg.rollout.temperature  # the trajectories' sampling temperature (> 0)
+        self.token_alignment = token_alignment(cfg.parallel.fp8)  # rows padded to a multiple (FP8 GEMMs)
 
     # --- batches --------------------------------------------------------------------------
     @property
@@ -168,7 +169,7 @@ class RlStep:
             mine = []
             for group in plan[dp_rank::dp_size]:
                 batch = collate(self.policy.family, self.policy.hf_config, [items[i] for i in group], pad_id,
-                                packing=packing).to(dev)
+                                self.token_alignment, packing).to(dev)
                 mask = batch.response_mask
                 micro = MicroBatch(
                     group, batch, mask, torch.tensor([trajectories[i].advantage for i in group], device=dev),
@@ -179,7 +180,8 @@ class RlStep:
                     rows = [i for i in group if scored[i]]
                     if rows:
                         micro.no_image = collate(self.policy.family, self.policy.hf_config,
-                                                 [no_image_items[i] for i in rows], pad_id, packing=packing).to(dev)
+                                                 [no_image_items[i] for i in rows], pad_id, self.token_alignment,
+                                                 packing).to(dev)
                 mine.append(micro)
             out.append(mine)
         stats = layout_stats(items, [group for plan in plans for group in plan], packing)

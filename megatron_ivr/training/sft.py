@@ -79,7 +79,7 @@ class SftJob:
 
         from megatron_ivr.training.logprobs import vocab_parallel_logprobs
         from megatron_ivr.training.optimizer import global_loss_scale, train_step
-        from model_providers.qwen_vl import causal_mask
+        from model_providers.qwen_vl import causal_mask, token_alignment
 
         cfg, tokenizer = self.cfg, self.processor.tokenizer
         epoch = self.sampler.epoch
@@ -92,7 +92,7 @@ class SftJob:
         plan = plan_micro_batches(lengths, cfg.trainer.max_tokens_per_micro_batch, dp_size)
         mine = plan[dp_rank::dp_size]
         batches = [collate(self.policy.family, self.policy.hf_config, [items[i] for i in group],
-                           tokenizer.pad_token_id) for group in mine]
+                           tokenizer.pad_token_id, token_alignment(cfg.parallel.fp8)) for group in mine]
         total_tokens = float(sum(len(item.response_ids) for item in items))
         scale = global_loss_scale(len(batches))
 

@@ -243,3 +243,24 @@ def test_transformer_engine_gets_thd_rows_and_refuses_shared_prompts(monkeypatch
         _check_packing(load_config(None, ["trainer.share_prompts=false", "trainer.pack_length=512",
                                           "trainer.packed_format=mask"]))
     assert error.value.key == "trainer.packed_format"
+
+
+def test_fp8_rows_are_padded_to_the_token_alignment(tiny_models, parallel):
+    """With FP8 the trainer pads every row to megatron's FP8 alignment (TE's FP8 GEMMs need the
+    token dimension aligned); the padding changes no log-prob."""
+    from megatron_ivr.config import load_config
+    from megatron_ivr.training.rl import RlStep
+    from model_providers.qwen_vl import token_alignment
+
+    assert (token_alignment(None), token_alignment("delayed"), token_alignment("blockwise")) == (1, 16, 16)
+    assert RlStep(load_config(None, ["parallel.fp8=delayed"]), None, None).token_alignment == 16
+    assert RlStep(load_config(None, []), None, None).token_alignment == 1
+    model, hf_config, provider, processor = _model(tiny_models["qwen2_5_vl"])
+    prompts = PromptCache(processor)
+    encoded = [encode(prompts, item) for item in mixed_items()]
+    pad = processor.tokenizer.pad_token_id
+    ref_logp, _, _ = _forward(model, collate(provider, hf_config, encoded, pad))
+    for packing in (Packing(), Packing(share_prompts=True), Packing(pack_length=160, thd=True)):
+        batch = collate(provider, hf_config, encoded, pad, token_alignment("delayed"), packing)
+        assert batch.input_ids.shape[1] % 16 == 0
+        assert (_forward(model, batch)[0] - ref_logp).abs().max() <= 1e-5

@@ -13,7 +13,7 @@
 # Steps: versions -> synthetic data and tiny models -> megatron-core vs transformers parity
 # (tests/model_providers/test_parity.py at TP1, the model on CUDA with NCCL, the reference
 # on CPU) -> SFT on CUDA -> RL with IVR-R1 + VICRA (checkpoint, then resume) -> bf16 RL ->
-# packed rows -> HF -> Megatron -> HF round trip (bit-exact) -> greedy evaluation of the SFT and RL policies.
+# packed rows -> FP8 (with TE) -> HF -> Megatron -> HF round trip (bit-exact) -> greedy evaluation of the SFT and RL policies.
 set -u
 OUT=${1:-runs/gpu_check}
 RUN=runs/gpu_check_run
@@ -57,6 +57,12 @@ step train_bf16 180 $MIVR train $CFG "${paths[@]}" model.dtype=bfloat16 trainer.
 step train_packed 180 $MIVR train $CFG "${paths[@]}" trainer.share_prompts=false trainer.pack_length=2048 \
     trainer.steps=2 checkpoint.dir=$RUN/rl_packed/checkpoints logging.dir=$RUN/rl_packed/logs \
     trainer.export_dir=null
+# FP8 (delayed scaling) through Transformer Engine, where the image has TE: two RL steps in bf16
+# with FP8 GEMMs, rows padded to megatron's FP8 alignment (16); skipped, saying so, without TE
+step train_fp8 240 bash -c 'python3 -c "import transformer_engine" 2>/dev/null || \
+    { echo "no Transformer Engine: skipped"; exit 0; }; exec "$@"' _ $MIVR train $CFG "${paths[@]}" \
+    parallel.fp8=delayed model.dtype=bfloat16 trainer.share_prompts=false trainer.steps=2 \
+    checkpoint.dir=$RUN/rl_fp8/checkpoints logging.dir=$RUN/rl_fp8/logs trainer.export_dir=null
 step convert 120 bash -c "$MIVR convert hf-to-megatron $RUN/models/qwen2_5_vl_tiny $RUN/convert/megatron && \
 $MIVR convert megatron-to-hf $RUN/convert/megatron $RUN/convert/hf && python3 -c '
 import sys; from safetensors.torch import load_file

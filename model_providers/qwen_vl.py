@@ -130,7 +130,7 @@ def _sdpa_attention_class():
             if thd and attention_bias is None and self.softmax_offset is None:
                 # megatron's attention squeezed the batch: query/key/value [T, h, d]
                 query, key, value, attention_mask = (query[:, None], key[:, None], value[:, None],
-                                                     thd_mask(packed_seq_params.cu_seqlens_q, query.shape[0]))
+                                                     _cached_thd_mask(packed_seq_params, query.shape[0]))
             elif packed_seq_params is not None or attention_bias is not None or self.softmax_offset is not None:
                 return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias,
                                        packed_seq_params)
@@ -158,6 +158,16 @@ def thd_mask(cu_seqlens: torch.Tensor, length: int) -> torch.Tensor:
     sequence = torch.bucketize(position, cu_seqlens[1:].to(position.dtype), right=True)
     allowed = (sequence[:, None] == sequence[None, :]) & (position[:, None] >= position[None, :])
     return ~allowed[None, None]
+
+
+def _cached_thd_mask(packed_seq_params, length: int) -> torch.Tensor:
+    """:func:`thd_mask` of a forward's ``PackedSeqParams``, built by its first layer and kept on
+    that object for the others (one ``PackedSeqParams`` per forward, ``thd_params``)."""
+    mask = getattr(packed_seq_params, "_local_thd_mask", None)
+    if mask is None or mask.shape[-1] != length:
+        mask = thd_mask(packed_seq_params.cu_seqlens_q, length)
+        packed_seq_params._local_thd_mask = mask
+    return mask
 
 
 def token_alignment(fp8: Optional[str]) -> int:

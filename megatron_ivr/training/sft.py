@@ -26,6 +26,7 @@ from megatron_ivr.training.batching import (
     plan_micro_batches,
 )
 from megatron_ivr.training.sampler import EpochSampler
+from model_providers.qwen_vl import token_alignment
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class SftJob:
         self.samples = reference_samples(cfg, datasets)
         self.total_steps = cfg.sft.steps
         self.sampler = EpochSampler(len(self.samples), cfg.trainer.seed)
+        self.token_alignment = token_alignment(cfg.parallel.fp8)  # rows padded to a multiple (FP8 GEMMs)
         self.data_metrics = {}
         for index, dataset in enumerate(datasets):
             self.data_metrics.update(dataset.metrics(f"data/sft/{index}"))
@@ -79,7 +81,7 @@ class SftJob:
 
         from megatron_ivr.training.logprobs import vocab_parallel_logprobs
         from megatron_ivr.training.optimizer import global_loss_scale, train_step
-        from model_providers.qwen_vl import causal_mask, token_alignment
+        from model_providers.qwen_vl import causal_mask
 
         cfg, tokenizer = self.cfg, self.processor.tokenizer
         epoch = self.sampler.epoch
@@ -92,7 +94,7 @@ class SftJob:
         plan = plan_micro_batches(lengths, cfg.trainer.max_tokens_per_micro_batch, dp_size)
         mine = plan[dp_rank::dp_size]
         batches = [collate(self.policy.family, self.policy.hf_config, [items[i] for i in group],
-                           tokenizer.pad_token_id, token_alignment(cfg.parallel.fp8)) for group in mine]
+                           tokenizer.pad_token_id, self.token_alignment) for group in mine]
         total_tokens = float(sum(len(item.response_ids) for item in items))
         scale = global_loss_scale(len(batches))
 

@@ -31,10 +31,14 @@ COPY megatron_ivr ./megatron_ivr
 COPY model_providers ./model_providers
 COPY launch ./launch
 COPY configs ./configs
-# this package from the copied source; its own requirements are ranges on purpose (see setup.py)
+# this package as users get it: a wheel built from the copied source and installed (not
+# editable), so the image runs exactly what tests/test_wheel.py installs and runs; its own
+# requirements are ranges on purpose (see setup.py)
 # hadolint ignore=DL3013
 RUN pip install "megatron-core==${MEGATRON_CORE_VERSION}" \
-    && pip install ".[launch]"
+    && pip wheel --no-deps --wheel-dir /tmp/dist . \
+    && pip install "$(ls /tmp/dist/megatron_ivr-*.whl)[launch]" \
+    && rm -rf /tmp/dist build
 
 # run as an unprivileged user; Slurm (Pyxis) and Docker mount the job folder at /nemo_run
 RUN useradd --create-home --shell /bin/bash --uid 10001 ivr \

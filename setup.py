@@ -15,8 +15,13 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["megatron_ivr", "megatron_ivr.*", "model_providers", "model_providers.*",
-                                    "launch", "launch.*"]),
+    # Installed names: everything lives under the ``megatron_ivr`` namespace, so nothing generic
+    # (``launch``, ``model_providers``) lands at the top of site-packages. The repository keeps
+    # its top-level folders; ``package_dir`` maps them in (docs/architecture.md, "Installed names").
+    packages=[*find_packages(include=["megatron_ivr", "megatron_ivr.*"]),
+              *(f"megatron_ivr.{name}" for name in find_packages(include=["model_providers", "model_providers.*",
+                                                                          "launch", "launch.*"]))],
+    package_dir={"megatron_ivr.model_providers": "model_providers", "megatron_ivr.launch": "launch"},
     package_data={"megatron_ivr.prompts": ["templates/*.txt"]},
     install_requires=[
         "torch>=2.6",

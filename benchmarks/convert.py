@@ -56,7 +56,7 @@ def main() -> None:
     torch.set_num_threads(1)
     from safetensors.torch import load_file, save_file
 
-    from model_providers.convert import hf_to_megatron, megatron_to_hf
+    from megatron_ivr.model_providers.convert import hf_to_megatron, megatron_to_hf
 
     with tempfile.TemporaryDirectory(dir=".") as tmp:
         tmp = Path(tmp)

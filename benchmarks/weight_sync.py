@@ -48,9 +48,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     from megatron_ivr.bridge.buckets import bucketize
+    from megatron_ivr.model_providers.build import build_model, iter_hf_weights, load_hf_weights
+    from megatron_ivr.model_providers.hf_checkpoint import HFCheckpoint
     from megatron_ivr.training.parallel import ParallelLayout, destroy_parallel, init_parallel
-    from model_providers.build import build_model, iter_hf_weights, load_hf_weights
-    from model_providers.hf_checkpoint import HFCheckpoint
 
     init_parallel(ParallelLayout())
     with tempfile.TemporaryDirectory(dir=".") as tmp:

@@ -57,9 +57,9 @@ def worker(rank: int, world: int, port: int, model_dir: str, repeats: int, out: 
     import torch.distributed as dist
 
     from megatron_ivr.bridge.bridge import WeightBridge
+    from megatron_ivr.model_providers.build import build_model, is_stage_leader, load_hf_weights
+    from megatron_ivr.model_providers.hf_checkpoint import HFCheckpoint
     from megatron_ivr.training.parallel import ParallelLayout, destroy_parallel, init_parallel
-    from model_providers.build import build_model, is_stage_leader, load_hf_weights
-    from model_providers.hf_checkpoint import HFCheckpoint
 
     init_parallel(ParallelLayout(1, world))
     checkpoint = HFCheckpoint(model_dir)

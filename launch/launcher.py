@@ -23,9 +23,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
-from launch.scripts import render_node_script, server_specs
 from megatron_ivr.config import ConfigError, dump_config
 from megatron_ivr.config.schema import RunConfig
+from megatron_ivr.launch.scripts import render_node_script, server_specs
 
 MODES = ("local", "slurm", "docker")
 

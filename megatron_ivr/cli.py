@@ -92,7 +92,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from model_providers.convert import hf_to_megatron, megatron_to_hf
+    from megatron_ivr.model_providers.convert import hf_to_megatron, megatron_to_hf
 
     if args.direction == "hf-to-megatron":
         out = hf_to_megatron(args.src, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype, writers=args.writers)
@@ -132,7 +132,7 @@ def cmd_ablate(args) -> int:
 
 
 def cmd_launch(args) -> int:
-    from launch.launcher import launch
+    from megatron_ivr.launch.launcher import launch
 
     return launch(args.mode, _config(args), dryrun=args.dryrun, command=args.run)
 
@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     from megatron_ivr.config import ConfigError
     from megatron_ivr.data import DataError
-    from model_providers.state_dict_adapter import ConversionError
+    from megatron_ivr.model_providers.state_dict_adapter import ConversionError
 
     try:
         return args.func(args)

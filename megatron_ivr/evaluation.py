@@ -47,7 +47,7 @@ def split_path(cfg: RunConfig, split: str) -> str:
 def resolve_policy(model_path: str, work_dir: Path) -> str:
     """An HF folder for ``model_path``: itself, or a Megatron checkpoint converted once into
     ``work_dir/policy_hf`` (exact: the converters round-trip bit for bit)."""
-    from model_providers.convert import META_NAME, megatron_to_hf
+    from megatron_ivr.model_providers.convert import META_NAME, megatron_to_hf
 
     path = Path(model_path)
     source = next((p for p in (path, path / "dist") if (p / META_NAME).exists()), None)

@@ -8,10 +8,10 @@ from typing import Optional
 
 import torch
 
-from model_providers import get_provider
-from model_providers.hf_checkpoint import HFCheckpoint
-from model_providers.qwen_vl import QwenVLModel, layer_spec
-from model_providers.state_dict_adapter import (
+from megatron_ivr.model_providers import get_provider
+from megatron_ivr.model_providers.hf_checkpoint import HFCheckpoint
+from megatron_ivr.model_providers.qwen_vl import QwenVLModel, layer_spec
+from megatron_ivr.model_providers.state_dict_adapter import (
     ConversionError,
     QwenVLStateDictAdapter,
     detect_key_style,

@@ -67,9 +67,9 @@ def _hf_to_megatron_rank(hf_dir: str, tmp_dir: str, tp: int, pp: int, dtype: str
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 
+    from megatron_ivr.model_providers.build import DTYPES, build_empty_model, load_hf_weights
+    from megatron_ivr.model_providers.hf_checkpoint import HFCheckpoint
     from megatron_ivr.training.parallel import ParallelLayout, init_parallel
-    from model_providers.build import DTYPES, build_empty_model, load_hf_weights
-    from model_providers.hf_checkpoint import HFCheckpoint
 
     init_parallel(ParallelLayout(tp, pp))
     checkpoint = HFCheckpoint(hf_dir)
@@ -93,9 +93,9 @@ def _megatron_to_hf_rank(ckpt_dir: str, tmp_dir: str, tp: int, pp: int, max_shar
     from megatron.core import dist_checkpointing
     from transformers import AutoConfig
 
+    from megatron_ivr.model_providers.build import DTYPES, build_empty_model, gather_hf_weights
+    from megatron_ivr.model_providers.hf_checkpoint import write_hf_folder
     from megatron_ivr.training.parallel import ParallelLayout, init_parallel
-    from model_providers.build import DTYPES, build_empty_model, gather_hf_weights
-    from model_providers.hf_checkpoint import write_hf_folder
 
     init_parallel(ParallelLayout(tp, pp))
     meta = json.loads((Path(ckpt_dir) / META_NAME).read_text())
@@ -132,7 +132,7 @@ def _run_into(tmp: Path, out_dir: Path, job: str, world: int, args: dict) -> Non
 
 def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, tp: int = 1, pp: int = 1, dtype: str = "float32",
                    writers: int = 4) -> Path:
-    from model_providers.hf_checkpoint import SIDE_FILES
+    from megatron_ivr.model_providers.hf_checkpoint import SIDE_FILES
 
     if writers < 1:
         raise ValueError(f"writers must be >= 1, got {writers}")

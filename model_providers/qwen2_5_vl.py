@@ -1,6 +1,6 @@
 """Qwen2.5-VL: contiguous MRoPE sections, QKV bias, window-attention vision tower."""
 
-from model_providers.qwen_vl import QwenVLFamily
+from megatron_ivr.model_providers.qwen_vl import QwenVLFamily
 
 QWEN2_5_VL = QwenVLFamily(
     name="qwen2_5_vl",

@@ -1,6 +1,6 @@
 """Qwen3-VL (dense): interleaved MRoPE, QK-norm, no QKV bias, deepstack visual features."""
 
-from model_providers.qwen_vl import QwenVLFamily
+from megatron_ivr.model_providers.qwen_vl import QwenVLFamily
 
 QWEN3_VL = QwenVLFamily(
     name="qwen3_vl",

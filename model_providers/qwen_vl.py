@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model_providers.rope import QwenMRoPE
+from megatron_ivr.model_providers.rope import QwenMRoPE
 
 
 @dataclass(frozen=True)
@@ -114,11 +114,11 @@ def _sdpa_attention_class():
     """megatron-core's local ``DotProductAttention`` with its core computed by PyTorch's fused
     ``scaled_dot_product_attention`` (same scale, same mask: True = blocked), instead of
     baddbmm + masked fill (-10000) + softmax + bmm over a materialized ``[B, h, S, S]``. A
-    :class:`~model_providers.block_attention.BlockMask` (packed rows) is computed block by
+    :class:`~megatron_ivr.model_providers.block_attention.BlockMask` (packed rows) is computed block by
     block; megatron's own path gets its dense mask."""
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
-    from model_providers.block_attention import BlockMask, block_attention
+    from megatron_ivr.model_providers.block_attention import BlockMask, block_attention
 
     class SdpaDotProductAttention(DotProductAttention):
         def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,

@@ -1,7 +1,7 @@
 """The one place that maps Hugging Face Qwen-VL weights to Megatron-Core and back.
 
 Names. The adapter speaks *canonical* Megatron names: the parameter names of
-:class:`~model_providers.qwen_vl.QwenVLModel` with the **global** decoder-layer index
+:class:`~megatron_ivr.model_providers.qwen_vl.QwenVLModel` with the **global** decoder-layer index
 (``language.decoder.layers.{g}.…``) and full (unsharded) tensors. A pipeline stage's local
 names convert with :func:`to_global_name` / :func:`to_local_name`; tensor-parallel shards
 with :func:`shard` / :func:`unshard`.

@@ -59,7 +59,7 @@ def _benchmark_files(tmp_path):
 def test_eval_of_a_megatron_checkpoint_matches_its_hf_source(tiny_models, tmp_path):
     """Several benchmarks in one call; a Megatron checkpoint (a trainer-style step folder with
     dist/, saved at TP2) gives exactly the greedy outputs of the HF folder it came from."""
-    from model_providers.convert import hf_to_megatron
+    from megatron_ivr.model_providers.convert import hf_to_megatron
 
     vista, tsv = _benchmark_files(tmp_path)
     hf = tiny_models["qwen2_5_vl"]

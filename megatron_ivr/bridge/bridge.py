@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from megatron_ivr.bridge.buckets import bucketize
-from model_providers.build import is_stage_leader, iter_hf_weights, iter_stage_hf_weights
+from megatron_ivr.model_providers.build import is_stage_leader, iter_hf_weights, iter_stage_hf_weights
 
 
 class WeightSyncError(RuntimeError):

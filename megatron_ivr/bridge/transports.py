@@ -121,7 +121,7 @@ class DiskTransport:
         self._pending.extend((name, tensor.clone()) for name, tensor in unflatten(bucket))
 
     def finish(self, version: int) -> None:
-        from model_providers.hf_checkpoint import write_hf_folder
+        from megatron_ivr.model_providers.hf_checkpoint import write_hf_folder
 
         out = write_hf_folder(self._pending, self.directory / f"step_{version:08d}", self.source)
         self._pending = []

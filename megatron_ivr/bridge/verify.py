@@ -35,9 +35,9 @@ class LogprobProbe:
     def __call__(self) -> float:
         import torch.distributed as dist
 
+        from megatron_ivr.model_providers.qwen_vl import causal_mask
         from megatron_ivr.training.batching import ScoredSequence, build_model_batch
         from megatron_ivr.training.logprobs import forward_logprobs
-        from model_providers.qwen_vl import causal_mask
 
         image = probe_image()
         header = torch.zeros(self.max_new_tokens + 1, dtype=torch.long)

@@ -240,7 +240,7 @@ class Checkpointer:
     def _not_this_model(self, folder: Path, exc: Exception):
         """The error for resuming from a checkpoint of another model (a reused checkpoint.dir)."""
         from megatron_ivr.config.errors import ConfigError
-        from model_providers.convert import META_NAME
+        from megatron_ivr.model_providers.convert import META_NAME
 
         meta_file = folder / "dist" / META_NAME
         source = json.loads(meta_file.read_text()).get("source") if meta_file.exists() else None
@@ -256,8 +256,8 @@ class Checkpointer:
     def _write_converter_files(self, folder: Path, policy) -> None:
         from megatron.core import parallel_state as ps
 
-        from model_providers.convert import META_NAME
-        from model_providers.hf_checkpoint import SIDE_FILES
+        from megatron_ivr.model_providers.convert import META_NAME
+        from megatron_ivr.model_providers.hf_checkpoint import SIDE_FILES
 
         dtype = str(policy.model.config.params_dtype).replace("torch.", "")
         meta = {"family": policy.family.name, "tp": ps.get_tensor_model_parallel_world_size(),

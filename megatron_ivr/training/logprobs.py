@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from model_providers.block_attention import BlockMask
+from megatron_ivr.model_providers.block_attention import BlockMask
 
 
 @dataclass

@@ -53,9 +53,9 @@ class Policy:
 def load_policy(model_path: str, dtype: str = "float32", optim: Optional[OptimizerSettings] = None,
                 schedule: Optional[ScheduleSettings] = None, fp8: Optional[str] = None) -> Policy:
     """Build this rank's stage and load the HF weights; with ``optim``, make it trainable."""
-    from model_providers import get_provider
-    from model_providers.build import DTYPES, build_model, load_hf_weights
-    from model_providers.hf_checkpoint import HFCheckpoint
+    from megatron_ivr.model_providers import get_provider
+    from megatron_ivr.model_providers.build import DTYPES, build_model, load_hf_weights
+    from megatron_ivr.model_providers.hf_checkpoint import HFCheckpoint
 
     checkpoint = HFCheckpoint(model_path)
     hf_config = checkpoint.config()
@@ -90,8 +90,8 @@ def export_hf(policy: Policy, out_dir: str, source_dir: str) -> None:
     """Write the policy as a Hugging Face folder (collective; rank 0 writes, atomically)."""
     import torch.distributed as dist
 
-    from model_providers.build import gather_hf_weights
-    from model_providers.hf_checkpoint import write_hf_folder
+    from megatron_ivr.model_providers.build import gather_hf_weights
+    from megatron_ivr.model_providers.hf_checkpoint import write_hf_folder
 
     tensors = gather_hf_weights(policy.model, policy.key_style)
     if dist.get_rank() == 0:

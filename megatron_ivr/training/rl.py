@@ -37,6 +37,7 @@ import torch
 from megatron_ivr.algorithms.losses import LossConfig, rl_loss
 from megatron_ivr.algorithms.vicra import distort_batch, prob_diff_scores, psi
 from megatron_ivr.config.schema import RunConfig
+from megatron_ivr.model_providers.qwen_vl import token_alignment, transformer_engine_available
 from megatron_ivr.training.batching import (
     Packing,
     PromptCache,
@@ -48,7 +49,6 @@ from megatron_ivr.training.batching import (
     plan_layout,
 )
 from megatron_ivr.training.experience import Experience, Trajectory
-from model_providers.qwen_vl import token_alignment, transformer_engine_available
 
 DIAGNOSTIC_SUMS = ("tokens", "entropy", "on_tokens", "abs_diff", "kl", "tis_clipped", "vg", "vg_entropy",
                    "others", "other_entropy", "w", "scored")
@@ -193,8 +193,8 @@ class RlStep:
     def _score(self, minis: list[list[MicroBatch]], on_policy: bool) -> float:
         """The forward-only sweep (old log-probs unless ``on_policy``, VICRA's pass) and the
         reference pass; finishes each micro-batch whose old log-probs are known."""
+        from megatron_ivr.model_providers.qwen_vl import causal_mask
         from megatron_ivr.training.logprobs import forward_logprobs
-        from model_providers.qwen_vl import causal_mask
 
         t0 = time.perf_counter()
         micros = [m for mini in minis for m in mini]
@@ -226,9 +226,9 @@ class RlStep:
         import torch.distributed as dist
         from megatron.core import parallel_state as ps
 
+        from megatron_ivr.model_providers.qwen_vl import causal_mask
         from megatron_ivr.training.logprobs import tempered, vocab_parallel_entropy, vocab_parallel_logprobs
         from megatron_ivr.training.optimizer import global_loss_scale, train_step
-        from model_providers.qwen_vl import causal_mask
 
         scale = global_loss_scale(len(mini))
         by_batch = {id(m.batch): m for m in mini}

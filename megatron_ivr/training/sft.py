@@ -16,6 +16,7 @@ import logging
 import torch
 
 from megatron_ivr.config.schema import RunConfig
+from megatron_ivr.model_providers.qwen_vl import token_alignment
 from megatron_ivr.prompts import render_prompt
 from megatron_ivr.training.batching import (
     PromptCache,
@@ -26,7 +27,6 @@ from megatron_ivr.training.batching import (
     plan_micro_batches,
 )
 from megatron_ivr.training.sampler import EpochSampler
-from model_providers.qwen_vl import token_alignment
 
 logger = logging.getLogger(__name__)
 
@@ -79,9 +79,9 @@ class SftJob:
         import torch.distributed as dist
         from megatron.core import parallel_state as ps
 
+        from megatron_ivr.model_providers.qwen_vl import causal_mask
         from megatron_ivr.training.logprobs import vocab_parallel_logprobs
         from megatron_ivr.training.optimizer import global_loss_scale, train_step
-        from model_providers.qwen_vl import causal_mask
 
         cfg, tokenizer = self.cfg, self.processor.tokenizer
         epoch = self.sampler.epoch

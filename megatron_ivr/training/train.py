@@ -131,8 +131,8 @@ def _stage_transport(cfg: RunConfig, engine, rank0_transport):
     from megatron.core import parallel_state as ps
 
     from megatron_ivr.bridge.transports import DistributedTransport
+    from megatron_ivr.model_providers.build import is_stage_leader
     from megatron_ivr.rollout.sglang.client import SGLangClient
-    from model_providers.build import is_stage_leader
 
     holder = [([s.url for s in engine.client.servers], engine.client.api_key) if engine is not None else None]
     dist.broadcast_object_list(holder, src=0)  # the server manager may have picked the ports on rank 0
@@ -156,7 +156,7 @@ def _engine_key_style(names, default: str) -> str:
     names; SGLang loads the checkpoint's own style); decided on rank 0, agreed by all."""
     import torch.distributed as dist
 
-    from model_providers.state_dict_adapter import detect_key_style
+    from megatron_ivr.model_providers.state_dict_adapter import detect_key_style
 
     holder = [detect_key_style(names) if names else default]
     dist.broadcast_object_list(holder, src=0)
@@ -252,7 +252,7 @@ def _check_packing(cfg: RunConfig) -> None:
     attention does not take; its THD format (``cu_seqlens``) packs single sequences, which is
     what ``trainer.pack_length`` becomes on TE layers (training/batching.py)."""
     from megatron_ivr.config.errors import ConfigError
-    from model_providers.qwen_vl import transformer_engine_available
+    from megatron_ivr.model_providers.qwen_vl import transformer_engine_available
 
     if not transformer_engine_available():
         return

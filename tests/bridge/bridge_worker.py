@@ -28,10 +28,10 @@ def main() -> None:
     from megatron_ivr.bridge.bridge import WeightBridge
     from megatron_ivr.bridge.buckets import unflatten
     from megatron_ivr.bridge.transports import LocalTransport
+    from megatron_ivr.model_providers.build import build_model, gather_hf_weights, is_stage_leader, load_hf_weights
+    from megatron_ivr.model_providers.hf_checkpoint import HFCheckpoint
     from megatron_ivr.rollout.local import LocalEngine
     from megatron_ivr.training.parallel import ParallelLayout, init_parallel
-    from model_providers.build import build_model, gather_hf_weights, is_stage_leader, load_hf_weights
-    from model_providers.hf_checkpoint import HFCheckpoint
 
     init_parallel(ParallelLayout(tp, pp))
     checkpoint = HFCheckpoint(model_dir)

@@ -9,8 +9,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from launch.scripts import render_node_script
 from megatron_ivr.config import load_config
+from megatron_ivr.launch.scripts import render_node_script
 from megatron_ivr.rollout.sglang.server import probe
 from megatron_ivr.training.parallel import free_port
 from tests.sglang_tier import MARKS, PYTHON

@@ -14,8 +14,8 @@ import yaml
 
 pytest.importorskip("nemo_run")
 
-from launch.launcher import launch  # noqa: E402
 from megatron_ivr.config import ConfigError, load_config  # noqa: E402
+from megatron_ivr.launch.launcher import launch  # noqa: E402
 from tests.training.runs import RL_OVERRIDES, clean_env, step_records, write_config  # noqa: E402
 
 SLURM = ["launch.account=rl_team", "launch.partition=batch", "launch.time=02:00:00",

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from launch.launcher import check_sizing
 from megatron_ivr.cli import main
 from megatron_ivr.config import load_config
+from megatron_ivr.launch.launcher import check_sizing
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 RECIPES = [p for p in CONFIGS if load_config(p).trainer.device == "cuda" and p.name != "cluster_base.yaml"]

@@ -14,10 +14,10 @@ import time
 import pytest
 import yaml
 
-from launch.scripts import REQUEUE_EXIT, render_node_script
 from megatron_ivr.config import load_config
 from megatron_ivr.config.loader import apply_override
 from megatron_ivr.config.schema import RunConfig
+from megatron_ivr.launch.scripts import REQUEUE_EXIT, render_node_script
 from tests.training.runs import RL_OVERRIDES, clean_env, step_records, write_config
 
 

@@ -4,7 +4,7 @@ gradients), and costs fewer query-key pairs."""
 import torch
 import torch.nn.functional as F
 
-from model_providers.block_attention import BlockMask, block_attention
+from megatron_ivr.model_providers.block_attention import BlockMask, block_attention
 
 
 def _segments():

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from model_providers.convert import META_NAME, hf_to_megatron, megatron_to_hf
+from megatron_ivr.model_providers.convert import META_NAME, hf_to_megatron, megatron_to_hf
 
 
 def assert_bit_exact(original_dir, exported_dir):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-from model_providers.convert import hf_to_megatron, megatron_to_hf
+from megatron_ivr.model_providers.convert import hf_to_megatron, megatron_to_hf
 from tests.model_providers.test_convert import assert_bit_exact
 
 

@@ -24,11 +24,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from megatron_ivr.model_providers import get_provider
+from megatron_ivr.model_providers.hf_checkpoint import HFCheckpoint
 from megatron_ivr.models.processor import load_processor
 from megatron_ivr.models.tiny import load_model
 from megatron_ivr.training.batching import build_model_batch
-from model_providers import get_provider
-from model_providers.hf_checkpoint import HFCheckpoint
 from tests.model_providers.parity_batch import parity_items
 
 WORKER = Path(__file__).with_name("parity_worker.py")

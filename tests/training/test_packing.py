@@ -59,10 +59,10 @@ def parallel():
 
 
 def _model(model_dir):
+    from megatron_ivr.model_providers import get_provider
+    from megatron_ivr.model_providers.build import build_model, load_hf_weights
+    from megatron_ivr.model_providers.hf_checkpoint import HFCheckpoint
     from megatron_ivr.models.processor import load_processor
-    from model_providers import get_provider
-    from model_providers.build import build_model, load_hf_weights
-    from model_providers.hf_checkpoint import HFCheckpoint
 
     checkpoint = HFCheckpoint(model_dir)
     hf_config = checkpoint.config()
@@ -73,8 +73,8 @@ def _model(model_dir):
 
 def _forward(model, batch):
     """Per-response log-probs and entropies ``[N, T]`` and the gradient of a fixed weighted sum."""
+    from megatron_ivr.model_providers.qwen_vl import causal_mask
     from megatron_ivr.training.logprobs import vocab_parallel_entropy, vocab_parallel_logprobs
-    from model_providers.qwen_vl import causal_mask
 
     model.zero_grad(set_to_none=True)
     logits = model(**batch.model_inputs(causal_mask))
@@ -135,7 +135,7 @@ def test_thd_rows_take_each_tokens_own_mrope_angle(tiny_models, parallel):
     length (megatron's THD rotary embedding then reads each token's own MRoPE angle).
     Positions re-counted 0, 1, 2, ... in each sequence (1-D, as for text: the peers' bug with
     image tokens) and boundaries that join two sequences are both caught."""
-    from model_providers.qwen_vl import thd_mask
+    from megatron_ivr.model_providers.qwen_vl import thd_mask
 
     model, hf_config, provider, processor = _model(tiny_models["qwen2_5_vl"])
     prompts = PromptCache(processor)
@@ -165,9 +165,9 @@ def test_thd_rows_take_each_tokens_own_mrope_angle(tiny_models, parallel):
 
 
 def test_shared_prompt_layout(tiny_models):
+    from megatron_ivr.model_providers import get_provider
+    from megatron_ivr.model_providers.hf_checkpoint import HFCheckpoint
     from megatron_ivr.models.processor import load_processor
-    from model_providers import get_provider
-    from model_providers.hf_checkpoint import HFCheckpoint
 
     hf_config = HFCheckpoint(tiny_models["qwen2_5_vl"]).config()
     processor = load_processor(tiny_models["qwen2_5_vl"])
@@ -219,7 +219,7 @@ def test_plan_layout_covers_every_sequence_once_and_splits_units_for_data_parall
 def test_transformer_engine_gets_thd_rows_and_refuses_shared_prompts(monkeypatch):
     """With TE layers, ``trainer.pack_length`` becomes THD packing and shared prompts (a mask
     TE's attention does not take) are refused by key before the model loads."""
-    import model_providers.qwen_vl as qwen_vl
+    import megatron_ivr.model_providers.qwen_vl as qwen_vl
     from megatron_ivr.config import ConfigError, load_config
     from megatron_ivr.training.train import _check_packing
 
@@ -249,8 +249,8 @@ def test_fp8_rows_are_padded_to_the_token_alignment(tiny_models, parallel):
     """With FP8 the trainer pads every row to megatron's FP8 alignment (TE's FP8 GEMMs need the
     token dimension aligned); the padding changes no log-prob."""
     from megatron_ivr.config import load_config
+    from megatron_ivr.model_providers.qwen_vl import token_alignment
     from megatron_ivr.training.rl import RlStep
-    from model_providers.qwen_vl import token_alignment
 
     assert (token_alignment(None), token_alignment("delayed"), token_alignment("blockwise")) == (1, 16, 16)
     assert RlStep(load_config(None, ["parallel.fp8=delayed"]), None, None).token_alignment == 16

@@ -95,9 +95,10 @@ def cmd_convert(args) -> int:
     from megatron_ivr.model_providers.convert import hf_to_megatron, megatron_to_hf
 
     if args.direction == "hf-to-megatron":
-        out = hf_to_megatron(args.src, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype, writers=args.writers)
+        out = hf_to_megatron(args.src, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype, writers=args.writers,
+                             overwrite=args.overwrite)
     else:
-        out = megatron_to_hf(args.src, args.out, tp=args.tp, pp=args.pp)
+        out = megatron_to_hf(args.src, args.out, tp=args.tp, pp=args.pp, overwrite=args.overwrite)
     print(f"wrote {out}")
     return 0
 
@@ -149,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megatron-ivr", description=(
         "RL post-training of Qwen-VL models with IVR-R1 and VICRA on Megatron-Core."))
     parser.add_argument("--log-level", default="WARNING", help="Python logging level")
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an error (default: one line)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     config = sub.add_parser("config", help="inspect configurations")
@@ -188,7 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
                                          "at --tp/--pp and writes a Hugging Face folder.")
     convert.add_argument("direction", choices=["hf-to-megatron", "megatron-to-hf"])
     convert.add_argument("src", help="source folder")
-    convert.add_argument("out", help="output folder (written atomically)")
+    convert.add_argument("out", help="output folder: a new one (written in a staging folder, then renamed in); an "
+                                     "existing non-empty one only with --overwrite, and only if it is an earlier "
+                                     "output of the same kind; never SRC, inside it or above it")
+    convert.add_argument("--overwrite", action="store_true",
+                         help="replace OUT if it holds an earlier output of the same kind (old one renamed aside, new "
+                              "one renamed in, then the old one deleted)")
     convert.add_argument("--tp", type=int, default=1, help="tensor-parallel size (processes = tp * pp)")
     convert.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
     convert.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
@@ -255,6 +262,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXIT_CONFIG = 2  # a config key, a command-line argument or an output folder is refused
+EXIT_DATA = 1  # a data file, checkpoint or model folder cannot be used
+
+
+def _failure(exc: BaseException) -> tuple[int, str]:
+    """Exit code and one line for an error that ends a command (docs/reliability.md)."""
+    from megatron_ivr.config import ConfigError
+    from megatron_ivr.data import DataError
+    from megatron_ivr.model_providers.manifest import CheckpointRefused
+    from megatron_ivr.model_providers.state_dict_adapter import ConversionError
+
+    if isinstance(exc, ConfigError):
+        return EXIT_CONFIG, f"error: {exc}"
+    if isinstance(exc, (DataError, CheckpointRefused, ConversionError)):
+        return EXIT_DATA, f"error: {exc}"
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return EXIT_DATA, f"error: {exc.filename}: {exc.strerror or exc}"
+    return EXIT_DATA, f"error: {type(exc).__name__}: {exc} (run with --debug for the traceback)"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import warnings
@@ -265,15 +292,14 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=r".*full scope is deprecated.*")
     warnings.filterwarnings("ignore", message=r".*\.grad attribute of a Tensor that is not a leaf.*")
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    from megatron_ivr.config import ConfigError
-    from megatron_ivr.data import DataError
-    from megatron_ivr.model_providers.state_dict_adapter import ConversionError
-
     try:
         return args.func(args)
-    except (ConfigError, DataError, ConversionError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except Exception as exc:  # one clear line; the traceback only when asked for
+        if args.debug:
+            raise
+        code, line = _failure(exc)
+        print(line, file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

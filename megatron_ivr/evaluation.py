@@ -56,7 +56,7 @@ def resolve_policy(model_path: str, work_dir: Path) -> str:
     out = work_dir / "policy_hf"
     marker = out / "converted_from.txt"
     if not (marker.exists() and marker.read_text() == str(source.resolve())):
-        megatron_to_hf(source, out)
+        megatron_to_hf(source, out, overwrite=True)  # this evaluation's own folder
         marker.write_text(str(source.resolve()))
     return str(out)
 

@@ -10,8 +10,11 @@
 - ``megatron_to_hf``: load a distributed checkpoint at any layout, gather TP shards and PP
   stages to rank 0, write safetensors shards + index + config, tokenizer and processor.
 
-Both write to a temporary folder renamed at the end (an interrupted conversion leaves no
-half-written checkpoint under the final name). ``megatron_ivr.json`` in the Megatron
+Both check every argument and the output folder before anything is touched, write into a
+fresh staging folder and publish it at the end (``output_dir.py``: an interrupted conversion
+leaves no half-written checkpoint under the final name; an existing OUT is replaced only
+when it is an earlier output of the same kind and ``overwrite`` is set; OUT equal to, inside
+or above SRC is refused). ``megatron_ivr.json`` in the Megatron
 folder records the family, layout, dtype and HF key style; ``hf/`` keeps the HF config,
 tokenizer and processor files so an export needs nothing else.
 """
@@ -25,6 +28,9 @@ import time
 from pathlib import Path
 
 import torch
+
+from megatron_ivr.model_providers.manifest import CheckpointRefused, require_verified, write_manifest
+from megatron_ivr.model_providers.output_dir import OutputRefused, check_output, discard, publish, staging_dir
 
 META_NAME = "megatron_ivr.json"
 
@@ -88,7 +94,8 @@ def _hf_to_megatron_rank(hf_dir: str, tmp_dir: str, tp: int, pp: int, dtype: str
     dist.barrier()
 
 
-def _megatron_to_hf_rank(ckpt_dir: str, tmp_dir: str, tp: int, pp: int, max_shard_bytes: int) -> None:
+def _megatron_to_hf_rank(ckpt_dir: str, out_dir: str, tp: int, pp: int, max_shard_bytes: int,
+                         overwrite: bool) -> None:
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
     from transformers import AutoConfig
@@ -110,56 +117,52 @@ def _megatron_to_hf_rank(ckpt_dir: str, tmp_dir: str, tp: int, pp: int, max_shar
     exported = gather_hf_weights(model, meta["key_style"])
     if dist.get_rank() == 0:
         _log(f"[convert] writing {len(exported)} tensors")
-        write_hf_folder(exported.items(), tmp_dir, Path(ckpt_dir) / "hf", max_shard_bytes)
+        write_hf_folder(exported.items(), out_dir, Path(ckpt_dir) / "hf", max_shard_bytes, overwrite=overwrite)
     dist.barrier()
 
 
-def _fresh_tmp(out_dir: Path) -> Path:
-    tmp = out_dir.with_name(out_dir.name + ".converting")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    return tmp
+def check_layout(tp: int, pp: int, dtype: str = "float32", writers: int = 1) -> None:
+    """Range checks of the layout arguments (before anything is read or written)."""
+    from megatron_ivr.model_providers.build import DTYPES
 
-
-def _run_into(tmp: Path, out_dir: Path, job: str, world: int, args: dict) -> None:
-    """Run the conversion into ``tmp``; on success move it to ``out_dir``, on failure remove it."""
-    try:
-        _launch(job, world, args)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    for name, value in (("--tp", tp), ("--pp", pp), ("--writers", writers)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise OutputRefused(f"{name} must be an integer >= 1, got {value!r}", key=name)
+    if dtype not in DTYPES:
+        raise OutputRefused(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}", key="--dtype")
 
 
 def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, tp: int = 1, pp: int = 1, dtype: str = "float32",
-                   writers: int = 4) -> Path:
-    from megatron_ivr.model_providers.hf_checkpoint import SIDE_FILES
+                   writers: int = 4, overwrite: bool = False) -> Path:
+    from megatron_ivr.model_providers.hf_checkpoint import SIDE_FILES, HFCheckpoint
 
-    if writers < 1:
-        raise ValueError(f"writers must be >= 1, got {writers}")
-    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
-    tmp = _fresh_tmp(out_dir)
-    tmp.mkdir(parents=True)
-    _run_into(tmp, out_dir, "hf_to_megatron", tp * pp,
-              dict(hf_dir=str(hf_dir), tmp_dir=str(tmp), tp=tp, pp=pp, dtype=dtype, writers=writers))
-    (tmp / "hf").mkdir()
-    for name in SIDE_FILES:
-        if (hf_dir / name).exists():
-            shutil.copy2(hf_dir / name, tmp / "hf" / name)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
-    return out_dir
+    check_layout(tp, pp, dtype, writers)
+    hf_dir = Path(hf_dir)
+    HFCheckpoint(hf_dir)  # SRC is an HF folder (FileNotFoundError names what is missing)
+    out_dir = check_output(out_dir, "megatron", overwrite=overwrite, sources=[hf_dir])
+    tmp = staging_dir(out_dir)
+    try:
+        _launch("hf_to_megatron", tp * pp,
+                dict(hf_dir=str(hf_dir), tmp_dir=str(tmp), tp=tp, pp=pp, dtype=dtype, writers=writers))
+        (tmp / "hf").mkdir()
+        for name in SIDE_FILES:
+            if (hf_dir / name).is_file():
+                shutil.copy2(hf_dir / name, tmp / "hf" / name)
+        write_manifest(tmp)  # last: what a load checks before unpickling anything
+    except BaseException:
+        discard(tmp)
+        raise
+    return publish(tmp, out_dir, "megatron", overwrite=overwrite)
 
 
 def megatron_to_hf(ckpt_dir: str | Path, out_dir: str | Path, tp: int = 1, pp: int = 1,
-                   max_shard_bytes: int = 2 * 1024**3) -> Path:
-    ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
-    if not (ckpt_dir / META_NAME).exists():
-        raise FileNotFoundError(f"{ckpt_dir}: not a megatron-ivr checkpoint (no {META_NAME})")
-    tmp = _fresh_tmp(out_dir)
-    _run_into(tmp, out_dir, "megatron_to_hf", tp * pp,
-              dict(ckpt_dir=str(ckpt_dir), tmp_dir=str(tmp), tp=tp, pp=pp, max_shard_bytes=max_shard_bytes))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+                   max_shard_bytes: int = 2 * 1024**3, overwrite: bool = False) -> Path:
+    check_layout(tp, pp)
+    ckpt_dir = Path(ckpt_dir)
+    if not (ckpt_dir / META_NAME).is_file():
+        raise CheckpointRefused(f"{ckpt_dir}: not a megatron-ivr checkpoint (no {META_NAME}): nothing was loaded")
+    require_verified(ckpt_dir)  # before megatron-core unpickles anything in it
+    out_dir = check_output(out_dir, "hf", overwrite=overwrite, sources=[ckpt_dir])
+    _launch("megatron_to_hf", tp * pp, dict(ckpt_dir=str(ckpt_dir), out_dir=str(out_dir), tp=tp, pp=pp,
+                                            max_shard_bytes=max_shard_bytes, overwrite=overwrite))
     return out_dir

@@ -1,15 +1,14 @@
 """Hugging Face checkpoint folders: lazy reading of safetensors shards, atomic writing.
 
 Reading never loads the whole model: :class:`HFCheckpoint` opens each shard lazily and
-reads one tensor at a time. Writing goes to a
-temporary folder that is renamed into place at the end, so an interrupted export never
-leaves a half-written folder under the final name.
+reads one tensor at a time. Writing goes to a fresh staging folder that is published into
+place at the end (``output_dir.py``: an interrupted export never leaves a half-written folder
+under the final name, and a folder that megatron-ivr did not write is never replaced).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
@@ -17,6 +16,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from megatron_ivr.model_providers.output_dir import discard, publish, staging_dir
 
 INDEX_NAME = "model.safetensors.index.json"
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -59,14 +60,21 @@ class HFCheckpoint:
 
 
 def write_hf_folder(tensors: Iterable[tuple[str, torch.Tensor]], out_dir: str | Path, source_dir: str | Path | None,
-                    max_shard_bytes: int = 2 * 1024**3) -> Path:
+                    max_shard_bytes: int = 2 * 1024**3, overwrite: bool = True, key: str = "OUT") -> Path:
     """Write safetensors shards plus an index, copy config/tokenizer/processor files from
-    ``source_dir``; atomic (temporary folder, then rename)."""
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    ``source_dir``; staged and published (``output_dir.publish``: an earlier HF output of ours
+    is replaced when ``overwrite``, anything else is refused)."""
+    tmp = staging_dir(out_dir)
+    try:
+        _write_shards(tensors, tmp, source_dir, max_shard_bytes)
+    except BaseException:
+        discard(tmp)
+        raise
+    return publish(tmp, out_dir, "hf", overwrite=overwrite, key=key)
+
+
+def _write_shards(tensors: Iterable[tuple[str, torch.Tensor]], folder: Path, source_dir: str | Path | None,
+                  max_shard_bytes: int) -> None:
     shards: list[dict[str, torch.Tensor]] = [{}]
     sizes = [0]
     for name, tensor in tensors:
@@ -79,16 +87,12 @@ def write_hf_folder(tensors: Iterable[tuple[str, torch.Tensor]], out_dir: str | 
     weight_map = {}
     for number, shard in enumerate(shards, start=1):
         file_name = "model.safetensors" if len(shards) == 1 else f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(tmp / file_name), metadata={"format": "pt"})
+        save_file(shard, str(folder / file_name), metadata={"format": "pt"})
         weight_map.update({name: file_name for name in shard})
     if len(shards) > 1:
-        (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": sum(sizes)},
-                                                  "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+        (folder / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": sum(sizes)},
+                                                     "weight_map": dict(sorted(weight_map.items()))}, indent=2))
     if source_dir is not None:
         for name in SIDE_FILES:
-            if (Path(source_dir) / name).exists():
-                shutil.copy2(Path(source_dir) / name, tmp / name)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
-    return out_dir
+            if (Path(source_dir) / name).is_file():
+                shutil.copy2(Path(source_dir) / name, folder / name)

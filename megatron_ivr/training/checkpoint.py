@@ -11,12 +11,15 @@ Layout of ``{dir}/step_{N:08d}/``::
                         the LR scheduler, the layout
     rng/rank_{r}.json   torch / python / numpy RNG states and megatron's model-parallel RNG
                         streams of rank r (JSON: nothing unpickled)
-    COMPLETE            written last: the size of every file above (JSON); a folder without
-                        it, or whose files no longer match it (truncated, deleted), is skipped
+    COMPLETE            written last: the size and SHA-256 of every file above (the manifest,
+                        ``model_providers/manifest.py``; the ranks hash their shares)
 
 A save goes to ``step_N.tmp`` and is renamed when complete, so a crash mid-save leaves the
-previous checkpoint the newest loadable one. Resume takes the newest checkpoint that passes
-the check. Only the newest ``keep_last`` are kept.
+previous checkpoint the newest loadable one. Resume takes the newest checkpoint whose every
+file matches its manifest in size and content, checked before anything is unpickled; a
+damaged one (truncated, or changed without a change of size) is reported and the previous
+one is taken; if every checkpoint fails, the run stops with the reason instead of silently
+starting over. Only the newest ``keep_last`` are kept.
 """
 
 from __future__ import annotations
@@ -33,33 +36,41 @@ from typing import Optional
 import numpy as np
 import torch
 
+from megatron_ivr.model_providers.manifest import (
+    MANIFEST,
+    CheckpointRefused,
+    content_problem,
+    gather_digests,
+    listed_files,
+    size_problem,
+    write_manifest,
+)
+
 logger = logging.getLogger(__name__)
 
-COMPLETE = "COMPLETE"
+COMPLETE = MANIFEST
 FINISHED = "FINISHED"  # in the checkpoint root: the run reached its last step (launchers stop requeueing)
 # optimizer state in the model's parameter space, gathered per parameter: loads at another layout too
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
-def _file_sizes(folder: Path) -> dict[str, int]:
-    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != COMPLETE}
-
-
 def is_complete(folder: Path) -> bool:
-    """The completion marker exists and every file it lists is there with its size."""
-    marker = folder / COMPLETE
-    try:
-        expected = json.loads(marker.read_text())["files"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-    for name, size in expected.items():
-        path = folder / name
-        if not path.is_file() or path.stat().st_size != size:
-            logger.warning("checkpoint %s is damaged (%s is missing or truncated): skipped", folder, name)
-            return False
-    return True
+    """The manifest exists and every file it lists is there with its size (cheap: no hashing)."""
+    problem = size_problem(folder)
+    if problem is not None and (folder / COMPLETE).exists():
+        logger.warning("checkpoint %s is damaged (%s): skipped", folder, problem)
+    return problem is None
+
+
+def verify_collectively(folder: Path) -> Optional[str]:
+    """Collective: the ranks check the manifest's hashes, each its share; the first problem."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    problems: list = [None] * world
+    dist.all_gather_object(problems, content_problem(folder, (dist.get_rank(), world)))
+    return next((problem for problem in problems if problem is not None), None)
 
 
 def complete_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
@@ -197,6 +208,23 @@ class Checkpointer:
         found = complete_checkpoints(self.root)
         return found[-1] if found else None
 
+    def newest_verified(self, report=print) -> Optional[tuple[int, Path]]:
+        """Collective: the newest checkpoint whose files match their manifest in content
+        (SHA-256), checked before anything in it is unpickled; ``report`` tells of each one
+        passed over. None when there is no checkpoint; an error when none passes."""
+        candidates = sorted((int(m.group(1)), child) for child in (self.root.iterdir() if self.root.is_dir() else ())
+                            if (m := _STEP_DIR.match(child.name)) and (child / COMPLETE).exists())
+        for step, folder in reversed(candidates):
+            problem = verify_collectively(folder)
+            if problem is None:
+                return step, folder
+            report(f"[checkpoint] {folder} fails its manifest ({problem}): not loaded; trying the previous one")
+        if candidates:
+            raise CheckpointRefused(f"{self.root}: no checkpoint passes its manifest (each is named above); nothing "
+                                    f"was loaded. Move the damaged folders aside to start over, or set another "
+                                    f"checkpoint.dir")
+        return None
+
     def mark_finished(self, step: int) -> None:
         """Rank 0: the run has completed all its steps (a stop by signal does not write this)."""
         self.root.mkdir(parents=True, exist_ok=True)
@@ -228,7 +256,10 @@ class Checkpointer:
             state = dict(trainer_state, step=step, scheduler=policy.scheduler.state_dict(),
                          world_size=dist.get_world_size())
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-            (tmp / COMPLETE).write_text(json.dumps({"step": step, "files": _file_sizes(tmp)}))
+        dist.barrier()
+        digests = gather_digests(tmp, listed_files(tmp))  # every rank hashes its share
+        if rank == 0:
+            write_manifest(tmp, digests, step=step)
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)

@@ -103,7 +103,7 @@ def run_job(job: Job, policy, checkpointer: Checkpointer, writer, progress: Prog
     import torch.distributed as dist
 
     start_step = 0
-    newest = checkpointer.newest() if resume else None
+    newest = checkpointer.newest_verified(progress.message) if resume else None
     if newest is not None:
         step, folder = newest
         t0 = time.perf_counter()

@@ -71,12 +71,22 @@ def _read(cfg: RunConfig, path: str, model_path: str):
                         allow_outside_root=cfg.data.allow_outside_root)
 
 
+def _check_export(out_dir: str, key: str, source: str, run_dirs: list) -> None:
+    """The export folder, checked before any work: a folder megatron-ivr did not write, or one
+    that is, holds or lies inside the model's source, or holds the run's checkpoints or logs, is
+    refused (model_providers/output_dir.py); an earlier export of ours is replaced at the end."""
+    from megatron_ivr.model_providers.output_dir import check_output
+
+    check_output(out_dir, "hf", overwrite=True, sources=[source], protected=run_dirs, key=key)
+
+
 def run_sft(cfg: RunConfig) -> int:
     from megatron_ivr.training.sft import SftJob, reference_samples
 
     sft = cfg.sft
+    out = Path(sft.output_dir)
+    _check_export(str(out / "hf"), "sft.output_dir", sft.init_path, [out / "checkpoints", out / "logs"])
     with _parallel(cfg, sft.init_path) as rank:
-        out = Path(sft.output_dir)
         processor = load_processor(sft.init_path)
         datasets = [_read(cfg, path, sft.init_path) for path in sft.data_paths]
         reference_samples(cfg, datasets)  # before the model loads
@@ -270,6 +280,9 @@ def run_rl(cfg: RunConfig) -> int:
     from megatron_ivr.rollout.factory import check_engine_config
 
     check_engine_config(cfg.rollout)  # before minutes of model loading
+    if cfg.trainer.export_dir:
+        _check_export(cfg.trainer.export_dir, "trainer.export_dir", cfg.model.path,
+                      [cfg.checkpoint.dir, cfg.logging.dir])
     with _parallel(cfg, cfg.model.path) as rank:
         processor = load_processor(cfg.model.path)
         trainer = cfg.trainer

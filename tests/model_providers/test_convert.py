@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from megatron_ivr.model_providers.convert import META_NAME, hf_to_megatron, megatron_to_hf
+from megatron_ivr.model_providers.manifest import CheckpointRefused
 
 
 def assert_bit_exact(original_dir, exported_dir):
@@ -38,7 +39,7 @@ def test_round_trip_across_layouts(tiny_models, tmp_path, family, save_layout, l
     assert_bit_exact(tiny_models[family], out)
     for name in ("config.json", "tokenizer.json", "processor_config.json", "chat_template.jinja"):
         assert (out / name).read_bytes() == (tiny_models[family] / name).read_bytes()
-    assert not list(tmp_path.glob("*.converting")) and not list(tmp_path.glob("*.tmp"))
+    assert not list(tmp_path.glob(".*.partial")) and not list(tmp_path.glob(".*.old"))
 
 
 def test_mismatched_config_names_tensor_and_shapes(tiny_models, tmp_path):
@@ -52,9 +53,9 @@ def test_mismatched_config_names_tensor_and_shapes(tiny_models, tmp_path):
     assert result.returncode == 1
     assert "language.decoder.layers.0.mlp.linear_fc1.weight" in result.stderr
     assert "(256, 64)" in result.stderr and "(512, 64)" in result.stderr
-    assert not (tmp_path / "out").exists() and not (tmp_path / "out.converting").exists()
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
 
 
 def test_megatron_to_hf_refuses_other_folders(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not a megatron-ivr checkpoint"):
+    with pytest.raises(CheckpointRefused, match="not a megatron-ivr checkpoint"):
         megatron_to_hf(tmp_path, tmp_path / "out")

@@ -4,7 +4,16 @@ import random
 import numpy as np
 import torch
 
-from megatron_ivr.training.checkpoint import COMPLETE, complete_checkpoints, rng_state, set_rng_state
+import pytest
+
+from megatron_ivr.model_providers.manifest import CheckpointRefused, content_problem, write_manifest
+from megatron_ivr.training.checkpoint import (
+    COMPLETE,
+    Checkpointer,
+    complete_checkpoints,
+    rng_state,
+    set_rng_state,
+)
 
 
 def _fake(root, step, complete=True):
@@ -13,9 +22,42 @@ def _fake(root, step, complete=True):
     (folder / "dist" / "shard.distcp").write_bytes(b"x" * 100)
     (folder / "trainer_state.json").write_text("{}")
     if complete:
-        files = {"dist/shard.distcp": 100, "trainer_state.json": 2}
-        (folder / COMPLETE).write_text(json.dumps({"step": step, "files": files}))
+        write_manifest(folder, step=step)
     return folder
+
+
+def test_manifest_lists_size_and_content_hash(tmp_path):
+    folder = _fake(tmp_path, 1)
+    files = json.loads((folder / COMPLETE).read_text())["files"]
+    assert files["dist/shard.distcp"]["size"] == 100
+    assert files["dist/shard.distcp"]["sha256"] == "09ecb6ebc8bcefc733f6f2ec44f791abeed6a99edf0cc31519637898aebd52d8"
+    assert content_problem(folder) is None
+    (folder / "dist" / "shard.distcp").write_bytes(b"y" + b"x" * 99)  # same size, other bytes
+    assert "content differs" in content_problem(folder)
+    (folder / "dist" / "shard.distcp").write_bytes(b"x" * 100)
+    (folder / "dist" / ".metadata").write_bytes(b"planted")  # a file the save did not write
+    assert "not in the manifest" in content_problem(folder)
+
+
+def test_resume_falls_back_past_a_same_size_corruption_and_refuses_when_none_passes(tmp_path):
+    from megatron_ivr.training.parallel import ParallelLayout, destroy_parallel, init_parallel
+
+    for step in (1, 2):
+        _fake(tmp_path, step)
+    shard = tmp_path / "step_00000002" / "dist" / "shard.distcp"
+    shard.write_bytes(b"z" * 100)  # damaged without a change of size: listed, but not loadable
+    assert [s for s, _ in complete_checkpoints(tmp_path)] == [1, 2]
+    init_parallel(ParallelLayout())
+    try:
+        told = []
+        assert Checkpointer(tmp_path).newest_verified(told.append) == (1, tmp_path / "step_00000001")
+        assert len(told) == 1 and "step_00000002" in told[0] and "content differs" in told[0]
+        (tmp_path / "step_00000001" / "trainer_state.json").write_text("[]")
+        with pytest.raises(CheckpointRefused, match="no checkpoint passes its manifest"):
+            Checkpointer(tmp_path).newest_verified(told.append)
+        assert Checkpointer(tmp_path / "none").newest_verified() is None
+    finally:
+        destroy_parallel()
 
 
 def test_only_complete_and_undamaged_checkpoints_count(tmp_path):

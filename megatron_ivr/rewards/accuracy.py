@@ -6,6 +6,13 @@ Graders, tried in order:
 2. math equivalence with ``math-verify`` (numbers, fractions, LaTeX, sets, units, percent);
 3. plain numbers within a relative tolerance (``0.3333`` vs ``1/3`` when asked).
 
+Refused on purpose (graded 0): an answer holding a control character (NUL included) or a
+decimal digit other than ASCII 0-9 (fullwidth ``３``, Arabic-Indic ``٣``, ...). Python and
+sympy read such digits as numbers, so without this ``\\boxed{３}`` would earn the reward of
+``3``; a policy would be paid for code points that the benchmarks' graders, and the people
+reading the answers, do not take for the answer. Normalising them (NFKC) would also accept
+look-alikes; refusing is the stricter and simpler contract.
+
 These run in worker processes (see :mod:`megatron_ivr.rewards.pool`): math-verify's own
 time limits use ``signal.alarm`` and only work in a process's main thread.
 """
@@ -14,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import re
+import unicodedata
 from fractions import Fraction
 from typing import Optional
 
@@ -55,9 +63,15 @@ def math_equal(pred: str, gold: str, timeout_s: int) -> bool:
     return bool(verify(gold_parsed, pred_parsed, timeout_seconds=timeout_s))
 
 
+def has_refused_characters(text: str) -> bool:
+    """A control character (other than tab and newlines) or a non-ASCII decimal digit."""
+    return any((unicodedata.category(ch) == "Cc" and ch not in "\t\n\r") or
+               (unicodedata.category(ch) == "Nd" and not ch.isascii()) for ch in text)
+
+
 def grade_answer(pred: Optional[str], gold: str, rel_tol: float = 1e-4, timeout_s: int = 5) -> float:
     """1.0 when the extracted prediction equals the ground truth, else 0.0."""
-    if pred is None or not pred.strip():
+    if pred is None or not pred.strip() or has_refused_characters(pred):
         return 0.0
     gold = gold.strip()
     gold_choice = _CHOICE_GOLD.match(gold)

@@ -5,6 +5,8 @@
 process that runs calls in its main thread. A call still running after ``timeout_s`` has
 its worker killed and replaced, and yields ``default``; so does a call whose worker dies.
 A pathological answer therefore costs at most ``timeout_s`` of one worker, never a hang.
+A worker that died while idle (killed by the OOM killer, say) is replaced when a call finds
+it, and the call goes to the next ready worker.
 
 A worker's start (interpreter, imports, the optional ``warmup``) is not counted against any
 call: a worker announces itself when ready, and calls go only to ready workers. Counting it
@@ -21,6 +23,7 @@ from multiprocessing.connection import wait
 from typing import Any, Optional
 
 _READY = "ready"
+MAX_FAILED_STARTS = 3  # consecutive worker deaths before announcing themselves: the warm-up is broken
 
 
 def _worker_loop(fn: Callable, conn, warmup: Optional[Callable] = None) -> None:
@@ -53,6 +56,7 @@ class TimeLimitedPool:
         self._workers: list = [self._spawn() for _ in range(num_workers)]
         self._starting: dict[int, float] = {slot: time.monotonic() for slot in range(num_workers)}
         self.timeouts = 0  # calls cut off so far (a metric)
+        self._failed_starts = 0
 
     def _spawn(self):
         parent, child = self._ctx.Pipe()
@@ -70,16 +74,24 @@ class TimeLimitedPool:
         self._starting[slot] = time.monotonic()
 
     def _started(self, slot: int, ready: list) -> bool:
-        """Whether the starting worker in ``slot`` has announced itself (raises past the limit)."""
+        """Whether the starting worker in ``slot`` has announced itself. One that died first (killed
+        from outside) is replaced; raises when starts keep failing (a broken warm-up) or take
+        longer than the limit."""
         conn = self._workers[slot][1]
         if conn in ready:
             try:
                 if conn.recv() == _READY:
                     del self._starting[slot]
+                    self._failed_starts = 0
                     return True
             except (EOFError, OSError):
                 pass
-            raise RuntimeError(f"a grading worker died while starting (exit code {self._workers[slot][0].exitcode})")
+            self._failed_starts += 1
+            if self._failed_starts >= MAX_FAILED_STARTS:
+                raise RuntimeError(f"a grading worker died while starting, {self._failed_starts} times in a row "
+                                   f"(exit code {self._workers[slot][0].exitcode})")
+            self._replace(slot)
+            return False
         if time.monotonic() - self._starting[slot] > self.startup_timeout_s:
             raise RuntimeError(f"a grading worker did not start within {self.startup_timeout_s:.0f} s")
         return False
@@ -94,7 +106,12 @@ class TimeLimitedPool:
             while pending and idle:
                 slot = idle.pop()
                 index, args = pending.popleft()
-                self._workers[slot][1].send((index, tuple(args)))
+                try:
+                    self._workers[slot][1].send((index, tuple(args)))
+                except (BrokenPipeError, ConnectionResetError, EOFError, OSError):  # it died while idle
+                    pending.appendleft((index, args))
+                    self._replace(slot)
+                    continue
                 busy[slot] = (index, time.monotonic())
             now = time.monotonic()
             deadlines = [start + self.timeout_s for _, start in busy.values()]

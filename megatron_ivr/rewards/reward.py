@@ -22,8 +22,15 @@ def combine(format_score: float, accuracy_score: float, lam: float) -> float:
     return lam * format_score + (1.0 - lam) * accuracy_score
 
 
+def score_response(response: str, gold: str, rel_tol: float, timeout_s: int, template: str) -> tuple[float, float]:
+    """``(r_format, r_accuracy)`` of one response: the whole reward's work, run in a pool worker
+    so that the time limit bounds all of it (answer extraction and the format check too)."""
+    return format_reward(response, template), accuracy_reward(response, gold, rel_tol, timeout_s)
+
+
 class RewardFunction:
-    """Scores batches of responses; accuracy grading runs in a time-limited process pool.
+    """Scores batches of responses in a time-limited process pool (format and accuracy: a
+    response that overruns ``grader_timeout_s`` scores 0 on both).
 
     Use as a context manager (or call :meth:`close`) so the workers are shut down.
     """
@@ -34,8 +41,8 @@ class RewardFunction:
         inner_timeout = max(1, int(cfg.grader_timeout_s))
         self._inner_timeout = inner_timeout
         # the outer limit leaves math-verify's own alarm the first chance to fire
-        self.pool = TimeLimitedPool(accuracy_reward, cfg.num_workers, cfg.grader_timeout_s + 1.0, default=0.0,
-                                    warmup=load_grader)
+        self.pool = TimeLimitedPool(score_response, cfg.num_workers, cfg.grader_timeout_s + 1.0,
+                                    default=(0.0, 0.0), warmup=load_grader)
 
     def __call__(self, responses: Sequence[str], answers: Sequence[str],
                  rel_tols: Sequence[float] | None = None) -> list[RewardResult]:
@@ -44,12 +51,9 @@ class RewardFunction:
         if len(responses) != len(answers):
             raise ValueError(f"{len(responses)} responses but {len(answers)} answers")
         rel_tols = rel_tols if rel_tols is not None else [1e-4] * len(answers)
-        accuracy = self.pool.map([(r, a, tol, self._inner_timeout) for r, a, tol in zip(responses, answers, rel_tols)])
-        results = []
-        for response, acc in zip(responses, accuracy):
-            fmt = format_reward(response, self.cfg.template)
-            results.append(RewardResult(combine(fmt, acc, self.cfg.lam), fmt, float(acc)))
-        return results
+        scores = self.pool.map([(r, a, tol, self._inner_timeout, self.cfg.template)
+                                for r, a, tol in zip(responses, answers, rel_tols)])
+        return [RewardResult(combine(fmt, acc, self.cfg.lam), float(fmt), float(acc)) for fmt, acc in scores]
 
     def close(self) -> None:
         self.pool.close()

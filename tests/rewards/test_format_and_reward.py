@@ -105,3 +105,46 @@ def test_pool_reports_a_worker_that_cannot_start():
     with TimeLimitedPool(abs, num_workers=1, timeout_s=0.5, default=None, warmup=_broken_start) as pool:
         with pytest.raises(RuntimeError, match="died while starting"):
             pool.map([(-1,)])
+
+
+def test_answer_extraction_is_linear_on_a_1mb_adversarial_response():
+    from megatron_ivr.rewards.extract import last_boxed
+
+    unclosed = "\\boxed{" * (1_000_000 // 7)  # every box unclosed: the quadratic scan's worst case
+    start = time.perf_counter()
+    assert last_boxed(unclosed) is None
+    assert last_boxed(unclosed + "}") == ""  # the last box closes
+    assert format_reward("<desc>a</desc><think>b</think>" + unclosed, "ivr") == 0.0
+    assert time.perf_counter() - start < 1.0
+
+
+def test_the_whole_reward_runs_under_the_time_limit(monkeypatch):
+    """Format and extraction run in the pool too: a response whose format check alone would
+    overrun the limit scores 0 on both, in about the limit, and the next one is unharmed."""
+    limit = 1.0
+    with RewardFunction(RewardConfig(grader_timeout_s=limit, lam=0.5)) as reward_fn:
+        reward_fn(["\\boxed{1}"], ["1"])  # warm the worker (imports) outside the timed call
+        start = time.monotonic()
+        slow = "<desc>a</desc><think>b</think>\\boxed{" + "{" * 5_000_000 + "}" * 5_000_000 + "}"
+        results = reward_fn([slow * 40, IVR_OK], ["2", "2"])
+        elapsed = time.monotonic() - start
+    assert (results[0].format, results[0].accuracy) == (0.0, 0.0) and results[1].total == 1.0
+    assert elapsed < limit + 1.0 + 3.0  # inner limit, outer limit (+1 s), margin for pickling and a respawn
+
+
+def test_pool_replaces_a_worker_that_died_while_idle():
+    with TimeLimitedPool(abs, num_workers=2, timeout_s=5.0, default=None) as pool:
+        assert pool.map([(-1,), (-2,)]) == [1, 2]
+        for process, _ in pool._workers:
+            process.kill()
+            process.join()
+        assert pool.map([(-3,), (4,), (-5,)]) == [3, 4, 5]  # was BrokenPipeError on every later call
+        assert pool.map([(-6,)]) == [6]
+
+
+@pytest.mark.parametrize("answer", ["３", "٣", "3\x00", "\x003"])
+def test_unicode_digits_and_control_characters_are_refused(answer):
+    from megatron_ivr.rewards.accuracy import accuracy_reward
+
+    assert accuracy_reward(f"\\boxed{{{answer}}}", "3") == 0.0
+    assert accuracy_reward("\\boxed{3}", "3") == 1.0

@@ -89,8 +89,8 @@ def _server_block(cfg: RunConfig, device: str) -> list[str]:
         gpus = ",".join(str(g) for g in range(index * tp, (index + 1) * tp))
         overrides = dict(spec.env_overrides(), **({"CUDA_VISIBLE_DEVICES": gpus} if device == "cuda" else {}))
         env = " ".join(f"{key}={value}" for key, value in overrides.items())
-        api = ' --api-key "$MEGATRON_IVR_API_KEY"' if cfg.rollout.api_key else ""
-        lines += [f"{env} setsid {shlex.join(spec.command())}{api} \\",
+        # with a key: the bootstrap reads $MEGATRON_IVR_API_KEY (exported above), never argv
+        lines += [f"{env} setsid {shlex.join(spec.command(with_api_key=bool(cfg.rollout.api_key)))} \\",
                   f'    > "$log_dir/sglang_node${{node_rank}}_{index}.log" 2>&1 &',
                   "server_pids+=($!)"]
     # the servers ignore SIGTERM like the script (the trainer still needs them for its last weight

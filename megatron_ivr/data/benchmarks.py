@@ -45,8 +45,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Optional
 
-from megatron_ivr.data.images import ImageError, decode_image, resize_for_qwen
-from megatron_ivr.data.readers import DataError, ImageRules, LoadedDataset
+from megatron_ivr.data.images import ImageError, decode_image, regular_file, resize_for_qwen
+from megatron_ivr.data.readers import DataError, ImageRules, LoadedDataset, parquet_batches
 from megatron_ivr.data.sample import BadSample, Sample
 
 logger = logging.getLogger(__name__)
@@ -58,13 +58,25 @@ _PLACEHOLDER = re.compile(r"<image (\d+)>")
 # --- files -> raw rows -----------------------------------------------------------------------
 def _files(path: Path, suffixes: tuple[str, ...]) -> list[Path]:
     if path.is_dir():
-        found = sorted(p for p in path.rglob("*") if p.suffix.lower() in suffixes)
+        found = sorted(p for p in path.rglob("*") if p.suffix.lower() in suffixes and p.is_file())
         if not found:
             raise DataError(f"{path}: no {'/'.join(suffixes)} files inside")
         return found
-    if not path.exists():
-        raise DataError(f"benchmark file not found: {path}")
+    try:
+        regular_file(path, "benchmark file")
+    except OSError as exc:
+        raise DataError(f"{exc.strerror}: {path}") from None
     return [path]
+
+
+def _lines(file: Path) -> Iterator[tuple[int, str | None]]:
+    """``(line number, text)`` of a text file; ``text`` is None for a line that is not UTF-8."""
+    with open(file, "rb") as fh:
+        for line_no, raw in enumerate(fh, start=1):
+            try:
+                yield line_no, raw.decode("utf-8")
+            except UnicodeDecodeError:
+                yield line_no, None
 
 
 def iter_raw_rows(path: Path) -> Iterator[tuple[Path, dict]]:
@@ -79,23 +91,35 @@ def iter_raw_rows(path: Path) -> Iterator[tuple[Path, dict]]:
                 for row in batch.to_pylist():
                     yield file, row
         elif suffix == ".json":
-            data = json.loads(file.read_text(encoding="utf-8"))
+            try:
+                data = json.loads(file.read_text(encoding="utf-8"))
+            except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+                raise DataError(f"{file}: not a readable JSON file: {str(exc)[:200]}") from None
+            if not isinstance(data, (dict, list)):
+                raise DataError(f"{file}: a JSON benchmark file holds a list or an object of records")
             items = data.items() if isinstance(data, dict) else enumerate(data)
             for key, row in items:
                 yield file, dict(row, __key__=str(key)) if isinstance(row, dict) else \
                     {"__key__": str(key), "__error__": "record is not a JSON object"}
         elif suffix == ".jsonl":
-            for line_no, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
+            for line_no, line in _lines(file):
+                key = f"{file.name}:{line_no}"
+                if line is None:
+                    yield file, {"__key__": key, "__error__": "line is not valid UTF-8"}
+                    continue
                 if not line.strip():
                     continue
                 try:
-                    yield file, json.loads(line)
-                except ValueError as exc:
-                    yield file, {"__key__": f"{file.name}:{line_no}", "__error__": f"invalid JSON: {exc}"}
+                    row = json.loads(line)
+                except (ValueError, RecursionError) as exc:
+                    row = {"__key__": key, "__error__": f"invalid JSON: {str(exc)[:200] or 'nested too deeply'}"}
+                yield file, row if isinstance(row, dict) else {"__key__": key, "__error__": "not a JSON object"}
         else:  # VLMEvalKit TSV: base64 images can exceed csv's default field limit
             csv.field_size_limit(sys.maxsize)
-            with open(file, newline="", encoding="utf-8") as fh:
-                yield from ((file, row) for row in csv.DictReader(fh, delimiter="\t"))
+            with open(file, newline="", encoding="utf-8", errors="replace") as fh:  # a bad byte: that row only
+                for row in csv.DictReader(fh, delimiter="\t"):
+                    yield file, row if not any("\ufffd" in str(v) for v in row.values()) else \
+                        {"__key__": row.get("index"), "__error__": "row is not valid UTF-8"}
 
 
 # --- shared helpers ----------------------------------------------------------------------------
@@ -241,6 +265,15 @@ def logicvista(row: dict, file: Path) -> dict:
                   answer_type="letter", subset=skill[0] if isinstance(skill, list) and skill else skill)
 
 
+# Columns that decide how a benchmark's answers are graded (multiple choice or not, the answer's
+# type, its precision). Each reader falls back when one is absent from a row, so a file whose
+# column was renamed would be graded against the wrong gold answer without a word: a file
+# whose first record lacks one is refused instead (a DataError naming the column).
+GRADING_COLUMNS: dict[str, tuple[str, ...]] = {
+    "mathvista": ("question_type", "answer_type", "precision"), "mathverse": ("question_type",),
+    "mathvision": ("options",), "wemath": ("option",), "dynamath": ("answer_type",),
+}
+
 BENCHMARKS: dict[str, Callable[[dict, Path], dict]] = {
     "mathvista": mathvista, "mathverse": mathverse, "mathvision": mathvision, "mmstar": mmstar, "mmmu": mmmu,
     "mmmu_pro": mmmu, "wemath": wemath, "dynamath": dynamath, "logicvista": logicvista,
@@ -266,7 +299,7 @@ def to_sample(entry: dict, rules: ImageRules, root: Path) -> Sample:
         if raw is None:
             raise ValueError(f"image {k}: missing")
         try:
-            image = decode_image(raw, root, allow_outside_root=False)
+            image = decode_image(raw, root, allow_outside_root=False, max_source_pixels=rules.max_source_pixels)
         except ImageError as exc:
             raise ValueError(f"image {k}: {exc}") from None
         images.append(resize_for_qwen(image, rules.factor, rules.min_pixels, rules.max_pixels))
@@ -282,7 +315,15 @@ def read_benchmark(name: str, path: str | Path, rules: ImageRules | None = None,
         raise DataError(f"unknown benchmark {name!r}; choose from {', '.join(sorted(BENCHMARKS))}")
     mapping, path, rules = BENCHMARKS[name], Path(path), rules or ImageRules()
     result = LoadedDataset(samples=[], path=str(path))
+    checked: set[Path] = set()
     for index, (file, row) in enumerate(iter_raw_rows(path)):
+        if file not in checked and "__error__" not in row:
+            checked.add(file)
+            missing = [column for column in GRADING_COLUMNS.get(name, ()) if column not in row]
+            if missing:
+                raise DataError(f"{file}: no column {missing[0]!r}, which the {name} layout grades by (found: "
+                                f"{', '.join(k for k in row if not k.startswith('__'))}); refused rather than "
+                                f"graded against the wrong gold answer")
         key = next((row[k] for k in ID_KEYS if row.get(k) not in (None, "")), f"{file.stem}:{index}")
         try:
             if "__error__" in row:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -22,23 +23,45 @@ QWEN2_5_VL_FACTOR = 28  # patch 14 x merge 2
 QWEN3_VL_FACTOR = 32  # patch 16 x merge 2
 
 
+# Pixels an image may have before it is decoded (read from its header): a 492 kB PNG can
+# declare 169 Mpixel and take 1.3 GB to decode. 64 Mpixel (8192 x 8192) is far above what
+# Qwen-VL keeps (``max_pixels`` resizes down) and below PIL's own decompression-bomb limit.
+MAX_SOURCE_PIXELS = 8192 * 8192
+
+
 class ImageError(ValueError):
     """An image could not be read or decoded."""
 
 
-def decode_image(source: Any, root: Path | None = None, allow_outside_root: bool = True) -> Image.Image:
+def regular_file(path: Path, what: str = "file") -> Path:
+    """``path`` if it is a regular file (after links); an error naming it otherwise (a FIFO
+    would block the reader forever, a folder or device is no image)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(2, f"{what} not found", str(path)) from None
+    if not stat.S_ISREG(mode):
+        raise IsADirectoryError(21, f"{what} is not a regular file", str(path)) if stat.S_ISDIR(mode) else \
+            OSError(22, f"{what} is not a regular file (a pipe, socket or device)", str(path))
+    return path
+
+
+def decode_image(source: Any, root: Path | None = None, allow_outside_root: bool = True,
+                 max_source_pixels: int = MAX_SOURCE_PIXELS) -> Image.Image:
     """Decode an image given as a path, raw bytes, a base64/data URI string, a PIL image,
     or the ``{"bytes": ..., "path": ...}`` dict that Parquet datasets use. With
     ``allow_outside_root=False`` a path must stay inside ``root`` (no ``..``, no absolute
-    path elsewhere, no symlink out): a dataset file cannot make the trainer open any file."""
+    path elsewhere, no symlink out): a dataset file cannot make the trainer open any file.
+    Only regular files are opened, and an image whose header declares more than
+    ``max_source_pixels`` is refused before it is decoded."""
     try:
         if isinstance(source, Image.Image):
             image = source
         elif isinstance(source, dict):
             if source.get("bytes"):
-                return decode_image(source["bytes"], root, allow_outside_root)
+                return decode_image(source["bytes"], root, allow_outside_root, max_source_pixels)
             if source.get("path"):
-                return decode_image(source["path"], root, allow_outside_root)
+                return decode_image(source["path"], root, allow_outside_root, max_source_pixels)
             raise ImageError("image entry has neither 'bytes' nor 'path'")
         elif isinstance(source, (bytes, bytearray, memoryview)):
             image = Image.open(io.BytesIO(bytes(source)))
@@ -52,11 +75,16 @@ def decode_image(source: Any, root: Path | None = None, allow_outside_root: bool
                 if not allow_outside_root and root is not None and not _inside(path, root):
                     raise ImageError(f"image path {source!r} leaves the dataset folder {root} "
                                      "(set data.allow_outside_root=true to allow it)")
-                if not path.exists():
-                    raise ImageError(f"image file not found: {path}")
+                try:
+                    regular_file(path, "image file")
+                except OSError as exc:
+                    raise ImageError(f"{exc.strerror}: {path}") from None
                 image = Image.open(path)
         else:
             raise ImageError(f"unsupported image value of type {type(source).__name__}")
+        if image.width * image.height > max_source_pixels:  # from the header: nothing decoded yet
+            raise ImageError(f"image of {image.width} x {image.height} pixels is over the limit of "
+                             f"{max_source_pixels} (data.max_source_pixels); not decoded")
         image.load()  # force a full decode: a truncated file fails here, not later
         return image.convert("RGB")
     except ImageError:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from megatron_ivr.data.images import ImageError, decode_image, resize_for_qwen
+from megatron_ivr.data.images import MAX_SOURCE_PIXELS, ImageError, decode_image, regular_file, resize_for_qwen
 from megatron_ivr.data.sample import BadSample, Sample
 
 logger = logging.getLogger(__name__)
@@ -44,6 +44,7 @@ class ImageRules:
     factor: int = 28
     min_pixels: int = 28 * 28 * 4
     max_pixels: int = 448 * 448
+    max_source_pixels: int = MAX_SOURCE_PIXELS  # checked from the header, before decoding
 
 
 @dataclass
@@ -93,20 +94,35 @@ def iter_rows(path: Path) -> Iterator[dict]:
                         raise ValueError("line is not a JSON object")
                 except ValueError as exc:
                     row = {"id": f"{path.name}:{line_no}", "__error__": f"invalid JSON: {exc}"}
+                except RecursionError:
+                    row = {"id": f"{path.name}:{line_no}", "__error__": "invalid JSON: nested too deeply"}
                 row.setdefault("__row__", line_no - 1)
                 yield row
     elif suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        table = pq.ParquetFile(path)
         index = 0
-        for batch in table.iter_batches(batch_size=256):
+        for batch in parquet_batches(path, 256):
             for row in batch.to_pylist():
                 row.setdefault("__row__", index)
                 index += 1
                 yield row
     else:
         raise DataError(f"{path}: unsupported dataset format {suffix!r} (use .jsonl or .parquet)")
+
+
+def parquet_batches(path: Path, batch_size: int):
+    """Record batches of a Parquet file; a corrupt file is a :class:`DataError` naming it and
+    the row where reading stopped (Parquet has no per-row framing to skip a bad row by)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = 0
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size):
+            rows += batch.num_rows
+            yield batch
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"{path}: not a readable Parquet file (after {rows} rows): "
+                        f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
 
 
 def _text(content) -> str:
@@ -149,7 +165,7 @@ def row_to_sample(row: dict, rules: ImageRules, root: Optional[Path], default_id
     images = []
     for k, raw in enumerate(raw_images):
         try:
-            image = decode_image(raw, root, allow_outside_root)
+            image = decode_image(raw, root, allow_outside_root, rules.max_source_pixels)
         except ImageError as exc:
             raise ValueError(f"image {k}: {exc}") from None
         images.append(resize_for_qwen(image, rules.factor, rules.min_pixels, rules.max_pixels))
@@ -174,8 +190,10 @@ def read_dataset(path: str | Path, rules: ImageRules | None = None, max_bad_frac
                  allow_outside_root: bool = False) -> LoadedDataset:
     """Read and validate a dataset file; see the module docstring for the rules."""
     path = Path(path)
-    if not path.exists():
-        raise DataError(f"dataset file not found: {path}")
+    try:
+        regular_file(path, "dataset file")
+    except OSError as exc:
+        raise DataError(f"{exc.strerror}: {path}") from None
     rules = rules or ImageRules()
     root = Path(image_root) if image_root else path.parent
     result = LoadedDataset(samples=[], path=str(path))

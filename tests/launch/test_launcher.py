@@ -5,6 +5,7 @@ through nemo-run's LocalExecutor with torchrun on this CPU."""
 from __future__ import annotations
 
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ pytest.importorskip("nemo_run")
 
 from megatron_ivr.config import ConfigError, load_config  # noqa: E402
 from megatron_ivr.launch.launcher import launch  # noqa: E402
+from megatron_ivr.rollout.sglang.server import SERVER_BOOTSTRAP  # noqa: E402
 from tests.training.runs import RL_OVERRIDES, clean_env, step_records, write_config  # noqa: E402
 
 SLURM = ["launch.account=rl_team", "launch.partition=batch", "launch.time=02:00:00",
@@ -91,9 +93,11 @@ def test_slurm_disaggregated_dryrun_is_a_het_job(tmp_path):
     rollout = next(s for s in scripts.values() if "role rollout" in s)
     trainer = next(s for s in scripts.values() if "role trainer" in s)
     # each group starts its own processes (nemo-run would use the first group's launcher for both)
-    assert rollout.count("sglang.launch_server") == 2 and "torch.distributed.run" not in rollout
+    assert rollout.count("setsid ") == 2 and "torch.distributed.run" not in rollout
     assert "SGLANG_VLM_CACHE_SIZE_MB=0" in rollout and "--tp-size 4" in rollout
-    assert "--api-key" in rollout and "export MEGATRON_IVR_API_KEY=secret" in rollout
+    # the key reaches the servers through the environment (the bootstrap), never their argv
+    assert rollout.count(shlex.quote(SERVER_BOOTSTRAP)) == 2 and "export MEGATRON_IVR_API_KEY=secret" in rollout
+    assert not any("secret" in line for line in rollout.splitlines() if "setsid" in line)
     assert "torch.distributed.run" in trainer and "--nnodes 2" in trainer and "sglang.launch_server" not in trainer
     assert '"rollout.weight_transport=distributed"' in trainer and '"rollout.server_tp_size=4"' in trainer
     assert "offload_during_train=true" not in next(line for line in trainer.splitlines() if "megatron_ivr.cli" in line)

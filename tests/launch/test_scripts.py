@@ -6,6 +6,7 @@ requeue exit status; the requeued script resumes and finishes."""
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from megatron_ivr.config import load_config
 from megatron_ivr.config.loader import apply_override
 from megatron_ivr.config.schema import RunConfig
 from megatron_ivr.launch.scripts import REQUEUE_EXIT, render_node_script
+from megatron_ivr.rollout.sglang.server import SERVER_BOOTSTRAP
 from tests.training.runs import RL_OVERRIDES, clean_env, step_records, write_config
 
 
@@ -74,7 +76,8 @@ def test_disaggregated_roles_split_servers_and_trainer():
     trainer = render_node_script(cfg, "trainer")
     assert "sglang.launch_server" in rollout and "torch.distributed.run" not in rollout
     assert "wait -n" in rollout and "--enable-memory-saver" not in rollout  # it keeps its GPUs
-    assert '--api-key "$MEGATRON_IVR_API_KEY"' in rollout and "--host 0.0.0.0" in rollout
+    assert shlex.quote(SERVER_BOOTSTRAP) in rollout and "--host 0.0.0.0" in rollout  # the key: environment only
+    assert not any("k3y" in line for line in rollout.splitlines() if "setsid" in line)
     assert "sglang.launch_server" not in trainer and "--nnodes 3" in trainer
     line = _trainer_line(trainer)
     assert '"rollout.weight_transport=distributed"' in line and "offload_during_train" not in line

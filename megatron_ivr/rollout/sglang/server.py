@@ -20,6 +20,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+# The API key never travels in argv (``ps`` shows every user a process's arguments): a server
+# with a key is started through this bootstrap, which takes the key from API_KEY_ENV (removing
+# it from the environment its children inherit), appends ``--api-key`` to its own ``sys.argv``
+# (the process's visible command line stays without it) and runs ``sglang.launch_server``.
+# It runs in the SGLang environment, which need not have megatron-ivr installed: plain Python.
+API_KEY_ENV = "MEGATRON_IVR_API_KEY"
+SERVER_BOOTSTRAP = ("import os, runpy, sys; key = os.environ.pop('" + API_KEY_ENV + "'); "
+                    "sys.argv = ['sglang.launch_server', *sys.argv[1:], '--api-key', key]; "
+                    "runpy.run_module('sglang.launch_server', run_name='__main__', alter_sys=True)")
+
 CPU_FLAGS = ["--device", "cpu", "--attention-backend", "torch_native", "--mm-attention-backend", "sdpa",
              "--disable-cuda-graph", "--disable-overlap-schedule"]
 
@@ -40,15 +50,17 @@ class ServerSpec:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def command(self) -> list[str]:
-        args = [self.python, "-m", "sglang.launch_server", "--model-path", self.model_path, "--host", self.host,
+    def command(self, with_api_key: Optional[bool] = None) -> list[str]:
+        """The server's command line; with an API key (``with_api_key``, default: this spec has
+        one) it starts through :data:`SERVER_BOOTSTRAP`, the key in the environment, not here."""
+        with_api_key = bool(self.api_key) if with_api_key is None else with_api_key
+        start = ["-c", SERVER_BOOTSTRAP] if with_api_key else ["-m", "sglang.launch_server"]
+        args = [self.python, *start, "--model-path", self.model_path, "--host", self.host,
                 "--port", str(self.port), "--dtype", "float32" if self.device == "cpu" else "auto"]
         if self.max_total_tokens is not None:
             args += ["--max-total-tokens", str(self.max_total_tokens)]
         if self.device == "cpu":
             args += CPU_FLAGS
-        if self.api_key:
-            args += ["--api-key", self.api_key]
         return args + list(self.extra_args)
 
     def env_overrides(self) -> dict:
@@ -64,6 +76,8 @@ class ServerSpec:
 
     def environment(self) -> dict:
         env = dict(os.environ, **self.env_overrides())
+        if self.api_key:
+            env[API_KEY_ENV] = self.api_key
         if self.device == "cpu":
             env.setdefault("OMP_NUM_THREADS", "1")
         return env

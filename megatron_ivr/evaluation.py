@@ -28,7 +28,7 @@ import torch
 from megatron_ivr.config.schema import RunConfig
 from megatron_ivr.data import ImageRules, read_dataset
 from megatron_ivr.metrics import MetricsWriter
-from megatron_ivr.models.processor import MERGE_SIZE, PATCH_SIZE, load_processor, model_family
+from megatron_ivr.models.processor import MERGE_SIZE, PATCH_SIZE, check_model_family, load_processor, model_family
 from megatron_ivr.prompts import render_prompt
 from megatron_ivr.rewards import RewardFunction
 from megatron_ivr.rollout import GenerationRequest, SamplingParams
@@ -114,8 +114,10 @@ def evaluate(cfg: RunConfig, progress=print) -> dict:
     log_dir = Path(cfg.logging.dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     model_path = resolve_policy(cfg.model.path, log_dir)
+    check_model_family(cfg.model.family, model_path)
     family = model_family(model_path)
-    rules = ImageRules(PATCH_SIZE[family] * MERGE_SIZE, cfg.data.min_pixels, cfg.data.max_pixels)
+    rules = ImageRules(PATCH_SIZE[family] * MERGE_SIZE, cfg.data.min_pixels, cfg.data.max_pixels,
+                       cfg.data.max_source_pixels)
     processor = load_processor(model_path)
     engine = make_engine(cfg.rollout, model_path, processor, cfg.eval.batch_size)
     summary: dict = {}

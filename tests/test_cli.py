@@ -25,7 +25,7 @@ def test_config_show_prints_the_resolved_config(capsys):
 
 
 def test_bad_override_is_a_clear_error(capsys):
-    assert main(["config", "show", "configs/demo_cpu.yaml", "trainer.lrr=1"]) == 1
+    assert main(["config", "show", "configs/demo_cpu.yaml", "trainer.lrr=1"]) == 2  # a config error
     err = capsys.readouterr().err
     assert "unknown key 'trainer.lrr'" in err and "command line" in err
 
@@ -53,7 +53,7 @@ def test_an_impossible_layout_is_a_config_error_before_anything_starts(tiny_mode
     code = main(["train", "configs/demo_cpu.yaml", f"model.path={tiny_models['qwen2_5_vl']}",
                  "parallel.tensor_parallel=3"])
     err = capsys.readouterr().err
-    assert code == 1
+    assert code == 2
     assert "parallel.tensor_parallel=3 must divide the model's num_key_value_heads (2)" in err
 
 
@@ -62,7 +62,7 @@ def test_sglang_without_servers_is_a_config_error_before_the_model_loads(capsys)
     exist, so a later check would report that instead)."""
     code = main(["train", "configs/demo_cpu.yaml", "model.path=/nonexistent", "rollout.backend=sglang"])
     err = capsys.readouterr().err
-    assert code == 1
+    assert code == 2
     assert "rollout.server_urls" in err and "Traceback" not in err
 
 
@@ -74,6 +74,31 @@ def test_sft_on_data_without_reference_responses_is_a_data_error(tiny_models, sy
     code = main(["sft", "configs/demo_cpu.yaml", f"sft.init_path={tiny_models['qwen2_5_vl']}",
                  f"sft.data_paths=[{synthetic_dir / 'train.jsonl'}]", "logging.progress=false"])
     err = capsys.readouterr().err
-    assert code == 1
+    assert code == 1  # a data error
     assert "no sample has a reference response" in err and "Traceback" not in err
     assert not dist.is_initialized()
+
+
+def test_unexpected_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, capsys):
+    """A failure outside the known types prints one line naming it (exit 1); ``--debug``
+    raises it with its traceback."""
+    bad = tmp_path / "not_a_model"
+    bad.mkdir()
+    (bad / "config.json").write_text("{")  # and no weights: the converter's reader fails
+    code = main(["convert", "hf-to-megatron", str(bad), str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        main(["--debug", "convert", "hf-to-megatron", str(bad), str(tmp_path / "out")])
+
+
+@pytest.mark.parametrize("argv, code, words", [
+    (["config", "show", "MISSING_DIR/"], 2, "config file not found"),
+    (["data", "inspect", "MISSING.jsonl"], 1, "dataset file not found"),
+    (["config", "show", "configs/demo_cpu.yaml", "trainer.lr=.inf"], 2, "trainer.lr: must be a finite number"),
+])
+def test_exit_codes_config_2_data_1(argv, code, words, capsys):
+    assert main(argv) == code
+    err = capsys.readouterr().err
+    assert words in err and err.count("\n") == 1

@@ -18,17 +18,23 @@ from typing import Any, Literal, Union
 import yaml
 
 from megatron_ivr.config.errors import ConfigError
-from megatron_ivr.config.schema import RunConfig
+from megatron_ivr.config.schema import DAPO_PRESET, RunConfig
 
 COMMAND_LINE = "command line"
 
 
 def _read_yaml(path: Path) -> dict:
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    if not path.is_file():
+        raise ConfigError(f"{path}: a config must be a YAML file, and this is not a regular file")
     try:
         with open(path, encoding="utf-8") as fh:
             data = yaml.safe_load(fh)
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte {exc.start}): a config must be YAML") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read: {exc.strerror or exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML: {exc}") from None
     if data is None:
@@ -71,8 +77,8 @@ def load_yaml_tree(path: str | Path, sources: dict | None = None, _seen: tuple =
     defaults = own.pop("defaults", []) or []
     if isinstance(defaults, str):
         defaults = [defaults]
-    if not isinstance(defaults, list):
-        raise ConfigError(f"{path}: 'defaults' must be a list of file names")
+    if not isinstance(defaults, list) or not all(isinstance(name, str) and name for name in defaults):
+        raise ConfigError(f"{path}: 'defaults' must be a list of file names, got {defaults!r}", key="defaults")
     tree: dict = {}
     for name in defaults:
         parent = load_yaml_tree(path.parent / name, sources, _seen + (path,))
@@ -125,20 +131,20 @@ def _coerce(value: Any, tp: Any, key: str, sources: dict) -> Any:
                 return _coerce(value, arg, key, sources)
             except ConfigError as exc:
                 errors.append(str(exc))
-        raise ConfigError(f"{key} (set in {where}): expected {_type_name(tp)}, got {value!r}")
+        raise ConfigError(f"{key} (set in {where}): expected {_type_name(tp)}, got {value!r}", key=key)
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
-            raise ConfigError(f"{key} (set in {where}): {value!r} is not one of {list(choices)}")
+            raise ConfigError(f"{key} (set in {where}): {value!r} is not one of {list(choices)}", key=key)
         return value
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{key} (set in {where}): expected a list, got {value!r}")
+            raise ConfigError(f"{key} (set in {where}): expected a list, got {value!r}", key=key)
         (item_type,) = typing.get_args(tp) or (Any,)
         return [_coerce(v, item_type, f"{key}[{i}]", sources) for i, v in enumerate(value)]
     if origin is dict:  # e.g. launch.env: string keys, scalar values read as strings (FOO: 1 -> "1")
         if not isinstance(value, dict):
-            raise ConfigError(f"{key} (set in {where}): expected a mapping, got {value!r}")
+            raise ConfigError(f"{key} (set in {where}): expected a mapping, got {value!r}", key=key)
         _, value_type = typing.get_args(tp) or (str, Any)
         out = {}
         for k, v in value.items():
@@ -148,7 +154,7 @@ def _coerce(value: Any, tp: Any, key: str, sources: dict) -> Any:
         return out
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{key} (set in {where}): expected a section (mapping), got {value!r}")
+            raise ConfigError(f"{key} (set in {where}): expected a section (mapping), got {value!r}", key=key)
         return build_dataclass(tp, value, sources, key + ".")
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads '1e-6' (no dot) as a string
@@ -157,17 +163,17 @@ def _coerce(value: Any, tp: Any, key: str, sources: dict) -> Any:
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key} (set in {where}): expected float, got {value!r}")
+            raise ConfigError(f"{key} (set in {where}): expected float, got {value!r}", key=key)
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key} (set in {where}): expected int, got {value!r}")
+            raise ConfigError(f"{key} (set in {where}): expected int, got {value!r}", key=key)
         return value
     if tp in (str, bool):
         if not isinstance(value, tp):
-            raise ConfigError(f"{key} (set in {where}): expected {tp.__name__}, got {value!r}")
+            raise ConfigError(f"{key} (set in {where}): expected {tp.__name__}, got {value!r}", key=key)
         return value
-    raise ConfigError(f"{key}: unsupported annotation {tp!r}")
+    raise ConfigError(f"{key}: unsupported annotation {tp!r}", key=key)
 
 
 def _where(sources: dict, dotted: str) -> str:
@@ -187,11 +193,21 @@ def build_dataclass(cls: type, tree: dict, sources: dict | None = None, prefix: 
         if key not in names:
             dotted = prefix + key
             where = _where(sources, dotted)
-            raise ConfigError(
-                f"unknown key '{dotted}' (set in {where}); valid keys here: {sorted(names)}"
-            )
+            raise ConfigError(f"unknown key '{dotted}' (set in {where}); valid keys here: {sorted(names)}", key=dotted)
     kwargs = {k: _coerce(v, hints[k], prefix + k, sources) for k, v in tree.items()}
     return cls(**kwargs)
+
+
+def _apply_presets(tree: dict, sources: dict) -> None:
+    """``algorithm.name: dapo``: DAPO's settings (``DAPO_PRESET``) for the algorithm keys the
+    config does not set; each records the preset as where it was set."""
+    algorithm = tree.get("algorithm")
+    if not isinstance(algorithm, dict) or algorithm.get("name") != "dapo":
+        return
+    for key, value in DAPO_PRESET.items():
+        if key not in algorithm:
+            algorithm[key] = value
+            sources[f"algorithm.{key}"] = "the algorithm.name=dapo preset"
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> RunConfig:
@@ -200,6 +216,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
     tree = load_yaml_tree(path, sources) if path is not None else {}
     for override in overrides:
         apply_override(tree, override, sources)
+    _apply_presets(tree, sources)
     config = build_dataclass(RunConfig, tree, sources)
     try:
         config.validate()

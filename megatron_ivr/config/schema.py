@@ -7,6 +7,7 @@ validated by :mod:`megatron_ivr.config.loader` (types) and by each dataclass's
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -32,12 +33,19 @@ class DataConfig:
     max_pixels: int = 448 * 448
     max_bad_fraction: float = 0.05  # stop the run when more samples than this are broken
     allow_outside_root: bool = False  # image paths may leave the dataset's folder (``..``, absolute)
+    # a training prompt (chat template, question and image tokens) longer than this is a bad
+    # sample: reported, skipped and counted (data/*/bad_samples)
     max_prompt_tokens: int = 1024
-    shuffle_seed: int = 0
+    # an image whose header declares more pixels is refused before it is decoded (a small PNG can
+    # declare 169 Mpixel and take 1.3 GB to decode); max_pixels then resizes what is kept
+    max_source_pixels: int = 8192 * 8192
 
     def validate(self, prefix: str = "data") -> None:
         _check(0 < self.min_pixels <= self.max_pixels, f"{prefix}.min_pixels",
                f"must satisfy 0 < min_pixels <= max_pixels, got {self.min_pixels} > {self.max_pixels}")
+        _check(self.max_prompt_tokens >= 1, f"{prefix}.max_prompt_tokens", "must be >= 1")
+        _check(self.max_source_pixels >= self.max_pixels, f"{prefix}.max_source_pixels",
+               f"must be >= max_pixels={self.max_pixels}, got {self.max_source_pixels}")
         _check(0.0 <= self.max_bad_fraction <= 1.0, f"{prefix}.max_bad_fraction",
                f"must be in [0, 1], got {self.max_bad_fraction}")
 
@@ -83,7 +91,9 @@ class ModelConfig:
     """The policy: a Hugging Face folder (converted to Megatron by the trainer)."""
 
     path: str = "runs/demo/models/qwen2_5_vl_tiny"
-    family: Literal["qwen2_5_vl", "qwen3_vl"] = "qwen2_5_vl"
+    # None: read from the folder's config.json; set, it is checked against the folder (and
+    # sft.init_path) before anything loads
+    family: Optional[Literal["qwen2_5_vl", "qwen3_vl"]] = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
 
@@ -107,6 +117,9 @@ class TinyModelConfig:
     seed: int = 0
 
     def validate(self, prefix: str = "tiny_model") -> None:
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "vision_depth",
+                     "vision_hidden_size"):
+            _check(getattr(self, name) >= 1, f"{prefix}.{name}", f"must be >= 1, got {getattr(self, name)}")
         for fam in self.families:
             _check(fam in ("qwen2_5_vl", "qwen3_vl"), f"{prefix}.families",
                    f"unknown family {fam!r}; choose from qwen2_5_vl, qwen3_vl")
@@ -146,8 +159,9 @@ class RolloutConfig:
     top_p: float = 1.0
     max_new_tokens: int = 128
     server_urls: list[str] = field(default_factory=list)
+    # sent as ``Authorization: Bearer``; servers started by `megatron-ivr launch` get it through
+    # their environment, never their command line (the bind address is launch.server_host)
     api_key: Optional[str] = None
-    host: str = "127.0.0.1"  # servers bind to loopback unless configured
     max_weight_lag: int = 1  # reject samples from a policy more than this many steps old
     weight_transport: Literal["local", "tensor", "distributed", "disk"] = "local"
     bucket_mb: int = 512
@@ -178,8 +192,10 @@ class RolloutConfig:
 class VicraConfig:
     """Spec section 3."""
 
+    # the score is prob_diff (spec section 3's default); the kl variant needs both passes' full
+    # next-token distributions at every response token (algorithms/vicra.py::kl_scores is the
+    # formula, not wired into the trainer)
     enabled: bool = False
-    score: Literal["prob_diff", "kl"] = "prob_diff"
     distortion: Literal["discard", "blacken", "patch_blacken", "gaussian_noise", "gaussian_blur"] = "discard"
     patch_ratio: float = 0.6
     noise_std: float = 200.0
@@ -204,9 +220,17 @@ class IvrConfig:
     critique_max_new_tokens: int = 128
 
 
+# ``algorithm.name: dapo`` is a preset: DAPO's settings of spec section 2 for every one of these
+# keys that the config does not set itself (config/loader.py applies it; ``grpo`` is the
+# dataclass defaults). An explicit key always wins.
+DAPO_PRESET = {"eps_low": 0.2, "eps_high": 0.28, "beta": 0.0, "loss_agg": "token-mean", "dynamic_sampling": True,
+               "overlong_shaping": True}
+
+
 @dataclass
 class AlgorithmConfig:
-    """Spec section 2 (GRPO/DAPO); VICRA and IVR-R1 nest here."""
+    """Spec section 2 (GRPO/DAPO); VICRA and IVR-R1 nest here. ``name`` selects the preset
+    (``DAPO_PRESET``) and labels the run."""
 
     name: Literal["grpo", "dapo"] = "grpo"
     eps_low: float = 0.2
@@ -232,9 +256,15 @@ class AlgorithmConfig:
         _check(self.ivr.max_rounds >= 1, f"{prefix}.ivr.max_rounds", "must be >= 1")
         _check(self.ivr.gamma > 0, f"{prefix}.ivr.gamma", "must be > 0")
         _check(0 < self.vicra.patch_ratio <= 1, f"{prefix}.vicra.patch_ratio", "must be in (0, 1]")
-        _check(self.vicra.score == "prob_diff", f"{prefix}.vicra.score",
-               "only 'prob_diff' is built into the trainer: the 'kl' score needs both passes' full next-token "
-               "distributions at every response token (algorithms/vicra.py::kl_scores is the formula, not wired)")
+        _check(-1 <= self.ivr.tau <= 1, f"{prefix}.ivr.tau",
+               f"must be in [-1, 1] (rewards lie in [-1, 1] with DAPO's overlong shaping, [0, 1] without; above "
+               f"1 no rewrite could ever be accepted), got {self.ivr.tau}")
+        _check(self.ivr.critique_max_new_tokens >= 1, f"{prefix}.ivr.critique_max_new_tokens", "must be >= 1")
+        _check(self.adv_eps > 0, f"{prefix}.adv_eps", "must be > 0")
+        _check(self.max_sampling_rounds >= 1, f"{prefix}.max_sampling_rounds", "must be >= 1")
+        _check(self.overlong_cache >= 0, f"{prefix}.overlong_cache", "must be >= 0")
+        _check(self.vicra.noise_std >= 0, f"{prefix}.vicra.noise_std", "must be >= 0")
+        _check(self.vicra.blur_radius >= 0, f"{prefix}.vicra.blur_radius", "must be >= 0")
 
 
 @dataclass
@@ -243,14 +273,12 @@ class ParallelismConfig:
 
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
-    context_parallel: int = 1
+    # (context parallelism is not supported for Qwen-VL yet: docs/models.md)
     fp8: Optional[Literal["delayed", "blockwise"]] = None
 
     def validate(self, prefix: str = "parallel") -> None:
-        for name in ("tensor_parallel", "pipeline_parallel", "context_parallel"):
+        for name in ("tensor_parallel", "pipeline_parallel"):
             _check(getattr(self, name) >= 1, f"{prefix}.{name}", "must be >= 1")
-        _check(self.context_parallel == 1, f"{prefix}.context_parallel",
-               "context parallelism is not supported for Qwen-VL yet (see docs/models.md)")
 
 
 LrSchedule = Literal["constant", "linear", "cosine"]
@@ -293,6 +321,8 @@ class TrainerConfig:
         _check(self.lr > 0, f"{prefix}.lr", f"must be > 0, got {self.lr}")
         _check(0 <= self.min_lr <= self.lr, f"{prefix}.min_lr", "must be in [0, lr]")
         _check(self.lr_warmup_steps >= 0, f"{prefix}.lr_warmup_steps", "must be >= 0")
+        _check(self.weight_decay >= 0, f"{prefix}.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _check(self.grad_clip >= 0, f"{prefix}.grad_clip", f"must be >= 0 (0: no clipping), got {self.grad_clip}")
         _check(self.steps >= 0, f"{prefix}.steps", "must be >= 0")
         _check(self.prompts_per_step >= 1, f"{prefix}.prompts_per_step", "must be >= 1")
         _check(1 <= self.mini_batches <= self.prompts_per_step, f"{prefix}.mini_batches",
@@ -332,6 +362,8 @@ class SftConfig:
         _check(self.lr > 0, f"{prefix}.lr", f"must be > 0, got {self.lr}")
         _check(0 <= self.min_lr <= self.lr, f"{prefix}.min_lr", "must be in [0, lr]")
         _check(self.lr_warmup_steps >= 0, f"{prefix}.lr_warmup_steps", "must be >= 0")
+        _check(self.weight_decay >= 0, f"{prefix}.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _check(self.grad_clip >= 0, f"{prefix}.grad_clip", f"must be >= 0 (0: no clipping), got {self.grad_clip}")
         _check(self.save_interval >= 0, f"{prefix}.save_interval", "must be >= 0")
 
 
@@ -371,13 +403,11 @@ class EvalConfig:
 
 @dataclass
 class LoggingConfig:
-    dir: str = "runs/demo/rl/logs"
-    jsonl: bool = True
+    dir: str = "runs/demo/rl/logs"  # metrics.jsonl (always written: the report reads it), one record a step
     tensorboard: bool = False
     wandb: bool = False  # needs `pip install wandb`; project = wandb_project, run name = name
     wandb_project: str = "megatron-ivr"
     progress: bool = True  # a progress line per step on a terminal (in place); elsewhere one every 10 s
-    interval: int = 1
 
 
 Placement = Literal["colocated", "disaggregated"]
@@ -460,7 +490,19 @@ class RunConfig:
     launch: LaunchConfig = field(default_factory=LaunchConfig)
 
     def validate(self) -> None:
+        _check_finite(self, "")
         for name in self.__dataclass_fields__:
             component = getattr(self, name)
             if hasattr(component, "validate"):
                 component.validate(name)
+
+
+def _check_finite(node, prefix: str) -> None:
+    """Every float in the config is finite (``trainer.lr=inf``, ``reward.grader_timeout_s=nan``
+    pass a ``> 0`` check and then break a run, or make a time limit never fire)."""
+    for name in node.__dataclass_fields__:
+        value = getattr(node, name)
+        if hasattr(value, "__dataclass_fields__"):
+            _check_finite(value, f"{prefix}{name}.")
+        elif isinstance(value, float):
+            _check(math.isfinite(value), f"{prefix}{name}", f"must be a finite number, got {value}")

@@ -85,9 +85,7 @@ def iter_raw_rows(path: Path) -> Iterator[tuple[Path, dict]]:
     for file in _files(path, (".parquet", ".json", ".jsonl", ".tsv")):
         suffix = file.suffix.lower()
         if suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            for batch in pq.ParquetFile(file).iter_batches(batch_size=64):
+            for batch in parquet_batches(file, 64):
                 for row in batch.to_pylist():
                     yield file, row
         elif suffix == ".json":

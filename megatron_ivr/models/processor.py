@@ -73,5 +73,15 @@ def model_family(path: str | Path) -> str:
     return model_type
 
 
+def check_model_family(family: str | None, *paths: str | Path) -> None:
+    """``model.family``, when set, names the family of every model folder a command loads."""
+    from megatron_ivr.config.errors import ConfigError
+
+    for path in paths:
+        if family is not None and model_family(path) != family:
+            raise ConfigError(f"model.family: {family} is set, but {path} holds a {model_family(path)} model",
+                              key="model.family")
+
+
 def load_processor(path: str | Path):
     return PROCESSOR_CLASSES[model_family(path)].from_pretrained(str(path))

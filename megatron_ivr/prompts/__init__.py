@@ -47,3 +47,17 @@ def chat_prompt(templater, text: str, num_images: int) -> str:
     """The generation prompt for one user turn, rendered by a tokenizer's or processor's chat
     template (one ``<|image_pad|>`` per image; the processor or server expands it)."""
     return templater.apply_chat_template(chat_messages(text, num_images), tokenize=False, add_generation_prompt=True)
+
+
+def sample_prompt(sample, template: str) -> str:
+    """The prompt text a sample is trained on: a chat row's own prompt (``meta["prompt"]``),
+    else the response prompt of the run's output template."""
+    return sample.meta.get("prompt") or render_prompt("response", template, question=sample.question)
+
+
+def prompt_length(templater, text: str, image_sizes: list[tuple[int, int]], factor: int) -> int:
+    """Tokens of the chat prompt for ``text`` with images of these (width, height) (already
+    resized to multiples of ``factor``): the template's tokens plus each image's
+    ``(w / factor) * (h / factor)`` merged patch tokens in place of its one placeholder."""
+    ids = templater.tokenizer(chat_prompt(templater, text, len(image_sizes)))["input_ids"]
+    return len(ids) + sum((w // factor) * (h // factor) - 1 for w, h in image_sizes)

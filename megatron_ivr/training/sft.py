@@ -17,7 +17,7 @@ import torch
 
 from megatron_ivr.config.schema import RunConfig
 from megatron_ivr.model_providers.qwen_vl import token_alignment
-from megatron_ivr.prompts import render_prompt
+from megatron_ivr.prompts import sample_prompt
 from megatron_ivr.training.batching import (
     PromptCache,
     ScoredSequence,
@@ -63,8 +63,7 @@ class SftJob:
 
     def prompt(self, sample) -> str:
         """A chat row's own prompt, else the response prompt of the run's output template."""
-        return sample.meta.get("prompt") or render_prompt("response", self.cfg.reward.template,
-                                                          question=sample.question)
+        return sample_prompt(sample, self.cfg.reward.template)
 
     def start(self, step: int) -> None:
         pass

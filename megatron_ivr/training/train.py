@@ -23,8 +23,10 @@ import torch
 
 from megatron_ivr.config.loader import config_to_dict
 from megatron_ivr.config.schema import RunConfig
-from megatron_ivr.data import ImageRules, read_dataset
-from megatron_ivr.models.processor import MERGE_SIZE, PATCH_SIZE, load_processor, model_family
+from megatron_ivr.data import DataError, ImageRules, read_dataset
+from megatron_ivr.data.sample import BadSample
+from megatron_ivr.models.processor import MERGE_SIZE, PATCH_SIZE, check_model_family, load_processor, model_family
+from megatron_ivr.prompts import prompt_length, render_prompt, sample_prompt
 from megatron_ivr.training.checkpoint import Checkpointer
 from megatron_ivr.training.loop import Progress, run_job
 from megatron_ivr.training.optimizer import OptimizerSettings
@@ -64,11 +66,30 @@ def _writer(cfg: RunConfig, log_dir: str, rank: int):
     return writer
 
 
-def _read(cfg: RunConfig, path: str, model_path: str):
+def _read(cfg: RunConfig, path: str, model_path: str, processor, prompt_of):
+    """A training file's samples; a prompt (``prompt_of(sample)``, chat template and image tokens
+    included) over ``data.max_prompt_tokens`` makes its sample bad: reported, skipped, counted."""
     family = model_family(model_path)
-    rules = ImageRules(PATCH_SIZE[family] * MERGE_SIZE, cfg.data.min_pixels, cfg.data.max_pixels)
-    return read_dataset(path, rules, cfg.data.max_bad_fraction, cfg.data.image_root,
-                        allow_outside_root=cfg.data.allow_outside_root)
+    rules = ImageRules(PATCH_SIZE[family] * MERGE_SIZE, cfg.data.min_pixels, cfg.data.max_pixels,
+                       cfg.data.max_source_pixels)
+    dataset = read_dataset(path, rules, cfg.data.max_bad_fraction, cfg.data.image_root,
+                           allow_outside_root=cfg.data.allow_outside_root)
+    kept, limit = [], cfg.data.max_prompt_tokens
+    for sample in dataset.samples:
+        length = prompt_length(processor, prompt_of(sample), [image.size for image in sample.images], rules.factor)
+        if length <= limit:
+            kept.append(sample)
+            continue
+        bad = BadSample(id=sample.id, reason=f"prompt of {length} tokens > data.max_prompt_tokens={limit}",
+                        source=str(path))
+        logger.warning("skipping bad sample %s in %s: %s", bad.id, path, bad.reason)
+        dataset.bad.append(bad)
+    dataset.samples = kept
+    if not kept or dataset.bad_fraction > cfg.data.max_bad_fraction:
+        raise DataError(f"{path}: {len(dataset.bad)} of {dataset.total} samples are bad ({dataset.bad_fraction:.1%} > "
+                        f"data.max_bad_fraction={cfg.data.max_bad_fraction:.1%}); first: "
+                        + "; ".join(f"{b.id}: {b.reason}" for b in dataset.bad[:3]))
+    return dataset
 
 
 def _check_export(out_dir: str, key: str, source: str, run_dirs: list) -> None:
@@ -85,10 +106,12 @@ def run_sft(cfg: RunConfig) -> int:
 
     sft = cfg.sft
     out = Path(sft.output_dir)
+    check_model_family(cfg.model.family, sft.init_path)
     _check_export(str(out / "hf"), "sft.output_dir", sft.init_path, [out / "checkpoints", out / "logs"])
     with _parallel(cfg, sft.init_path) as rank:
         processor = load_processor(sft.init_path)
-        datasets = [_read(cfg, path, sft.init_path) for path in sft.data_paths]
+        datasets = [_read(cfg, path, sft.init_path, processor, lambda s: sample_prompt(s, cfg.reward.template))
+                    for path in sft.data_paths]
         reference_samples(cfg, datasets)  # before the model loads
         policy = load_policy(sft.init_path, cfg.model.dtype,
                              OptimizerSettings(lr=sft.lr, weight_decay=sft.weight_decay, clip_grad=sft.grad_clip),
@@ -192,7 +215,8 @@ class RlJob:
         transport, names = None, None
         self.data_metrics = {}
         if rank == 0:
-            dataset = _read(cfg, cfg.data.train_path, cfg.model.path)
+            dataset = _read(cfg, cfg.data.train_path, cfg.model.path, processor,
+                            lambda s: render_prompt("response", cfg.reward.template, question=s.question))
             self.data_metrics = dataset.metrics("data/train")
             self.engine, transport, names = _engine(cfg, processor)
             self.reward_fn = RewardFunction(cfg.reward)
@@ -280,6 +304,7 @@ def run_rl(cfg: RunConfig) -> int:
     from megatron_ivr.rollout.factory import check_engine_config
 
     check_engine_config(cfg.rollout)  # before minutes of model loading
+    check_model_family(cfg.model.family, cfg.model.path)
     if cfg.trainer.export_dir:
         _check_export(cfg.trainer.export_dir, "trainer.export_dir", cfg.model.path,
                       [cfg.checkpoint.dir, cfg.logging.dir])

@@ -98,3 +98,43 @@ def test_settings_the_trainer_cannot_honour_are_refused_by_key(override, key):
     with pytest.raises(ConfigError) as info:
         load_config(None, [override])
     assert info.value.key == key
+
+
+@pytest.mark.parametrize("override, key", [
+    ("trainer.lr=.inf", "trainer.lr"), ("trainer.lr=inf", "trainer.lr"),
+    ("reward.grader_timeout_s=.inf", "reward.grader_timeout_s"), ("sft.lr=.nan", "sft.lr"),
+    ("trainer.grad_clip=-1", "trainer.grad_clip"), ("trainer.weight_decay=-0.1", "trainer.weight_decay"),
+    ("sft.grad_clip=-1", "sft.grad_clip"), ("sft.weight_decay=-1", "sft.weight_decay"),
+    ("algorithm.ivr.tau=1.5", "algorithm.ivr.tau"), ("algorithm.ivr.tau=-2", "algorithm.ivr.tau"),
+    ("tiny_model.num_heads=0", "tiny_model.num_heads"), ("tiny_model.num_kv_heads=0", "tiny_model.num_kv_heads"),
+    ("data.max_prompt_tokens=0", "data.max_prompt_tokens"), ("data.max_source_pixels=10", "data.max_source_pixels"),
+    ("data.shuffle_seed=1", "data.shuffle_seed"), ("rollout.host=0.0.0.0", "rollout.host"),  # removed: unused
+    ("parallel.context_parallel=1", "parallel.context_parallel"), ("logging.jsonl=false", "logging.jsonl"),
+    ("logging.interval=5", "logging.interval"), ("model.family=llama", "model.family"),
+])
+def test_out_of_range_and_removed_keys_are_refused_by_key(override, key):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert info.value.key == key and key in str(info.value)
+
+
+def test_config_files_that_are_not_yaml_files(tmp_path):
+    with pytest.raises(ConfigError, match="not a regular file"):
+        load_config(tmp_path)
+    (tmp_path / "binary.yaml").write_bytes(b"name: \xff\xfe\x00")
+    with pytest.raises(ConfigError, match="not a UTF-8 text file"):
+        load_config(tmp_path / "binary.yaml")
+    write(tmp_path / "defaults.yaml", "defaults: [5]\n")
+    with pytest.raises(ConfigError, match="'defaults' must be a list of file names, got \\[5\\]"):
+        load_config(tmp_path / "defaults.yaml")
+
+
+def test_dapo_preset_fills_what_the_config_does_not_set(tmp_path):
+    algorithm = load_config(None, ["algorithm.name=dapo"]).algorithm
+    assert (algorithm.eps_low, algorithm.eps_high, algorithm.beta) == (0.2, 0.28, 0.0)
+    assert algorithm.dynamic_sampling and algorithm.overlong_shaping and algorithm.loss_agg == "token-mean"
+    explicit = load_config(write(tmp_path / "d.yaml", "algorithm:\n  name: dapo\n  eps_high: 0.3\n"),
+                           ["algorithm.dynamic_sampling=false"]).algorithm
+    assert explicit.eps_high == 0.3 and not explicit.dynamic_sampling and explicit.overlong_shaping
+    grpo = load_config(None, ["algorithm.name=grpo"]).algorithm
+    assert (grpo.eps_high, grpo.dynamic_sampling, grpo.overlong_shaping) == (0.2, False, False)

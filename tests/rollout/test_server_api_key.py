@@ -14,8 +14,8 @@ STAND_IN = """
 import json, os, sys
 with open("/proc/self/cmdline", "rb") as fh:
     cmdline = fh.read().decode().split("\\0")
-json.dump({"argv": sys.argv, "cmdline": cmdline, "env_key": os.environ.get(%r)}, open(os.environ["OUT"], "w"))
-""" % API_KEY_ENV
+json.dump({"argv": sys.argv, "cmdline": cmdline, "env_key": os.environ.get("KEY_ENV")}, open(os.environ["OUT"], "w"))
+""".replace("KEY_ENV", API_KEY_ENV)
 
 
 def test_the_api_key_reaches_the_server_through_the_environment_only(tmp_path):

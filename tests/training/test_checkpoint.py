@@ -2,9 +2,8 @@ import json
 import random
 
 import numpy as np
-import torch
-
 import pytest
+import torch
 
 from megatron_ivr.model_providers.manifest import CheckpointRefused, content_problem, write_manifest
 from megatron_ivr.training.checkpoint import (

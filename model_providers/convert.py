@@ -29,13 +29,16 @@ from pathlib import Path
 
 import torch
 
+from megatron_ivr.model_providers.lifetime import exit_with_parent
 from megatron_ivr.model_providers.manifest import CheckpointRefused, require_verified, write_manifest
 from megatron_ivr.model_providers.output_dir import OutputRefused, check_output, discard, publish, staging_dir
 
 META_NAME = "megatron_ivr.json"
 
 
-def _worker(rank: int, world: int, port: int, job: str, args: dict) -> None:
+def _worker(rank: int, world: int, port: int, job: str, args: dict, parent: int | None = None) -> None:
+    if parent is not None:  # a spawned rank ends with the converter that started it
+        exit_with_parent(parent)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -53,7 +56,7 @@ def _launch(job: str, world: int, args: dict) -> None:
         _worker(0, 1, free_port(), job, args)
         _teardown()
         return
-    torch.multiprocessing.start_processes(_worker, args=(world, free_port(), job, args), nprocs=world,
+    torch.multiprocessing.start_processes(_worker, args=(world, free_port(), job, args, os.getpid()), nprocs=world,
                                           start_method="spawn", join=True)
 
 

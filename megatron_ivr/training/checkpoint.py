@@ -36,6 +36,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from megatron_ivr.model_providers.lifetime import manager_initializer
 from megatron_ivr.model_providers.manifest import (
     MANIFEST,
     CheckpointRefused,
@@ -178,24 +179,27 @@ def _writer_queue_survives_sigterm() -> None:
     ``multiprocessing`` Manager started once, with the *spawn* context, at the first save. A
     spawned interpreter does not keep our SIGTERM handler, so the SIGTERM that Slurm sends to
     every process of a job step before the time limit kills the Manager, and the very save
-    that the signal asks for fails (BrokenPipeError). Started here with SIGTERM ignored (an
-    ignored signal survives exec), the Manager outlives the signal; the trainer ranks keep
-    their own handler. Found by tests/launch/test_scripts.py."""
-    import signal
+    that the signal asks for fails (BrokenPipeError). Started here instead, the Manager ignores
+    SIGTERM and ends with this rank (``lifetime.manager_initializer``: without it, it outlived
+    a SIGKILLed rank for minutes). Found by tests/launch/test_scripts.py."""
     import threading
+    from multiprocessing import get_context
+    from multiprocessing.managers import SyncManager
 
     try:
         from megatron.core.dist_checkpointing.strategies import filesystem_async
     except ImportError:
         return
     if getattr(filesystem_async, "_results_queue", "absent") is not None or threading.current_thread() is not \
-            threading.main_thread() or not hasattr(filesystem_async, "_get_write_results_queue"):
+            threading.main_thread():
         return
-    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    try:
-        filesystem_async._get_write_results_queue()
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    manager = SyncManager(ctx=get_context("spawn"))
+    manager.start(manager_initializer)
+    filesystem_async._results_queue = manager.Queue()
+    _MANAGERS.append(manager)  # kept alive with the queue
+
+
+_MANAGERS: list = []
 
 
 class Checkpointer:

@@ -25,6 +25,7 @@ from megatron_ivr.config.loader import config_to_dict
 from megatron_ivr.config.schema import RunConfig
 from megatron_ivr.data import DataError, ImageRules, read_dataset
 from megatron_ivr.data.sample import BadSample
+from megatron_ivr.model_providers.lifetime import exit_with_parent, under_torchrun
 from megatron_ivr.models.processor import MERGE_SIZE, PATCH_SIZE, check_model_family, load_processor, model_family
 from megatron_ivr.prompts import prompt_length, render_prompt, sample_prompt
 from megatron_ivr.training.checkpoint import Checkpointer
@@ -45,6 +46,8 @@ def _parallel(cfg: RunConfig, model_path: str):
     from megatron_ivr.training.layout import check_layout
     from megatron_ivr.training.parallel import ParallelLayout, destroy_parallel, init_parallel, select_device
 
+    if under_torchrun():  # a rank ends with its torchrun agent (SIGKILLed, it cannot stop us itself)
+        exit_with_parent(os.getppid())
     select_device(cfg.trainer.device)
     torch.set_num_threads(cfg.trainer.num_threads)
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -86,3 +86,16 @@ def qwen_vocabulary_tokenizer() -> PreTrainedTokenizerFast:
     converter = TikTokenConverter(vocab_file=vocab_file, pattern=QWEN2_SPLIT_PATTERN,
                                   extra_special_tokens=list(QWEN_SPECIAL_TOKENS))
     return _wrap(converter.converted())
+
+
+# The vision placeholders: the processor inserts them around and for every image, and the model
+# computes its image-token count and MRoPE positions from them. Sampled inside a response, one
+# makes the trainer's image-token count disagree with the image features (a crash hours into a
+# run, verl #7038), so the engines never sample them and the trainer refuses a response with one.
+VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+
+
+def vision_token_ids(tokenizer) -> list[int]:
+    """The ids of :data:`VISION_TOKENS` in ``tokenizer``'s vocabulary (those it has)."""
+    vocab = tokenizer.get_vocab()
+    return sorted(vocab[token] for token in VISION_TOKENS if token in vocab)

@@ -33,6 +33,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from transformers.cache_utils import DynamicCache
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
+from megatron_ivr.models.tokenizer import vision_token_ids
 from megatron_ivr.prompts import chat_prompt
 from megatron_ivr.rollout.engine import Completion, GenerationRequest, SamplingParams
 from megatron_ivr.rollout.kv_cache import SHARED_PREFIX_ATTENTION, attending, growing_cache, share_prompt
@@ -58,6 +59,7 @@ class LocalEngine:
         self._weight_version = weight_version
         self.eos_token_id = processor.tokenizer.eos_token_id
         self.pad_token_id = processor.tokenizer.pad_token_id
+        self.banned_token_ids = torch.tensor(vision_token_ids(processor.tokenizer), dtype=torch.long)
 
     @classmethod
     def from_pretrained(cls, path, batch_size: int = 16) -> LocalEngine:
@@ -164,8 +166,10 @@ class LocalEngine:
         is transformers' generate's: the text position (the prompt's tokens counted, padding
         skipped) plus the row's MRoPE offset (``rope_deltas``), on all three MRoPE axes.
         Finished rows are fed padding until every row has finished, as transformers does.
+        Vision placeholder tokens are never chosen (``models/tokenizer.py::VISION_TOKENS``).
         Returns the tokens ``[B, T]`` and their log-probs ``[B, T]`` under ``logits / temperature``
-        (the raw logits when greedy)."""
+        (the raw logits when greedy): the full-vocabulary distribution the trainer scores, as
+        with top-p."""
         base, batch = self.model.model, mask.shape[0]
         processors = _sampler(sampling)
         scale = sampling.temperature if sampling.temperature > 0 else 1.0
@@ -178,7 +182,8 @@ class LocalEngine:
                 feed = {**feed, "position_ids": torch.cat([position[None], mrope])}  # [4, B, 1]: text, t, h, w
             logits = self.model(**feed, attention_mask=mask, **{_CACHE_KWARG: cache}, use_cache=True,
                                 logits_to_keep=1).logits[:, -1].float()
-            token = (processors(None, logits) if processors else logits).argmax(-1)
+            allowed = logits.index_fill(-1, self.banned_token_ids, float("-inf"))  # never a vision token
+            token = (processors(None, allowed) if processors else allowed).argmax(-1)
             token = token.masked_fill(finished, self.pad_token_id)
             tokens.append(token)
             logprobs.append((logits / scale).log_softmax(-1).gather(-1, token[:, None])[:, 0])

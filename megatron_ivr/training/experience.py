@@ -12,6 +12,7 @@ depends on the engine interface, the reward function and the pure algorithms onl
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -27,6 +28,7 @@ from megatron_ivr.prompts import render_prompt
 from megatron_ivr.rollout.engine import GenerationRequest, SamplingParams, reject_stale
 from megatron_ivr.training.sampler import EpochSampler
 
+logger = logging.getLogger(__name__)
 
 @dataclass
 class Trajectory:
@@ -67,9 +69,26 @@ def step_seed(seed: int, step: int, round_index: int = 0) -> int:
     return (seed * 1_000_003 + step * 101 + round_index) % (2**31)
 
 
+def refuse_vision_tokens(groups: list[list], banned: frozenset[int], token_ids=lambda c: c.token_ids
+                         ) -> tuple[list[list], int]:
+    """Drop every response that holds a vision placeholder token (``models/tokenizer.py``): the
+    engines never sample one, and one that gets through anyway (another engine, a server without
+    the mask) would make the trainer's image-token count disagree with the image features.
+    Returns the kept responses per group and how many were refused (a metric)."""
+    kept, refused = [], 0
+    for group in groups:
+        clean = [c for c in group if banned.isdisjoint(token_ids(c))]
+        refused += len(group) - len(clean)
+        kept.append(clean)
+    if refused:
+        logger.warning("refused %d response(s) holding a vision placeholder token", refused)
+    return kept, refused
+
+
 class ExperienceMaker:
-    def __init__(self, cfg: RunConfig, engine, reward_fn, samples: list[Sample]):
+    def __init__(self, cfg: RunConfig, engine, reward_fn, samples: list[Sample], banned_token_ids=()):
         self.cfg, self.engine, self.reward_fn, self.samples = cfg, engine, reward_fn, samples
+        self.banned = frozenset(banned_token_ids)  # vision placeholders: a response with one is refused
         self.sampler = EpochSampler(len(samples), cfg.trainer.seed)
         rollout = cfg.rollout
         self.sampling = SamplingParams(max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature,
@@ -91,6 +110,8 @@ class ExperienceMaker:
         metrics["time/rollout"] = metrics.get("time/rollout", 0.0) + time.perf_counter() - t0
         completions, stale = reject_stale(completions, self.engine.weight_version, self.cfg.rollout.max_weight_lag)
         metrics["rollout/stale_rejected"] = metrics.get("rollout/stale_rejected", 0) + stale
+        completions, refused = refuse_vision_tokens(completions, self.banned)
+        metrics["rollout/vision_token_refused"] = metrics.get("rollout/vision_token_refused", 0) + refused
         t0 = time.perf_counter()
         flat = [c for group in completions for c in group]
         answers = [s.answer for s, group in zip(samples, completions) for _ in group]
@@ -127,8 +148,9 @@ class ExperienceMaker:
             t0 = time.perf_counter()
             queries = [Query(g.sample.id, g.sample.images, g.sample.question, g.sample.answer) for g in groups]
             result = self.ivr.run(queries, on_policy)
-            rectified = result.rectified
             metrics.update(result.metrics)
+            rectified, refused = refuse_vision_tokens(result.rectified, self.banned, lambda r: r.token_ids)
+            metrics["rollout/vision_token_refused"] = metrics.get("rollout/vision_token_refused", 0) + refused
             metrics["time/ivr"] = time.perf_counter() - t0
         if self.ivr is not None:
             mixed = mixed_groups(on_policy, rectified, cfg.algorithm.adv_eps, cfg.algorithm.normalize_by_std)

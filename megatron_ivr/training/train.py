@@ -27,6 +27,7 @@ from megatron_ivr.data import DataError, ImageRules, read_dataset
 from megatron_ivr.data.sample import BadSample
 from megatron_ivr.model_providers.lifetime import exit_with_parent, under_torchrun
 from megatron_ivr.models.processor import MERGE_SIZE, PATCH_SIZE, check_model_family, load_processor, model_family
+from megatron_ivr.models.tokenizer import vision_token_ids
 from megatron_ivr.prompts import prompt_length, render_prompt, sample_prompt
 from megatron_ivr.training.checkpoint import Checkpointer
 from megatron_ivr.training.loop import Progress, run_job
@@ -223,7 +224,8 @@ class RlJob:
             self.data_metrics = dataset.metrics("data/train")
             self.engine, transport, names = _engine(cfg, processor)
             self.reward_fn = RewardFunction(cfg.reward)
-            self.maker = ExperienceMaker(cfg, self.engine, self.reward_fn, dataset.samples)
+            self.maker = ExperienceMaker(cfg, self.engine, self.reward_fn, dataset.samples,
+                                         vision_token_ids(processor.tokenizer))
         per_stage = _per_stage_sync(cfg)
         if per_stage:
             transport = _stage_transport(cfg, self.engine, transport)
@@ -254,9 +256,16 @@ class RlJob:
         experience = broadcast_experience(self.maker.make(step) if self.rank == 0 else None)
         if offload:
             self.engine.release_memory()  # colocated: the GPUs are the trainer's until the sync
-        if not experience.trajectories:
-            raise RuntimeError(f"step {step}: the engine returned no usable responses")
         metrics = dict(experience.metrics)
+        if not experience.trajectories:  # every response refused (stale, vision tokens) or none came back
+            logger.warning("step %d: no usable response (%s): no update this step", step,
+                           {k: v for k, v in metrics.items() if k.startswith("rollout/")})
+            metrics["optim/updated"] = 0.0
+            if offload:
+                self.engine.resume_memory()
+            if self.engine is not None:
+                self.engine.set_weight_version(step)  # the weights are unchanged: the engine already serves them
+            return metrics
         metrics.update(self.rl_step(experience, step))
         t0 = time.perf_counter()
         if offload:

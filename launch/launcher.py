@@ -127,7 +127,7 @@ def _local_servers(cfg: RunConfig):
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     python = sglang_python(Path.cwd()) or cfg.launch.sglang_python
-    specs = [replace(spec, python=python, host="127.0.0.1") for spec in server_specs(cfg, device)]
+    specs = [replace(spec, python=python) for spec in server_specs(cfg, device)]  # bind: launch.server_host
     print(f"[launch] starting {len(specs)} SGLang server(s) with {python}", flush=True)
     manager = ServerManager(specs, startup_timeout_s=cfg.launch.server_startup_timeout_s).start()
     rollout = replace(cfg.rollout, server_urls=manager.urls, weight_transport="tensor")

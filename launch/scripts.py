@@ -51,7 +51,7 @@ def server_specs(cfg: RunConfig, device: str) -> list[ServerSpec]:
         if launch.server_mem_fraction is not None:
             extra = ["--mem-fraction-static", str(launch.server_mem_fraction)] + extra
     return [ServerSpec(model_path=cfg.model.path, port=launch.server_port + i, host=launch.server_host,
-                       device=device, api_key=None, extra_args=extra, python=launch.sglang_python,
+                       device=device, api_key=cfg.rollout.api_key, extra_args=extra, python=launch.sglang_python,
                        max_total_tokens=8192 if device == "cpu" else None)
             for i in range(launch.servers_per_node)]
 

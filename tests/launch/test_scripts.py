@@ -156,3 +156,13 @@ def test_colocated_script_trains_and_a_sigterm_requeues_then_resumes(colocated_c
     assert "resumed from" in output
     assert sorted(step_records(run_dir / "logs")) == [1, 2, 3]
     assert (run_dir / "checkpoints" / "FINISHED").exists()
+
+
+def test_server_specs_bind_as_configured_and_carry_the_key():
+    from megatron_ivr.launch.scripts import server_specs
+
+    default = server_specs(_cfg(), "cpu")[0]
+    assert default.host == "127.0.0.1" and default.api_key is None  # loopback unless configured
+    spec = server_specs(_cfg("launch.server_host=0.0.0.0", "rollout.api_key=k3y"), "cpu")[0]
+    assert spec.host == "0.0.0.0" and spec.api_key == "k3y" and "k3y" not in " ".join(spec.command())
+    assert spec.environment()["MEGATRON_IVR_API_KEY"] == "k3y"

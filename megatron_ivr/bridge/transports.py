@@ -122,13 +122,14 @@ class DiskTransport:
 
     def finish(self, version: int) -> None:
         from megatron_ivr.model_providers.hf_checkpoint import write_hf_folder
+        from megatron_ivr.model_providers.output_dir import output_kind
 
         out = write_hf_folder(self._pending, self.directory / f"step_{version:08d}", self.source)
         self._pending = []
         self.client.call_all("/update_weights_from_disk", {"model_path": str(out), "weight_version": str(version),
                                                            "flush_cache": True})
-        old = sorted(self.directory.glob("step_*"))[:-self.keep] if self.keep else []
-        for folder in old:
+        ours = sorted(f for f in self.directory.glob("step_*") if output_kind(f) == "hf")  # only what it wrote
+        for folder in ours[:-self.keep] if self.keep else []:
             shutil.rmtree(folder, ignore_errors=True)
 
 

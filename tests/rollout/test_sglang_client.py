@@ -19,6 +19,10 @@ from tests.rollout.fake_sglang import FakeSGLang
 
 
 class Tokenizer:
+    def get_vocab(self):  # Qwen's ids of the vision placeholders, and two ordinary tokens
+        return {"<|vision_start|>": 151652, "<|vision_end|>": 151653, "<|vision_pad|>": 151654,
+                "<|image_pad|>": 151655, "<|video_pad|>": 151656, "a": 64, "<|box_start|>": 151648}
+
     def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
         content = messages[0]["content"]
         pads = "".join("<|vision_start|><|image_pad|><|vision_end|>" for c in content if c["type"] == "image")
@@ -48,6 +52,9 @@ def test_generate_spreads_requests_and_parses_results(servers):
     assert len(generate) == 6 and all(len(s.requests) > 0 for s in servers)  # both servers used
     first = next(b for b in generate if b["rid"].startswith("q0-"))
     assert first["image_data"][0].startswith("data:image/png;base64,")
+    # every request removes the vision placeholders from sampling, and only them
+    assert all(b["sampling_params"]["logit_bias"] == {str(i): -1.0e9 for i in range(151652, 151657)}
+               for b in generate)
     assert first["text"].count("<|image_pad|>") == 1 and first["return_logprob"] is True
     assert len({b["rid"] for b in generate}) == 6  # every sample its own request id
     assert sorted(b["sampling_params"]["sampling_seed"] for b in generate) == [7, 7, 8, 8, 9, 9]
@@ -127,7 +134,8 @@ def test_memory_release_goes_to_gpu_servers_only(servers, device, expected):
     that call (measured with 0.5.23), so CPU servers are asked once and then left alone."""
     for server in servers:
         server.device = device
-    engine = SGLangEngine(SGLangClient([s.url for s in servers], api_key="secret"), tokenizer=None)
+    engine = SGLangEngine(SGLangClient([s.url for s in servers], api_key="secret"), tokenizer=None,
+                          mask_vision_tokens=False)
     for _ in range(2):
         engine.release_memory()
         engine.resume_memory()

@@ -62,8 +62,11 @@ def server_greedy(engine, image, max_new_tokens=12):
                            SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))[0][0]
 
 
-def engine_for(server, path, **kwargs):
-    return SGLangEngine(SGLangClient(server.urls, **kwargs), load_processor(path).tokenizer)
+def engine_for(server, path, mask_vision_tokens=False, **kwargs):
+    """An engine without the vision-token mask by default: the parity tests compare with the
+    full-vocabulary distribution (the mask's own effect is tested below)."""
+    return SGLangEngine(SGLangClient(server.urls, **kwargs), load_processor(path).tokenizer,
+                        mask_vision_tokens=mask_vision_tokens)
 
 
 def test_generation_with_images_matches_transformers(server, tiny_models):
@@ -113,6 +116,28 @@ def test_sampled_logprobs_are_of_the_tempered_distribution_before_top_p(server, 
     probs = full.exp().sort(-1, descending=True).values
     nucleus_mass = (probs * ((probs.cumsum(-1) - probs) < 0.5)).sum(-1)
     assert (got - (taken - nucleus_mass.log())).abs().max() > 1e-2  # renormalized log-probs would differ
+
+
+def test_the_server_removes_vision_tokens_from_sampling(server, tiny_models):
+    """With the mask (the default), every request's logit_bias removes the vision placeholders:
+    the reported log-prob of each sampled token is the full-vocabulary one renormalized
+    without them, log p - log(1 - p_vision), which on a random tiny model (p_vision ~ 1e-2)
+    is measurably different from log p. So the server applied exactly that mask."""
+    from megatron_ivr.models.tokenizer import vision_token_ids
+
+    path = tiny_models["qwen2_5_vl"]
+    engine = engine_for(server, path, mask_vision_tokens=True)
+    completion = engine.generate([GenerationRequest("How many objects?", [scene()], "masked")],
+                                 SamplingParams(max_new_tokens=16, temperature=1.0, seed=5))[0][0]
+    engine.client.close()
+    banned = vision_token_ids(load_processor(path).tokenizer)
+    assert len(completion.token_ids) >= 4 and not set(banned) & set(completion.token_ids)
+    full = tempered_logprobs(path, scene(), completion.token_ids, 1.0)
+    taken = full.gather(-1, torch.tensor(completion.token_ids)[:, None])[:, 0]
+    p_vision = full[:, banned].exp().sum(-1)
+    got = torch.tensor(completion.logprobs)
+    assert (got - (taken - torch.log1p(-p_vision))).abs().max() <= 1e-4
+    assert (got - taken).abs().max() > 1e-3  # without the mask they would be equal
 
 
 @pytest.mark.parametrize("transport, version, layout", [

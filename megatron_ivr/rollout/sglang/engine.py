@@ -13,6 +13,7 @@ import logging
 import uuid
 from typing import Optional
 
+from megatron_ivr.models.tokenizer import vision_token_ids
 from megatron_ivr.prompts import chat_prompt
 from megatron_ivr.rollout.engine import Completion, GenerationRequest, SamplingParams
 from megatron_ivr.rollout.sglang.client import SGLangClient
@@ -33,10 +34,22 @@ def parse_version(value) -> int:
         return 0
 
 
+# SGLang's logit_bias takes finite JSON numbers: this one makes a token's probability exactly 0
+# in float32 and bfloat16 logits alike
+BANNED_BIAS = -1.0e9
+
+
 class SGLangEngine:
-    def __init__(self, client: SGLangClient, tokenizer, weight_version: int = 0):
+    def __init__(self, client: SGLangClient, tokenizer, weight_version: int = 0, mask_vision_tokens: bool = True):
+        """``mask_vision_tokens``: every request carries a ``logit_bias`` that removes the vision
+        placeholders (``models/tokenizer.py``) from sampling. SGLang applies it before its
+        log-softmax, so the reported log-probs are of the distribution without them (they
+        differ from the full-vocabulary ones by ``log(1 - p_vision)``: negligible for a trained
+        policy; docs/rollout.md)."""
         self.client = client
         self.tokenizer = tokenizer
+        self.logit_bias = ({str(i): BANNED_BIAS for i in vision_token_ids(tokenizer)} if mask_vision_tokens
+                           else None)
         self._weight_version = weight_version
         self._on_gpu: Optional[bool] = None  # asked once, at the first memory release
 
@@ -52,6 +65,8 @@ class SGLangEngine:
                   "top_p": sampling.top_p, "top_k": sampling.top_k, "n": 1}
         if sampling.stop:
             params["stop"] = list(sampling.stop)
+        if self.logit_bias:
+            params["logit_bias"] = self.logit_bias
         if sampling.seed is not None:
             params["sampling_seed"] = sampling.seed + sample
         payload = {"text": self.prompt_text(request), "sampling_params": params, "return_logprob": True,

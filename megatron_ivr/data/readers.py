@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -187,8 +187,10 @@ def row_to_sample(row: dict, rules: ImageRules, root: Optional[Path], default_id
 
 def read_dataset(path: str | Path, rules: ImageRules | None = None, max_bad_fraction: float = 0.05,
                  image_root: str | Path | None = None, limit: int | None = None,
-                 allow_outside_root: bool = False) -> LoadedDataset:
-    """Read and validate a dataset file; see the module docstring for the rules."""
+                 allow_outside_root: bool = False, check: Optional[Callable[[Sample], Optional[str]]] = None
+                 ) -> LoadedDataset:
+    """Read and validate a dataset file; see the module docstring for the rules. ``check``: a
+    further rule of the caller's (``sample -> reason or None``; the trainer's prompt length)."""
     path = Path(path)
     try:
         regular_file(path, "dataset file")
@@ -200,7 +202,11 @@ def read_dataset(path: str | Path, rules: ImageRules | None = None, max_bad_frac
     for row in iter_rows(path):
         default_id = f"{path.stem}:{row.get('__row__')}"
         try:
-            result.samples.append(row_to_sample(row, rules, root, default_id, allow_outside_root))
+            sample = row_to_sample(row, rules, root, default_id, allow_outside_root)
+            reason = check(sample) if check is not None else None
+            if reason is not None:
+                raise ValueError(reason)
+            result.samples.append(sample)
         except ValueError as exc:
             bad = BadSample(id=str(row.get("id", default_id)), reason=str(exc), source=str(path))
             logger.warning("skipping bad sample %s in %s: %s", bad.id, path, bad.reason)

@@ -23,8 +23,7 @@ import torch
 
 from megatron_ivr.config.loader import config_to_dict
 from megatron_ivr.config.schema import RunConfig
-from megatron_ivr.data import DataError, ImageRules, read_dataset
-from megatron_ivr.data.sample import BadSample
+from megatron_ivr.data import ImageRules, read_dataset
 from megatron_ivr.model_providers.lifetime import exit_with_parent, under_torchrun
 from megatron_ivr.models.processor import MERGE_SIZE, PATCH_SIZE, check_model_family, load_processor, model_family
 from megatron_ivr.models.tokenizer import vision_token_ids
@@ -76,24 +75,14 @@ def _read(cfg: RunConfig, path: str, model_path: str, processor, prompt_of):
     family = model_family(model_path)
     rules = ImageRules(PATCH_SIZE[family] * MERGE_SIZE, cfg.data.min_pixels, cfg.data.max_pixels,
                        cfg.data.max_source_pixels)
-    dataset = read_dataset(path, rules, cfg.data.max_bad_fraction, cfg.data.image_root,
-                           allow_outside_root=cfg.data.allow_outside_root)
-    kept, limit = [], cfg.data.max_prompt_tokens
-    for sample in dataset.samples:
+
+    def prompt_too_long(sample) -> str | None:
         length = prompt_length(processor, prompt_of(sample), [image.size for image in sample.images], rules.factor)
-        if length <= limit:
-            kept.append(sample)
-            continue
-        bad = BadSample(id=sample.id, reason=f"prompt of {length} tokens > data.max_prompt_tokens={limit}",
-                        source=str(path))
-        logger.warning("skipping bad sample %s in %s: %s", bad.id, path, bad.reason)
-        dataset.bad.append(bad)
-    dataset.samples = kept
-    if not kept or dataset.bad_fraction > cfg.data.max_bad_fraction:
-        raise DataError(f"{path}: {len(dataset.bad)} of {dataset.total} samples are bad ({dataset.bad_fraction:.1%} > "
-                        f"data.max_bad_fraction={cfg.data.max_bad_fraction:.1%}); first: "
-                        + "; ".join(f"{b.id}: {b.reason}" for b in dataset.bad[:3]))
-    return dataset
+        limit = cfg.data.max_prompt_tokens
+        return f"prompt of {length} tokens > data.max_prompt_tokens={limit}" if length > limit else None
+
+    return read_dataset(path, rules, cfg.data.max_bad_fraction, cfg.data.image_root,
+                        allow_outside_root=cfg.data.allow_outside_root, check=prompt_too_long)
 
 
 def _check_export(out_dir: str, key: str, source: str, run_dirs: list) -> None:

@@ -35,3 +35,12 @@ def test_image_layout_matches_the_launcher():
     assert users and users[-1] not in ("root", "0")  # processes run unprivileged
     for package in ("megatron_ivr", "model_providers", "launch", "configs"):
         assert f"COPY {package} ./{package}" in text
+
+
+def test_the_image_installs_the_wheel_as_users_do():
+    """The image installs the wheel built from its source (what tests/test_wheel.py installs and
+    runs), never the source tree in place or editable: that path once shipped without the trainer."""
+    text = DOCKERFILE.read_text()
+    assert re.search(r"pip wheel --no-deps --wheel-dir (\S+) \.", text)
+    assert re.search(r"pip install \"\$\(ls /tmp/dist/megatron_ivr-\*\.whl\)\[launch\]\"", text)
+    assert not re.search(r"pip install (-e )?[\"']?\.(\[|[\"' ]|$)", text, flags=re.M)

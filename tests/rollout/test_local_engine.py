@@ -138,7 +138,9 @@ def test_decode_loop_samples_what_transformers_generate_samples(tiny_models, fam
     positions) gives the tokens of transformers' ``generate`` on the same rows (one prefill per
     row, its default cache and positions), greedy and sampled under the same seed, and their
     log-probs within 1e-5: images of different sizes, a text-only prompt left-padded in the
-    batch."""
+    batch. Both suppress the vision placeholder tokens (which a random model samples)."""
+    from transformers import LogitsProcessorList, SuppressTokensLogitsProcessor
+
     from megatron_ivr.prompts import chat_prompt
     from megatron_ivr.rollout.local import _sampler
 
@@ -155,7 +157,9 @@ def test_decode_loop_samples_what_transformers_generate_samples(tiny_models, fam
                                   padding=True)
         torch.manual_seed(sampling.seed or 0)
         with torch.inference_mode():
-            out = engine.model.generate(**inputs, do_sample=False, logits_processor=_sampler(sampling),
+            suppress = SuppressTokensLogitsProcessor(engine.banned_token_ids.tolist())
+            out = engine.model.generate(**inputs, do_sample=False,
+                                        logits_processor=LogitsProcessorList([suppress, *_sampler(sampling)]),
                                         max_new_tokens=sampling.max_new_tokens, pad_token_id=engine.pad_token_id,
                                         eos_token_id=engine.eos_token_id, output_logits=True,
                                         return_dict_in_generate=True)

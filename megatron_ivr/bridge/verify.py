@@ -36,6 +36,7 @@ class LogprobProbe:
         import torch.distributed as dist
 
         from megatron_ivr.model_providers.qwen_vl import causal_mask
+        from megatron_ivr.models.tokenizer import vision_token_ids
         from megatron_ivr.training.batching import ScoredSequence, build_model_batch
         from megatron_ivr.training.logprobs import forward_logprobs
 
@@ -54,7 +55,8 @@ class LogprobProbe:
         batch = build_model_batch(self.processor, self.model.family, self.model.hf_config,
                                   [ScoredSequence(self.prompt, [image], ids)])
         with torch.no_grad():
-            record = forward_logprobs(self.model, [batch], causal_mask)[0]
+            record = forward_logprobs(self.model, [batch], causal_mask,  # the engines' distribution: no vision tokens
+                                      banned_token_ids=tuple(vision_token_ids(self.processor.tokenizer)))[0]
         if dist.get_rank() != 0:
             return 0.0
         trainer = record["logprobs"][0].cpu()[batch.loss_mask[0].bool()]

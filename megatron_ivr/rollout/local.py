@@ -166,10 +166,11 @@ class LocalEngine:
         is transformers' generate's: the text position (the prompt's tokens counted, padding
         skipped) plus the row's MRoPE offset (``rope_deltas``), on all three MRoPE axes.
         Finished rows are fed padding until every row has finished, as transformers does.
-        Vision placeholder tokens are never chosen (``models/tokenizer.py::VISION_TOKENS``).
-        Returns the tokens ``[B, T]`` and their log-probs ``[B, T]`` under ``logits / temperature``
-        (the raw logits when greedy): the full-vocabulary distribution the trainer scores, as
-        with top-p."""
+        Vision placeholder tokens are never chosen (``models/tokenizer.py::VISION_TOKENS``): they
+        are not part of the distribution. Returns the tokens ``[B, T]`` and their log-probs
+        ``[B, T]`` under ``logits / temperature`` without them (the raw logits when greedy), before
+        top-k/top-p: the distribution the trainer scores (``training/logprobs.py::tempered``) and
+        SGLang reports."""
         base, batch = self.model.model, mask.shape[0]
         processors = _sampler(sampling)
         scale = sampling.temperature if sampling.temperature > 0 else 1.0
@@ -186,7 +187,7 @@ class LocalEngine:
             token = (processors(None, allowed) if processors else allowed).argmax(-1)
             token = token.masked_fill(finished, self.pad_token_id)
             tokens.append(token)
-            logprobs.append((logits / scale).log_softmax(-1).gather(-1, token[:, None])[:, 0])
+            logprobs.append((allowed / scale).log_softmax(-1).gather(-1, token[:, None])[:, 0])
             finished |= token == self.eos_token_id
             if finished.all():
                 break

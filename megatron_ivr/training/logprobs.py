@@ -101,9 +101,10 @@ def vocab_parallel_entropy(logits: torch.Tensor) -> torch.Tensor:
     return sums[0].log() - sums[1] / sums[0]
 
 
-def _loss_for_logprobs(batch: ModelBatch, with_entropy: bool, temperature: float, output: torch.Tensor):
+def _loss_for_logprobs(batch: ModelBatch, with_entropy: bool, temperature: float, banned: tuple,
+                       output: torch.Tensor):
     record = {}
-    output = tempered(output, temperature)
+    output = tempered(output, temperature, banned)
     if with_entropy:  # before the log-probs, which consume the logits
         record["entropy"] = vocab_parallel_entropy(output) * batch.loss_mask
     logp = vocab_parallel_logprobs(output, batch.targets) * batch.loss_mask
@@ -112,21 +113,39 @@ def _loss_for_logprobs(batch: ModelBatch, with_entropy: bool, temperature: float
     return total, record
 
 
-def tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``logits / T``: the distribution the rollouts were sampled from (spec 2's pi_theta at
-    the sampling temperature, as verl and slime score it; SGLang's returned log-probs are of
-    it too). ``T = 1`` returns the logits themselves."""
-    return logits if temperature == 1.0 else logits / temperature
+# a removed token's logit: exp() of it is 0, and 0 * it is 0 (not NaN, as with -inf, in the entropy)
+REMOVED_LOGIT = -1.0e30
+
+
+def tempered(logits: torch.Tensor, temperature: float, banned_token_ids: tuple = ()) -> torch.Tensor:
+    """The distribution the rollouts were sampled from, as vocab-parallel logits: ``logits / T``
+    (spec 2's pi_theta at the sampling temperature, as verl and slime score it) with the tokens
+    the engines never sample removed (the vision placeholders, ``models/tokenizer.py``: their
+    logits become ``REMOVED_LOGIT`` on the shard that holds them), which is what SGLang reports
+    log-probs of and what the local engine samples from. ``T = 1`` and nothing removed returns
+    the logits themselves."""
+    logits = logits if temperature == 1.0 else logits / temperature
+    if not banned_token_ids:
+        return logits
+    from megatron.core import parallel_state as ps
+
+    shard = logits.shape[-1]
+    start = ps.get_tensor_model_parallel_rank() * shard
+    local = [i - start for i in banned_token_ids if start <= i < start + shard]
+    if not local:
+        return logits
+    return logits.float().index_fill(-1, torch.tensor(local, device=logits.device), REMOVED_LOGIT)
 
 
 def forward_logprobs(model, batches: list[ModelBatch], attention_mask_fn, with_entropy: bool = False,
-                     loss_fn=None, forward_only: bool = True, temperature: float = 1.0) -> list[dict]:
+                     loss_fn=None, forward_only: bool = True, temperature: float = 1.0,
+                     banned_token_ids: tuple = ()) -> list[dict]:
     """Run ``batches`` through the model (one micro-batch each) with megatron's schedule,
     on the trainer's device; ``attention_mask_fn(seq_length, device=...)`` gives the mask of
     a batch without its own (``causal_mask``).
 
     ``loss_fn(batch, logits) -> (loss, record)`` defaults to the negative summed log-prob
-    under ``logits / temperature`` (:func:`tempered`);
+    under ``logits / temperature`` without ``banned_token_ids`` (:func:`tempered`);
     with ``forward_only=False`` gradients accumulate into the parameters. Returns, on every
     rank, one record per micro-batch (``logprobs`` ``[B, S]`` and, if asked, ``entropy``),
     broadcast from the last pipeline stage.
@@ -144,7 +163,8 @@ def forward_logprobs(model, batches: list[ModelBatch], attention_mask_fn, with_e
 
     seq_length = max(b.input_ids.shape[1] for b in batches)
     custom = loss_fn is not None
-    loss_fn = loss_fn or (lambda batch, output: _loss_for_logprobs(batch, with_entropy, temperature, output))
+    loss_fn = loss_fn or (lambda batch, output: _loss_for_logprobs(batch, with_entropy, temperature,
+                                                                   tuple(banned_token_ids), output))
     records = get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=iterator, model=[model], num_microbatches=len(batches),
         seq_length=seq_length, micro_batch_size=batches[0].input_ids.shape[0], forward_only=forward_only)

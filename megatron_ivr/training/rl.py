@@ -38,6 +38,7 @@ from megatron_ivr.algorithms.losses import LossConfig, rl_loss
 from megatron_ivr.algorithms.vicra import distort_batch, prob_diff_scores, psi
 from megatron_ivr.config.schema import RunConfig
 from megatron_ivr.model_providers.qwen_vl import token_alignment, transformer_engine_available
+from megatron_ivr.models.tokenizer import vision_token_ids
 from megatron_ivr.training.batching import (
     Packing,
     PromptCache,
@@ -120,6 +121,7 @@ class RlStep:
         self.cfg, self.policy, self.processor, self.reference = cfg, policy, processor, reference
         self.loss_cfg = LossConfig.from_config(cfg.algorithm)
         self.temperature = cfg.rollout.temperature  # the trajectories' sampling temperature (> 0)
+        self.banned = tuple(vision_token_ids(processor.tokenizer))  # never sampled: not in the distribution
         self.token_alignment = token_alignment(cfg.parallel.fp8)  # rows padded to a multiple (FP8 GEMMs)
 
     # --- batches --------------------------------------------------------------------------
@@ -205,7 +207,8 @@ class RlStep:
             if micro.no_image is not None:
                 sweep.append(micro.no_image)
         records = iter(forward_logprobs(self.policy.forward_model, sweep, causal_mask, with_entropy=not on_policy,
-                                        temperature=self.temperature) if sweep else [])
+                                        temperature=self.temperature, banned_token_ids=self.banned)
+                       if sweep else [])
         for micro in micros:
             if not on_policy:
                 record = next(records)
@@ -216,7 +219,7 @@ class RlStep:
                 micro.finish(old_logp, entropy)
         if self.reference is not None:
             ref = forward_logprobs(self.reference.model, [m.batch for m in micros], causal_mask,
-                                   temperature=self.temperature)
+                                   temperature=self.temperature, banned_token_ids=self.banned)
             for micro, record in zip(micros, ref):
                 micro.ref_logp = micro.batch.responses(record["logprobs"])
         return time.perf_counter() - t0
@@ -235,7 +238,7 @@ class RlStep:
 
         def loss_fn(batch, logits):
             micro = by_batch[id(batch)]
-            logits = tempered(logits, self.temperature)
+            logits = tempered(logits, self.temperature, self.banned)
             if micro.old_logp is None:  # on-policy: this forward is the old policy's (entropy first:
                 entropy = batch.responses(vocab_parallel_entropy(logits))  # the log-probs reuse the logits)
             logp = batch.responses(vocab_parallel_logprobs(logits, batch.targets))

@@ -13,23 +13,23 @@ from megatron_ivr.rollout.local import LocalEngine
 
 
 def teacher_forced_logprobs(engine, request, token_ids):
-    """The model's log-probs of ``token_ids`` after the prompt, in one forward pass. A sampled
-    token may be the image placeholder id, which transformers' forward would count as an image
-    position: the pass then stops there (the log-probs up to that token included)."""
+    """The model's log-probs of ``token_ids`` after the prompt, in one forward pass, in the
+    distribution the engine samples from: the vision placeholder tokens removed (the engine
+    never samples one, so the continuation is plain text)."""
     processor = engine.processor
     text = processor.apply_chat_template(chat_messages(request.text, len(request.images)), tokenize=False,
                                          add_generation_prompt=True)
     inputs = processor(text=[text], images=request.images or None, return_tensors="pt")
-    image_id = engine.model.config.image_token_id
-    cut = token_ids.index(image_id) if image_id in token_ids else len(token_ids)
-    targets = torch.tensor(token_ids[:cut + 1])
-    ids = torch.cat([inputs["input_ids"], torch.tensor([token_ids[:cut]], dtype=torch.long)], 1)
+    assert not set(engine.banned_token_ids.tolist()) & set(token_ids)
+    targets = torch.tensor(token_ids)
+    ids = torch.cat([inputs["input_ids"], targets[None]], 1)
     extra = {k: v for k, v in inputs.items() if k in ("pixel_values", "image_grid_thw")}
-    mm = torch.cat([inputs["mm_token_type_ids"], torch.zeros(1, cut, dtype=torch.long)], 1)
+    mm = torch.cat([inputs["mm_token_type_ids"], torch.zeros(1, len(token_ids), dtype=torch.long)], 1)
     with torch.no_grad():
         logits = engine.model(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=mm, **extra).logits
     prompt_length = inputs["input_ids"].shape[1]
-    logp = logits[0, prompt_length - 1:prompt_length - 1 + len(targets)].log_softmax(-1)
+    logits = logits[0, prompt_length - 1:prompt_length - 1 + len(targets)]
+    logp = logits.index_fill(-1, engine.banned_token_ids, float("-inf")).log_softmax(-1)
     return logp.gather(-1, targets[:, None])[:, 0]
 
 
@@ -164,9 +164,11 @@ def test_decode_loop_samples_what_transformers_generate_samples(tiny_models, fam
                                         eos_token_id=engine.eos_token_id, output_logits=True,
                                         return_dict_in_generate=True)
         tokens = out.sequences[:, inputs["input_ids"].shape[1]:]
-        # the log-probs of the distribution sampled from (before top-p): logits / T, raw when greedy
+        # the log-probs of the distribution sampled from (before top-p): logits / T without the vision
+        # tokens, raw when greedy
         scale = sampling.temperature or 1.0
-        logprobs = (torch.stack(out.logits, 1).float() / scale).log_softmax(-1).gather(-1, tokens[..., None])[..., 0]
+        logits = torch.stack(out.logits, 1).float().index_fill(-1, engine.banned_token_ids, float("-inf"))
+        logprobs = (logits / scale).log_softmax(-1).gather(-1, tokens[..., None])[..., 0]
         for completion, row, row_logprobs in zip(got, tokens.tolist(), logprobs):
             want = row[:row.index(engine.eos_token_id) + 1] if engine.eos_token_id in row else row
             assert completion.token_ids == want

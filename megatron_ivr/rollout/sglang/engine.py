@@ -43,9 +43,8 @@ class SGLangEngine:
     def __init__(self, client: SGLangClient, tokenizer, weight_version: int = 0, mask_vision_tokens: bool = True):
         """``mask_vision_tokens``: every request carries a ``logit_bias`` that removes the vision
         placeholders (``models/tokenizer.py``) from sampling. SGLang applies it before its
-        log-softmax, so the reported log-probs are of the distribution without them (they
-        differ from the full-vocabulary ones by ``log(1 - p_vision)``: negligible for a trained
-        policy; docs/rollout.md)."""
+        log-softmax, so the reported log-probs are of the distribution without them: the one
+        the local engine samples from and the trainer scores (``training/logprobs.py::tempered``)."""
         self.client = client
         self.tokenizer = tokenizer
         self.logit_bias = ({str(i): BANNED_BIAS for i in vision_token_ids(tokenizer)} if mask_vision_tokens

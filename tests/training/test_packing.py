@@ -253,9 +253,9 @@ def test_fp8_rows_are_padded_to_the_token_alignment(tiny_models, parallel):
     from megatron_ivr.training.rl import RlStep
 
     assert (token_alignment(None), token_alignment("delayed"), token_alignment("blockwise")) == (1, 16, 16)
-    assert RlStep(load_config(None, ["parallel.fp8=delayed"]), None, None).token_alignment == 16
-    assert RlStep(load_config(None, []), None, None).token_alignment == 1
     model, hf_config, provider, processor = _model(tiny_models["qwen2_5_vl"])
+    assert RlStep(load_config(None, ["parallel.fp8=delayed"]), None, processor).token_alignment == 16
+    assert RlStep(load_config(None, []), None, processor).token_alignment == 1
     prompts = PromptCache(processor)
     encoded = [encode(prompts, item) for item in mixed_items()]
     pad = processor.tokenizer.pad_token_id

@@ -124,17 +124,20 @@ def tempered(logits: torch.Tensor, temperature: float, banned_token_ids: tuple =
     logits become ``REMOVED_LOGIT`` on the shard that holds them), which is what SGLang reports
     log-probs of and what the local engine samples from. ``T = 1`` and nothing removed returns
     the logits themselves."""
-    logits = logits if temperature == 1.0 else logits / temperature
     if not banned_token_ids:
-        return logits
+        return logits if temperature == 1.0 else logits / temperature
     from megatron.core import parallel_state as ps
 
     shard = logits.shape[-1]
     start = ps.get_tensor_model_parallel_rank() * shard
     local = [i - start for i in banned_token_ids if start <= i < start + shard]
-    if not local:
-        return logits
-    return logits.float().index_fill(-1, torch.tensor(local, device=logits.device), REMOVED_LOGIT)
+    # float32 first (the log-prob kernels would copy a bf16 tensor anyway), then in place: no
+    # extra vocabulary-sized copy (the output layer's backward does not need its output)
+    logits = logits.float()
+    logits = logits if temperature == 1.0 else logits / temperature
+    if local:
+        logits.index_fill_(-1, torch.tensor(local, device=logits.device), REMOVED_LOGIT)
+    return logits
 
 
 def forward_logprobs(model, batches: list[ModelBatch], attention_mask_fn, with_entropy: bool = False,

@@ -84,8 +84,9 @@ def check_output(out: str | Path, kind: str, *, overwrite: bool = False, sources
         if any(out.iterdir()):
             found = output_kind(out)
             if found is None:
-                raise OutputRefused(f"{key}: {out} exists, is not empty and was not written by megatron-ivr: it is "
-                                    f"left as it is; choose a new folder", key=key)
+                raise OutputRefused(f"{key}: {out} exists, is not empty and was not written by megatron-ivr (no "
+                                    f"{MARKER}; outputs of releases before 2026-12 have none): it is left as it "
+                                    f"is; move it aside yourself or choose a new folder", key=key)
             if found != kind:
                 raise OutputRefused(f"{key}: {out} holds a {found} output, not a {kind} one: it is left as it is",
                                     key=key)

@@ -29,9 +29,10 @@ from pathlib import Path
 
 import torch
 
+from megatron_ivr.config.errors import ConfigError
 from megatron_ivr.model_providers.lifetime import exit_with_parent
 from megatron_ivr.model_providers.manifest import CheckpointRefused, require_verified, write_manifest
-from megatron_ivr.model_providers.output_dir import OutputRefused, check_output, discard, publish, staging_dir
+from megatron_ivr.model_providers.output_dir import check_output, discard, publish, staging_dir
 
 META_NAME = "megatron_ivr.json"
 
@@ -124,22 +125,22 @@ def _megatron_to_hf_rank(ckpt_dir: str, out_dir: str, tp: int, pp: int, max_shar
     dist.barrier()
 
 
-def check_layout(tp: int, pp: int, dtype: str = "float32", writers: int = 1) -> None:
-    """Range checks of the layout arguments (before anything is read or written)."""
+def check_arguments(tp: int, pp: int, dtype: str = "float32", writers: int = 1) -> None:
+    """Range checks of the converter's arguments (before anything is read or written)."""
     from megatron_ivr.model_providers.build import DTYPES
 
     for name, value in (("--tp", tp), ("--pp", pp), ("--writers", writers)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise OutputRefused(f"{name} must be an integer >= 1, got {value!r}", key=name)
+            raise ConfigError(f"{name} must be an integer >= 1, got {value!r}", key=name)
     if dtype not in DTYPES:
-        raise OutputRefused(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}", key="--dtype")
+        raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}", key="--dtype")
 
 
 def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, tp: int = 1, pp: int = 1, dtype: str = "float32",
                    writers: int = 4, overwrite: bool = False) -> Path:
     from megatron_ivr.model_providers.hf_checkpoint import SIDE_FILES, HFCheckpoint
 
-    check_layout(tp, pp, dtype, writers)
+    check_arguments(tp, pp, dtype, writers)
     hf_dir = Path(hf_dir)
     HFCheckpoint(hf_dir)  # SRC is an HF folder (FileNotFoundError names what is missing)
     out_dir = check_output(out_dir, "megatron", overwrite=overwrite, sources=[hf_dir])
@@ -160,7 +161,7 @@ def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, tp: int = 1, pp: int
 
 def megatron_to_hf(ckpt_dir: str | Path, out_dir: str | Path, tp: int = 1, pp: int = 1,
                    max_shard_bytes: int = 2 * 1024**3, overwrite: bool = False) -> Path:
-    check_layout(tp, pp)
+    check_arguments(tp, pp)
     ckpt_dir = Path(ckpt_dir)
     if not (ckpt_dir / META_NAME).is_file():
         raise CheckpointRefused(f"{ckpt_dir}: not a megatron-ivr checkpoint (no {META_NAME}): nothing was loaded")

@@ -61,6 +61,17 @@ def gather_digests(folder: Path, names: list[str]) -> dict[str, str]:
     return {name: digest for part in parts for name, digest in part.items()}
 
 
+def content_problem_collectively(folder: Path) -> Optional[str]:
+    """Collective: every rank checks its share of the hashes (:func:`content_problem`); every
+    rank gets the first problem found, or None."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    problems: list = [None] * world
+    dist.all_gather_object(problems, content_problem(folder, (dist.get_rank(), world)))
+    return next((problem for problem in problems if problem is not None), None)
+
+
 def write_manifest(folder: Path, digests: Optional[dict[str, str]] = None, **extra) -> None:
     """Write ``COMPLETE`` listing every file of ``folder`` (``digests`` precomputed by the ranks,
     any missing one computed here). Call it last."""

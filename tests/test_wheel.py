@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -21,6 +22,7 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+SOURCES = ("setup.py", "pyproject.toml", "README.md", "megatron_ivr", "model_providers", "launch")
 
 
 def _run(command: list, cwd: Path, env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -34,21 +36,32 @@ def test_wheel_installs_and_trains_outside_the_repository(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "RANK", "WORLD_SIZE", "LOCAL_RANK",
                                                                    "MASTER_"))}
     env["OMP_NUM_THREADS"] = "1"
+    # the files the Dockerfile copies, copied here: the build writes build/ and *.egg-info beside
+    # its sources, and a stale build/lib in the checkout could carry a deleted module into the wheel
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in SOURCES:
+        if (REPO / name).is_dir():
+            shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(REPO / name, source / name)
     dist = tmp_path / "dist"
     # the build backend of this environment when it has one (fast, offline); else pip's isolated build
     isolation = [] if importlib.util.find_spec("setuptools") is None else ["--no-build-isolation"]
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation, "-q", "-w", dist, REPO], cwd=tmp_path, env=env)
+    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation, "-q", "-w", dist, source], cwd=tmp_path,
+         env=env)
     (wheel,) = dist.glob("megatron_ivr-*.whl")
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
     tops = {name.split("/")[0] for name in names}
     dist_info = {top for top in tops if top.endswith(".dist-info")}
     assert tops - dist_info == {"megatron_ivr"} and len(dist_info) == 1, tops  # nothing generic at the top
-    # every module of the source trees the CLI can reach is in the wheel
-    for tree, installed in (("megatron_ivr", "megatron_ivr"), ("model_providers", "megatron_ivr/model_providers"),
-                            ("launch", "megatron_ivr/launch")):
-        for source in (REPO / tree).rglob("*.py"):
-            assert f"{installed}/{source.relative_to(REPO / tree).as_posix()}" in names, source
+    # every module of the source trees the CLI can reach is in the wheel, and nothing else
+    trees = (("megatron_ivr", "megatron_ivr"), ("model_providers", "megatron_ivr/model_providers"),
+             ("launch", "megatron_ivr/launch"))
+    expected = {f"{installed}/{module.relative_to(REPO / tree).as_posix()}" for tree, installed in trees
+                for module in (REPO / tree).rglob("*.py") if "__pycache__" not in module.parts}
+    assert expected == {name for name in names if name.endswith(".py")}
 
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", venv], cwd=tmp_path, env=env)

@@ -40,7 +40,7 @@ from megatron_ivr.model_providers.lifetime import manager_initializer
 from megatron_ivr.model_providers.manifest import (
     MANIFEST,
     CheckpointRefused,
-    content_problem,
+    content_problem_collectively,
     gather_digests,
     listed_files,
     size_problem,
@@ -64,26 +64,16 @@ def is_complete(folder: Path) -> bool:
     return problem is None
 
 
-def verify_collectively(folder: Path) -> Optional[str]:
-    """Collective: the ranks check the manifest's hashes, each its share; the first problem."""
-    import torch.distributed as dist
-
-    world = dist.get_world_size()
-    problems: list = [None] * world
-    dist.all_gather_object(problems, content_problem(folder, (dist.get_rank(), world)))
-    return next((problem for problem in problems if problem is not None), None)
+def step_folders(root: str | Path) -> list[tuple[int, Path]]:
+    """``(step, folder)`` of every ``step_NNNNNNNN`` folder under ``root``, oldest first."""
+    root = Path(root)
+    return sorted((int(m.group(1)), child) for child in (root.iterdir() if root.is_dir() else ())
+                  if (m := _STEP_DIR.match(child.name)))
 
 
 def complete_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
-    """``(step, folder)`` of every complete, undamaged checkpoint under ``root``, oldest first."""
-    root = Path(root)
-    found = []
-    if root.is_dir():
-        for child in root.iterdir():
-            match = _STEP_DIR.match(child.name)
-            if match and is_complete(child):
-                found.append((int(match.group(1)), child))
-    return sorted(found)
+    """``(step, folder)`` of every complete checkpoint under ``root`` (sizes checked), oldest first."""
+    return [(step, folder) for step, folder in step_folders(root) if is_complete(folder)]
 
 
 def rng_state() -> dict:
@@ -208,18 +198,13 @@ class Checkpointer:
         self.keep_last = max(1, keep_last)
         self.source_dir = source_dir  # the HF folder the policy came from (config, tokenizer, processor)
 
-    def newest(self) -> Optional[tuple[int, Path]]:
-        found = complete_checkpoints(self.root)
-        return found[-1] if found else None
-
     def newest_verified(self, report=print) -> Optional[tuple[int, Path]]:
         """Collective: the newest checkpoint whose files match their manifest in content
         (SHA-256), checked before anything in it is unpickled; ``report`` tells of each one
         passed over. None when there is no checkpoint; an error when none passes."""
-        candidates = sorted((int(m.group(1)), child) for child in (self.root.iterdir() if self.root.is_dir() else ())
-                            if (m := _STEP_DIR.match(child.name)) and (child / COMPLETE).exists())
+        candidates = [(step, folder) for step, folder in step_folders(self.root) if (folder / COMPLETE).exists()]
         for step, folder in reversed(candidates):
-            problem = verify_collectively(folder)
+            problem = content_problem_collectively(folder)
             if problem is None:
                 return step, folder
             report(f"[checkpoint] {folder} fails its manifest ({problem}): not loaded; trying the previous one")

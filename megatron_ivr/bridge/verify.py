@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from megatron_ivr.bridge.bridge import WeightSyncError
+from megatron_ivr.models.tokenizer import vision_token_ids
 from megatron_ivr.rollout.engine import GenerationRequest, SamplingParams
 
 
@@ -30,13 +31,13 @@ class LogprobProbe:
                  tolerance: float = 1e-3):
         self.model, self.processor, self.engine = model, processor, engine
         self.prompt, self.max_new_tokens, self.tolerance = prompt, max_new_tokens, tolerance
+        self.banned = tuple(vision_token_ids(processor.tokenizer))  # the engines' distribution has none
         self.last_max_diff = None
 
     def __call__(self) -> float:
         import torch.distributed as dist
 
         from megatron_ivr.model_providers.qwen_vl import causal_mask
-        from megatron_ivr.models.tokenizer import vision_token_ids
         from megatron_ivr.training.batching import ScoredSequence, build_model_batch
         from megatron_ivr.training.logprobs import forward_logprobs
 
@@ -55,8 +56,7 @@ class LogprobProbe:
         batch = build_model_batch(self.processor, self.model.family, self.model.hf_config,
                                   [ScoredSequence(self.prompt, [image], ids)])
         with torch.no_grad():
-            record = forward_logprobs(self.model, [batch], causal_mask,  # the engines' distribution: no vision tokens
-                                      banned_token_ids=tuple(vision_token_ids(self.processor.tokenizer)))[0]
+            record = forward_logprobs(self.model, [batch], causal_mask, banned_token_ids=self.banned)[0]
         if dist.get_rank() != 0:
             return 0.0
         trainer = record["logprobs"][0].cpu()[batch.loss_mask[0].bool()]

@@ -17,10 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import LogitsProcessorList, SuppressTokensLogitsProcessor
 
 from megatron_ivr.bridge.verify import probe_image
 from megatron_ivr.models.processor import load_processor
 from megatron_ivr.models.tiny import load_model
+from megatron_ivr.models.tokenizer import vision_token_ids
 from megatron_ivr.prompts import chat_messages
 from megatron_ivr.rollout import GenerationRequest, SamplingParams
 from megatron_ivr.rollout.sglang.client import SGLangClient
@@ -44,16 +46,25 @@ def server(tiny_models, tmp_path_factory):
     manager.shutdown()
 
 
+def banned_ids(path):
+    return vision_token_ids(load_processor(path).tokenizer)
+
+
 def hf_greedy(path, image, max_new_tokens=12):
+    """transformers' greedy continuation and its log-probs, in the engines' distribution: the
+    vision placeholder tokens removed (a random tiny model gives them about 1% of the mass)."""
     processor, model = load_processor(path), load_model(path).eval()
     text = processor.apply_chat_template(chat_messages("How many objects?", 1), tokenize=False,
                                          add_generation_prompt=True)
     inputs = processor(text=[text], images=[image], return_tensors="pt")
+    banned = banned_ids(path)
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, output_logits=True,
-                             return_dict_in_generate=True)
+                             return_dict_in_generate=True,
+                             logits_processor=LogitsProcessorList([SuppressTokensLogitsProcessor(banned)]))
     tokens = out.sequences[0, inputs["input_ids"].shape[1]:]
-    logprobs = torch.stack(out.logits, 1)[0].log_softmax(-1).gather(-1, tokens[:, None])[:, 0]
+    logits = torch.stack(out.logits, 1)[0].float().index_fill(-1, torch.tensor(banned), float("-inf"))
+    logprobs = logits.log_softmax(-1).gather(-1, tokens[:, None])[:, 0]
     return tokens.tolist(), logprobs
 
 
@@ -62,9 +73,10 @@ def server_greedy(engine, image, max_new_tokens=12):
                            SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))[0][0]
 
 
-def engine_for(server, path, mask_vision_tokens=False, **kwargs):
-    """An engine without the vision-token mask by default: the parity tests compare with the
-    full-vocabulary distribution (the mask's own effect is tested below)."""
+def engine_for(server, path, mask_vision_tokens=True, **kwargs):
+    """An engine as the trainer makes it: the vision placeholder tokens masked (an unmasked one
+    can sample ``<|image_pad|>`` from a random tiny model, and then no teacher-forced forward of
+    the response is possible: the verl #7038 failure)."""
     return SGLangEngine(SGLangClient(server.urls, **kwargs), load_processor(path).tokenizer,
                         mask_vision_tokens=mask_vision_tokens)
 
@@ -79,9 +91,10 @@ def test_generation_with_images_matches_transformers(server, tiny_models):
     assert (torch.tensor(completion.logprobs) - logprobs[:len(completion.logprobs)]).abs().max() <= 1e-4
 
 
-def tempered_logprobs(path, image, token_ids, temperature):
-    """log softmax(logits / T) over the whole vocabulary at each of ``token_ids``, teacher-forced
-    in transformers after the probe question's prompt: [len(token_ids), vocab]."""
+def tempered_logprobs(path, image, token_ids, temperature, banned=()):
+    """log softmax(logits / T) over the whole vocabulary (without ``banned``) at each of
+    ``token_ids``, teacher-forced in transformers after the probe question's prompt:
+    [len(token_ids), vocab]."""
     processor, model = load_processor(path), load_model(path).eval()
     text = processor.apply_chat_template(chat_messages("How many objects?", 1), tokenize=False,
                                          add_generation_prompt=True)
@@ -94,13 +107,15 @@ def tempered_logprobs(path, image, token_ids, temperature):
     inputs["input_ids"] = torch.cat([inputs["input_ids"], continuation], 1)
     with torch.no_grad():
         logits = model(**inputs).logits[0, prompt_length - 1:-1].float()
+    if banned:
+        logits = logits.index_fill(-1, torch.tensor(list(banned)), float("-inf"))
     return (logits / temperature).log_softmax(-1)
 
 
 def test_sampled_logprobs_are_of_the_tempered_distribution_before_top_p(server, tiny_models):
     """At T = 0.8 and top_p = 0.5 the server reports log softmax(logits / T) of each sampled
-    token over the whole vocabulary (SGLANG_RETURN_ORIGINAL_LOGPROB=0, which the server manager
-    pins), not renormalized over the top-p set: the same distribution the local engine
+    token over the whole vocabulary less the vision tokens (SGLANG_RETURN_ORIGINAL_LOGPROB=0,
+    which the server manager pins), not renormalized over the top-p set: the same distribution the local engine
     reports and the trainer scores, so the TIS weight compares like with like."""
     path = tiny_models["qwen2_5_vl"]
     engine = engine_for(server, path)
@@ -108,7 +123,7 @@ def test_sampled_logprobs_are_of_the_tempered_distribution_before_top_p(server, 
                                  SamplingParams(max_new_tokens=16, temperature=0.8, top_p=0.5, seed=3))[0][0]
     engine.client.close()
     assert len(completion.token_ids) >= 4
-    full = tempered_logprobs(path, scene(), completion.token_ids, 0.8)
+    full = tempered_logprobs(path, scene(), completion.token_ids, 0.8, banned_ids(path))
     got = torch.tensor(completion.logprobs)
     taken = full.gather(-1, torch.tensor(completion.token_ids)[:, None])[:, 0]
     assert (got - taken).abs().max() <= 1e-4
@@ -123,14 +138,12 @@ def test_the_server_removes_vision_tokens_from_sampling(server, tiny_models):
     the reported log-prob of each sampled token is the full-vocabulary one renormalized
     without them, log p - log(1 - p_vision), which on a random tiny model (p_vision ~ 1e-2)
     is measurably different from log p. So the server applied exactly that mask."""
-    from megatron_ivr.models.tokenizer import vision_token_ids
-
     path = tiny_models["qwen2_5_vl"]
-    engine = engine_for(server, path, mask_vision_tokens=True)
+    engine = engine_for(server, path)
     completion = engine.generate([GenerationRequest("How many objects?", [scene()], "masked")],
                                  SamplingParams(max_new_tokens=16, temperature=1.0, seed=5))[0][0]
     engine.client.close()
-    banned = vision_token_ids(load_processor(path).tokenizer)
+    banned = banned_ids(path)
     assert len(completion.token_ids) >= 4 and not set(banned) & set(completion.token_ids)
     full = tempered_logprobs(path, scene(), completion.token_ids, 1.0)
     taken = full.gather(-1, torch.tensor(completion.token_ids)[:, None])[:, 0]

@@ -194,8 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "existing non-empty one only with --overwrite, and only if it is an earlier "
                                      "output of the same kind; never SRC, inside it or above it")
     convert.add_argument("--overwrite", action="store_true",
-                         help="replace OUT if it holds an earlier output of the same kind (old one renamed aside, new "
-                              "one renamed in, then the old one deleted)")
+                         help="replace OUT if it holds an earlier output of the same kind (the new one swapped in "
+                              "atomically, then the old one deleted)")
     convert.add_argument("--tp", type=int, default=1, help="tensor-parallel size (processes = tp * pp)")
     convert.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
     convert.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],

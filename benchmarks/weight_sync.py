@@ -50,7 +50,7 @@ def main() -> None:
     from megatron_ivr.bridge.buckets import bucketize
     from megatron_ivr.model_providers.build import build_model, iter_hf_weights, load_hf_weights
     from megatron_ivr.model_providers.hf_checkpoint import HFCheckpoint
-    from megatron_ivr.training.parallel import ParallelLayout, destroy_parallel, init_parallel
+    from megatron_ivr.model_providers.parallel import ParallelLayout, destroy_parallel, init_parallel
 
     init_parallel(ParallelLayout())
     with tempfile.TemporaryDirectory(dir=".") as tmp:

@@ -59,7 +59,7 @@ def worker(rank: int, world: int, port: int, model_dir: str, repeats: int, out: 
     from megatron_ivr.bridge.bridge import WeightBridge
     from megatron_ivr.model_providers.build import build_model, is_stage_leader, load_hf_weights
     from megatron_ivr.model_providers.hf_checkpoint import HFCheckpoint
-    from megatron_ivr.training.parallel import ParallelLayout, destroy_parallel, init_parallel
+    from megatron_ivr.model_providers.parallel import ParallelLayout, destroy_parallel, init_parallel
 
     init_parallel(ParallelLayout(1, world))
     checkpoint = HFCheckpoint(model_dir)
@@ -90,7 +90,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     from benchmarks.convert import make_model
-    from megatron_ivr.training.parallel import free_port
+    from megatron_ivr.model_providers.parallel import free_port
 
     with tempfile.TemporaryDirectory(dir=".") as tmp:
         make_model(Path(tmp) / "m", 8, 1024)

@@ -26,6 +26,7 @@ from typing import Optional
 from megatron_ivr.config import ConfigError, dump_config
 from megatron_ivr.config.schema import RunConfig
 from megatron_ivr.launch.scripts import render_node_script, server_specs
+from megatron_ivr.rollout.sglang.server import ServerManager, sglang_python
 
 MODES = ("local", "slurm", "docker")
 
@@ -122,8 +123,6 @@ def _local_servers(cfg: RunConfig):
     if cfg.rollout.backend != "sglang" or cfg.rollout.server_urls:
         return None, cfg
     import torch
-
-    from megatron_ivr.rollout.sglang.server import ServerManager, sglang_python
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     python = sglang_python(Path.cwd()) or cfg.launch.sglang_python

@@ -21,6 +21,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from megatron_ivr.config import load_config
+from megatron_ivr.metrics import read_metrics
+
 # arm -> overrides on top of the config (the algorithm section is set completely by each arm)
 _OFF = ["algorithm.vicra.enabled=false", "algorithm.ivr.enabled=false", "algorithm.dynamic_sampling=false",
         "algorithm.overlong_shaping=false"]
@@ -84,8 +87,6 @@ def run_arm(config: str, overrides: list[str], arm: str, seed: int, out: Path) -
         policy = str(folder / "hf")
     _run(_cli("eval", "-c", config, *overrides, f"model.path={policy}", f"logging.dir={folder / 'eval'}",
               "eval.split=test"), log)
-    from megatron_ivr.metrics import read_metrics
-
     summary = [r for r in read_metrics(folder / "eval" / "metrics.jsonl") if "eval/test/accuracy" in r][-1]
     summary["seconds"] = time.time() - start
     summary_file.write_text(json.dumps(summary))
@@ -93,8 +94,6 @@ def run_arm(config: str, overrides: list[str], arm: str, seed: int, out: Path) -
 
 
 def _model_path(config: str, overrides: list[str]) -> str:
-    from megatron_ivr.config import load_config
-
     return load_config(config, overrides).model.path
 
 

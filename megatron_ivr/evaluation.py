@@ -27,7 +27,9 @@ import torch
 
 from megatron_ivr.config.schema import RunConfig
 from megatron_ivr.data import ImageRules, read_dataset
+from megatron_ivr.data.benchmarks import read_benchmark
 from megatron_ivr.metrics import MetricsWriter
+from megatron_ivr.model_providers.convert import META_NAME, megatron_to_hf
 from megatron_ivr.models.processor import MERGE_SIZE, PATCH_SIZE, check_model_family, load_processor, model_family
 from megatron_ivr.prompts import render_prompt
 from megatron_ivr.rewards import RewardFunction
@@ -47,8 +49,6 @@ def split_path(cfg: RunConfig, split: str) -> str:
 def resolve_policy(model_path: str, work_dir: Path) -> str:
     """An HF folder for ``model_path``: itself, or a Megatron checkpoint converted once into
     ``work_dir/policy_hf`` (exact: the converters round-trip bit for bit)."""
-    from megatron_ivr.model_providers.convert import META_NAME, megatron_to_hf
-
     path = Path(model_path)
     source = next((p for p in (path, path / "dist") if (p / META_NAME).exists()), None)
     if source is None:
@@ -100,8 +100,6 @@ def _suites(cfg: RunConfig, rules: ImageRules):
                                            cfg.data.image_root, limit=cfg.eval.max_samples,
                                            allow_outside_root=cfg.data.allow_outside_root)
         return
-    from megatron_ivr.data.benchmarks import read_benchmark
-
     for name, path in cfg.eval.benchmarks.items():
         yield name, read_benchmark(name, path, rules, limit=cfg.eval.max_samples,
                                    max_bad_fraction=cfg.data.max_bad_fraction)

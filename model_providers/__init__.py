@@ -1,20 +1,11 @@
-"""Megatron-Core model providers: one module per model family, plus the shared pieces.
+"""The Megatron runtime: everything that runs a Qwen-VL policy on Megatron-Core and knows no RL.
 
-``get_provider(family)`` returns the family's :class:`~megatron_ivr.model_providers.qwen_vl.QwenVLFamily`,
-which knows how to build the Megatron module from a Hugging Face config and owns the
-family's state-dict adapter.
+Process groups and the CPU platform layer (``parallel``, ``platform``), layout checks
+(``layout``), the model and its families (``qwen_vl``, ``families``, ``rope``,
+``block_attention``), HF <-> Megatron names and shards (``state_dict_adapter``,
+``hf_checkpoint``), build, load and gather (``build``), converters (``convert``), batching
+(``batching``), log-prob passes (``logprobs``), the optimizer and its step (``optimizer``), a
+rank's policy (``policy``), checkpoints (``checkpoint``, ``manifest``) and the output folders
+that lose nothing (``output_dir``). Installed as ``megatron_ivr.model_providers``; see
+docs/architecture.md.
 """
-
-from __future__ import annotations
-
-
-def get_provider(family: str):
-    if family == "qwen2_5_vl":
-        from megatron_ivr.model_providers.qwen2_5_vl import QWEN2_5_VL
-
-        return QWEN2_5_VL
-    if family == "qwen3_vl":
-        from megatron_ivr.model_providers.qwen3_vl import QWEN3_VL
-
-        return QWEN3_VL
-    raise ValueError(f"unknown model family {family!r}; choose qwen2_5_vl or qwen3_vl")

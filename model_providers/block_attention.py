@@ -1,6 +1,6 @@
 """Attention over packed rows, computed block by block instead of over the whole row.
 
-A packed row (``megatron_ivr.training.batching``) holds units: a shared prefix (a group's
+A packed row (``megatron_ivr.model_providers.batching``) holds units: a shared prefix (a group's
 prompt) followed by branches (its responses), each branch seeing the prefix and itself. A
 dense ``[B, 1, S, S]`` mask expresses that, but a fused attention kernel still computes every
 query against every key of the row, and most of those pairs are masked: a group of G

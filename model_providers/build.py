@@ -7,9 +7,12 @@ from collections.abc import Iterator
 from typing import Optional
 
 import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
 
-from megatron_ivr.model_providers import get_provider
+from megatron_ivr.model_providers.families import get_provider
 from megatron_ivr.model_providers.hf_checkpoint import HFCheckpoint
+from megatron_ivr.model_providers.parallel import device as trainer_device
 from megatron_ivr.model_providers.qwen_vl import QwenVLModel, layer_spec
 from megatron_ivr.model_providers.state_dict_adapter import (
     ConversionError,
@@ -28,8 +31,6 @@ def build_model(hf_config, dtype: torch.dtype = torch.float32, fp8: Optional[str
     """This rank's stage of the model, for the TP/PP groups already initialized; on the GPU
     when one is available (``on_gpu=False``: built and initialized on the CPU, or on the meta
     device inside ``torch.device("meta")``)."""
-    from megatron.core import parallel_state as ps
-
     family = get_provider(hf_config.model_type)
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
     on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
@@ -60,8 +61,6 @@ def build_empty_model(hf_config, dtype: torch.dtype = torch.float32) -> QwenVLMo
     device (no initialization and none of megatron's CPU-init copies), then given real,
     empty storage. For converters, which fill every parameter from a checkpoint and never
     run the model: buffers (rotary frequencies) are left uninitialized too."""
-    from megatron_ivr.training.parallel import device as trainer_device
-
     with torch.device("meta"):  # megatron's GPU initialization names its device: initialize "on the CPU"
         model = build_model(hf_config, dtype=dtype, on_gpu=False)
     device = trainer_device()
@@ -90,8 +89,6 @@ def load_hf_weights(model: QwenVLModel, checkpoint: HFCheckpoint, progress=None)
     """Copy this rank's shards of every parameter from the HF checkpoint. Every model
     parameter must be filled; a shape mismatch names the tensor and both shapes.
     ``progress(message)`` is called about every 10% of the tensors."""
-    from megatron.core import parallel_state as ps
-
     adapter = adapter_for(model, detect_key_style(checkpoint.names()))
     tp_rank, tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
     offset = model.layer_offset()
@@ -114,8 +111,6 @@ def load_hf_weights(model: QwenVLModel, checkpoint: HFCheckpoint, progress=None)
 @torch.no_grad()
 def iter_canonical(model: QwenVLModel) -> Iterator[tuple[str, torch.Tensor]]:
     """This stage's full (TP-gathered) tensors under canonical names; TP-collective."""
-    from megatron.core import parallel_state as ps
-
     group, size = ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_world_size()
     offset = model.layer_offset()
     for local_name, param in model.named_parameters():
@@ -128,8 +123,6 @@ def iter_stage_hf_weights(model: QwenVLModel, key_style: str = "legacy") -> Iter
     """This pipeline stage's weights as HF ``(name, tensor)`` pairs, yielded on the stage's
     leader (TP rank 0 of data-parallel rank 0); the stage's other TP ranks take part in the
     gathers and yield nothing, data-parallel replicas do nothing. Collective within the stage."""
-    from megatron.core import parallel_state as ps
-
     if ps.get_data_parallel_rank() != 0:
         return
     adapter = adapter_for(model, key_style)
@@ -142,8 +135,6 @@ def iter_stage_hf_weights(model: QwenVLModel, key_style: str = "legacy") -> Iter
 
 def is_stage_leader() -> bool:
     """Whether this rank yields its stage's weights in :func:`iter_stage_hf_weights`."""
-    from megatron.core import parallel_state as ps
-
     return ps.get_data_parallel_rank() == 0 and ps.get_tensor_model_parallel_rank() == 0
 
 
@@ -156,11 +147,6 @@ def iter_hf_weights(model: QwenVLModel, key_style: str = "legacy") -> Iterator[t
     every rank must exhaust the iterator (it is collective). Memory: one full tensor at a
     time. Data-parallel replicas (same weights) take no part.
     """
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
-    from megatron_ivr.training.parallel import device as trainer_device
-
     if ps.get_data_parallel_rank() != 0:
         return
     ranks = dist.get_process_group_ranks(ps.get_pipeline_model_parallel_group())
@@ -194,7 +180,5 @@ def iter_hf_weights(model: QwenVLModel, key_style: str = "legacy") -> Iterator[t
 def gather_hf_weights(model: QwenVLModel, key_style: str = "legacy") -> Optional[dict[str, torch.Tensor]]:
     """Every HF tensor of the whole model on global rank 0 (None elsewhere); collective.
     For checkpoints and tests: the weight bridge consumes :func:`iter_hf_weights` as a stream."""
-    import torch.distributed as dist
-
     pairs = {name: tensor.cpu() for name, tensor in iter_hf_weights(model, key_style)}
     return dict(sorted(pairs.items())) if dist.get_rank() == 0 else None

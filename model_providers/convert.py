@@ -28,11 +28,17 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 
 from megatron_ivr.config.errors import ConfigError
+from megatron_ivr.model_providers.build import DTYPES, build_empty_model, gather_hf_weights, load_hf_weights
+from megatron_ivr.model_providers.hf_checkpoint import SIDE_FILES, HFCheckpoint, write_hf_folder
 from megatron_ivr.model_providers.lifetime import exit_with_parent
 from megatron_ivr.model_providers.manifest import CheckpointRefused, require_verified, write_manifest
 from megatron_ivr.model_providers.output_dir import check_output, discard, publish, staging_dir
+from megatron_ivr.model_providers.parallel import ParallelLayout, destroy_parallel, free_port, init_parallel
 
 META_NAME = "megatron_ivr.json"
 
@@ -51,8 +57,6 @@ def _worker(rank: int, world: int, port: int, job: str, args: dict, parent: int 
 
 def _launch(job: str, world: int, args: dict) -> None:
     """Run ``job`` on ``world`` ranks: in this process when world == 1, else spawned."""
-    from megatron_ivr.training.parallel import free_port
-
     if world == 1 and not torch.distributed.is_initialized():
         _worker(0, 1, free_port(), job, args)
         _teardown()
@@ -62,8 +66,6 @@ def _launch(job: str, world: int, args: dict) -> None:
 
 
 def _teardown() -> None:
-    from megatron_ivr.training.parallel import destroy_parallel
-
     destroy_parallel()
 
 
@@ -73,14 +75,6 @@ def _log(message: str) -> None:
 
 
 def _hf_to_megatron_rank(hf_dir: str, tmp_dir: str, tp: int, pp: int, dtype: str, writers: int) -> None:
-    import torch.distributed as dist
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
-
-    from megatron_ivr.model_providers.build import DTYPES, build_empty_model, load_hf_weights
-    from megatron_ivr.model_providers.hf_checkpoint import HFCheckpoint
-    from megatron_ivr.training.parallel import ParallelLayout, init_parallel
-
     init_parallel(ParallelLayout(tp, pp))
     checkpoint = HFCheckpoint(hf_dir)
     start = time.time()
@@ -100,13 +94,7 @@ def _hf_to_megatron_rank(hf_dir: str, tmp_dir: str, tp: int, pp: int, dtype: str
 
 def _megatron_to_hf_rank(ckpt_dir: str, out_dir: str, tp: int, pp: int, max_shard_bytes: int,
                          overwrite: bool) -> None:
-    import torch.distributed as dist
-    from megatron.core import dist_checkpointing
     from transformers import AutoConfig
-
-    from megatron_ivr.model_providers.build import DTYPES, build_empty_model, gather_hf_weights
-    from megatron_ivr.model_providers.hf_checkpoint import write_hf_folder
-    from megatron_ivr.training.parallel import ParallelLayout, init_parallel
 
     init_parallel(ParallelLayout(tp, pp))
     meta = json.loads((Path(ckpt_dir) / META_NAME).read_text())
@@ -127,8 +115,6 @@ def _megatron_to_hf_rank(ckpt_dir: str, out_dir: str, tp: int, pp: int, max_shar
 
 def check_arguments(tp: int, pp: int, dtype: str = "float32", writers: int = 1) -> None:
     """Range checks of the converter's arguments (before anything is read or written)."""
-    from megatron_ivr.model_providers.build import DTYPES
-
     for name, value in (("--tp", tp), ("--pp", pp), ("--writers", writers)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name} must be an integer >= 1, got {value!r}", key=name)
@@ -138,8 +124,6 @@ def check_arguments(tp: int, pp: int, dtype: str = "float32", writers: int = 1) 
 
 def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, tp: int = 1, pp: int = 1, dtype: str = "float32",
                    writers: int = 4, overwrite: bool = False) -> Path:
-    from megatron_ivr.model_providers.hf_checkpoint import SIDE_FILES, HFCheckpoint
-
     check_arguments(tp, pp, dtype, writers)
     hf_dir = Path(hf_dir)
     HFCheckpoint(hf_dir)  # SRC is an HF folder (FileNotFoundError names what is missing)

@@ -23,6 +23,8 @@ import json
 from pathlib import Path
 from typing import Optional
 
+import torch.distributed as dist
+
 MANIFEST = "COMPLETE"
 _SKIP = {MANIFEST, ".megatron-ivr-output.json"}  # the output marker (output_dir.MARKER) is written after
 _CHUNK = 8 * 1024 * 1024
@@ -53,8 +55,6 @@ def hash_files(folder: Path, names: list[str], share: tuple[int, int] = (0, 1)) 
 
 def gather_digests(folder: Path, names: list[str]) -> dict[str, str]:
     """Collective: every rank hashes its share; every rank gets all digests."""
-    import torch.distributed as dist
-
     world = dist.get_world_size()
     parts: list = [None] * world
     dist.all_gather_object(parts, hash_files(folder, names, (dist.get_rank(), world)))
@@ -64,8 +64,6 @@ def gather_digests(folder: Path, names: list[str]) -> dict[str, str]:
 def content_problem_collectively(folder: Path) -> Optional[str]:
     """Collective: every rank checks its share of the hashes (:func:`content_problem`); every
     rank gets the first problem found, or None."""
-    import torch.distributed as dist
-
     world = dist.get_world_size()
     problems: list = [None] * world
     dist.all_gather_object(problems, content_problem(folder, (dist.get_rank(), world)))

@@ -24,8 +24,20 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from megatron.core.enums import Fp8Recipe, ModelType
+from megatron.core.fp8_utils import get_fp8_align_size
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.module import MegatronModule
 from torch import nn
 
+from megatron_ivr.model_providers.block_attention import BlockMask, block_attention
 from megatron_ivr.model_providers.rope import QwenMRoPE
 
 
@@ -52,8 +64,6 @@ class QwenVLFamily:
         """megatron-core ``TransformerConfig`` of the language decoder (see the mapping in
         docs/models.md). ``random_init=False`` skips drawing random weights that a checkpoint
         load overwrites anyway (megatron still allocates and tags the TP shards)."""
-        from megatron.core.transformer import TransformerConfig
-
         text = self.language_config(hf_config)
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         kwargs = dict(
@@ -96,11 +106,6 @@ def _import_model_class(family: str, name: str):
 
 def layer_spec(config, use_transformer_engine: Optional[bool] = None):
     """Transformer Engine layers when TE is importable (FP8-capable), the local spec otherwise."""
-    from megatron.core.models.gpt.gpt_layer_specs import (
-        get_gpt_layer_local_spec,
-        get_gpt_layer_with_transformer_engine_spec,
-    )
-
     if use_transformer_engine is None:
         use_transformer_engine = transformer_engine_available()
     if use_transformer_engine:
@@ -116,10 +121,6 @@ def _sdpa_attention_class():
     baddbmm + masked fill (-10000) + softmax + bmm over a materialized ``[B, h, S, S]``. A
     :class:`~megatron_ivr.model_providers.block_attention.BlockMask` (packed rows) is computed block by
     block; megatron's own path gets its dense mask."""
-    from megatron.core.transformer.dot_product_attention import DotProductAttention
-
-    from megatron_ivr.model_providers.block_attention import BlockMask, block_attention
-
     class SdpaDotProductAttention(DotProductAttention):
         def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                     packed_seq_params=None):
@@ -177,9 +178,6 @@ def token_alignment(fp8: Optional[str]) -> int:
     rows mask it or give it a sequence of its own)."""
     if fp8 is None:
         return 1
-    from megatron.core.enums import Fp8Recipe
-    from megatron.core.fp8_utils import get_fp8_align_size
-
     return get_fp8_align_size(Fp8Recipe(fp8))
 
 
@@ -194,8 +192,6 @@ def transformer_engine_available() -> bool:
 
 
 def _megatron_module():
-    from megatron.core.transformer.module import MegatronModule
-
     return MegatronModule
 
 
@@ -211,9 +207,6 @@ class QwenVLModel(_megatron_module()):
     def __init__(self, family: QwenVLFamily, hf_config, config, spec, pre_process: bool = True,
                  post_process: bool = True, vision_attn_implementation: str = "sdpa"):
         super().__init__(config=config)
-        from megatron.core.enums import ModelType
-        from megatron.core.models.gpt import GPTModel
-
         self.model_type = ModelType.encoder_or_decoder
         self.family, self.hf_config = family, hf_config
         self.pre_process, self.post_process = pre_process, post_process
@@ -331,8 +324,6 @@ def thd_params(cu_seqlens: Optional[torch.Tensor]):
     which is wrong for image tokens (the MRoPE packing bug of peers)."""
     if cu_seqlens is None:
         return None
-    from megatron.core.packed_seq_params import PackedSeqParams
-
     longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
     return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
                            max_seqlen_q=longest, max_seqlen_kv=longest)

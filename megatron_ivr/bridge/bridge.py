@@ -27,6 +27,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Optional
 
+import torch.distributed as dist
+
 from megatron_ivr.bridge.buckets import bucketize
 from megatron_ivr.model_providers.build import is_stage_leader, iter_hf_weights, iter_stage_hf_weights
 
@@ -75,8 +77,6 @@ class WeightBridge:
         return self.verify is not None and (self.syncs - 1) % self.verify_every == 0
 
     def sync(self, version: int) -> Optional[SyncReport]:
-        import torch.distributed as dist
-
         if self.per_stage:
             return self._sync_per_stage(version)
         start = time.perf_counter()
@@ -118,8 +118,6 @@ class WeightBridge:
         return due
 
     def _sync_per_stage(self, version: int) -> Optional[SyncReport]:
-        import torch.distributed as dist
-
         start = time.perf_counter()
         rank0 = dist.get_rank() == 0
         leader = is_stage_leader()

@@ -33,8 +33,12 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from torch.distributed import TCPStore
 
 from megatron_ivr.bridge.buckets import Bucket, unflatten
+from megatron_ivr.model_providers.hf_checkpoint import write_hf_folder
+from megatron_ivr.model_providers.output_dir import output_kind
+from megatron_ivr.model_providers.parallel import free_port
 
 
 class LocalTransport:
@@ -121,9 +125,6 @@ class DiskTransport:
         self._pending.extend((name, tensor.clone()) for name, tensor in unflatten(bucket))
 
     def finish(self, version: int) -> None:
-        from megatron_ivr.model_providers.hf_checkpoint import write_hf_folder
-        from megatron_ivr.model_providers.output_dir import output_kind
-
         out = write_hf_folder(self._pending, self.directory / f"step_{version:08d}", self.source)
         self._pending = []
         self.client.call_all("/update_weights_from_disk", {"model_path": str(out), "weight_version": str(version),
@@ -139,7 +140,6 @@ def init_update_group(master_address: str, master_port: int, world_size: int, gr
     ``init_custom_process_group`` builds it (a TCP store hosted here, a prefix store per group
     name). The store is created explicitly: under torchrun, torch's ``tcp://`` rendezvous
     would expect the elastic agent to host it and wait forever."""
-    from torch.distributed import TCPStore
     from torch.distributed.distributed_c10d import Backend, PrefixStore, _new_process_group_helper, _world
 
     timeout = timedelta(seconds=timeout_s)
@@ -177,8 +177,6 @@ class DistributedTransport:
 
     def __init__(self, client, master_address: str = "127.0.0.1", master_port: Optional[int] = None,
                  server_tp_size: int = 1, backend: Optional[str] = None, group_name: str = "megatron_ivr_weights"):
-        from megatron_ivr.training.parallel import free_port
-
         self.client, self.server_tp_size, self.group_name = client, server_tp_size, group_name
         self.master_address, self.master_port = master_address, master_port or free_port()
         self.backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")

@@ -12,9 +12,13 @@ syncs, on every rank.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from PIL import Image
 
 from megatron_ivr.bridge.bridge import WeightSyncError
+from megatron_ivr.model_providers.batching import ScoredSequence, build_model_batch
+from megatron_ivr.model_providers.logprobs import forward_logprobs
+from megatron_ivr.model_providers.qwen_vl import causal_mask
 from megatron_ivr.models.tokenizer import vision_token_ids
 from megatron_ivr.rollout.engine import GenerationRequest, SamplingParams
 
@@ -35,12 +39,6 @@ class LogprobProbe:
         self.last_max_diff = None
 
     def __call__(self) -> float:
-        import torch.distributed as dist
-
-        from megatron_ivr.model_providers.qwen_vl import causal_mask
-        from megatron_ivr.training.batching import ScoredSequence, build_model_batch
-        from megatron_ivr.training.logprobs import forward_logprobs
-
         image = probe_image()
         header = torch.zeros(self.max_new_tokens + 1, dtype=torch.long)
         engine_logprobs = None

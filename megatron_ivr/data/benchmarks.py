@@ -45,6 +45,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Optional
 
+from megatron_ivr.config.schema import BENCHMARK_NAMES
 from megatron_ivr.data.images import ImageError, decode_image, regular_file, resize_for_qwen
 from megatron_ivr.data.readers import DataError, ImageRules, LoadedDataset, parquet_batches
 from megatron_ivr.data.sample import BadSample, Sample
@@ -276,6 +277,9 @@ BENCHMARKS: dict[str, Callable[[dict, Path], dict]] = {
     "mathvista": mathvista, "mathverse": mathverse, "mathvision": mathvision, "mmstar": mmstar, "mmmu": mmmu,
     "mmmu_pro": mmmu, "wemath": wemath, "dynamath": dynamath, "logicvista": logicvista,
 }
+if set(BENCHMARKS) != set(BENCHMARK_NAMES):  # the names the config accepts are the names read here
+    raise ImportError(f"benchmark readers {sorted(BENCHMARKS)} != config.schema.BENCHMARK_NAMES "
+                      f"{sorted(BENCHMARK_NAMES)}")
 
 
 # --- entry -> sample ---------------------------------------------------------------------------

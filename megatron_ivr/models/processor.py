@@ -15,6 +15,8 @@ from pathlib import Path
 from transformers import Qwen2_5_VLProcessor, Qwen3VLProcessor
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from megatron_ivr.config.errors import ConfigError
+
 PATCH_SIZE = {"qwen2_5_vl": 14, "qwen3_vl": 16}
 MERGE_SIZE = 2
 
@@ -75,8 +77,6 @@ def model_family(path: str | Path) -> str:
 
 def check_model_family(family: str | None, *paths: str | Path) -> None:
     """``model.family``, when set, names the family of every model folder a command loads."""
-    from megatron_ivr.config.errors import ConfigError
-
     for path in paths:
         if family is not None and model_family(path) != family:
             raise ConfigError(f"model.family: {family} is set, but {path} holds a {model_family(path)} model",

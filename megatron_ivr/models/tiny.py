@@ -19,7 +19,7 @@ from transformers import (
 )
 
 from megatron_ivr.config.schema import TinyModelConfig
-from megatron_ivr.models.processor import PATCH_SIZE, make_processor, save_processor
+from megatron_ivr.models.processor import PATCH_SIZE, make_processor, model_family, save_processor
 
 MODEL_CLASSES = {"qwen2_5_vl": Qwen2_5_VLForConditionalGeneration, "qwen3_vl": Qwen3VLForConditionalGeneration}
 
@@ -75,6 +75,4 @@ def make_tiny_model(family: str, cfg: TinyModelConfig, tokenizer, output_dir: st
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32):
-    from megatron_ivr.models.processor import model_family
-
     return MODEL_CLASSES[model_family(path)].from_pretrained(str(path), dtype=dtype)

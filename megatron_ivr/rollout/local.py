@@ -33,6 +33,8 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from transformers.cache_utils import DynamicCache
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
+from megatron_ivr.models.processor import load_processor
+from megatron_ivr.models.tiny import load_model
 from megatron_ivr.models.tokenizer import vision_token_ids
 from megatron_ivr.prompts import chat_prompt
 from megatron_ivr.rollout.engine import Completion, GenerationRequest, SamplingParams
@@ -63,9 +65,6 @@ class LocalEngine:
 
     @classmethod
     def from_pretrained(cls, path, batch_size: int = 16) -> LocalEngine:
-        from megatron_ivr.models.processor import load_processor
-        from megatron_ivr.models.tiny import load_model
-
         return cls(load_model(path), load_processor(path), batch_size)
 
     @property
@@ -169,7 +168,7 @@ class LocalEngine:
         Vision placeholder tokens are never chosen (``models/tokenizer.py::VISION_TOKENS``): they
         are not part of the distribution. Returns the tokens ``[B, T]`` and their log-probs
         ``[B, T]`` under ``logits / temperature`` without them (the raw logits when greedy), before
-        top-k/top-p: the distribution the trainer scores (``training/logprobs.py::tempered``) and
+        top-k/top-p: the distribution the trainer scores (``model_providers/logprobs.py::tempered``) and
         SGLang reports."""
         base, batch = self.model.model, mask.shape[0]
         processors = _sampler(sampling)

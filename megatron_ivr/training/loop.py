@@ -15,8 +15,9 @@ import time
 from typing import Optional, Protocol
 
 import torch
+import torch.distributed as dist
 
-from megatron_ivr.training.checkpoint import Checkpointer
+from megatron_ivr.model_providers.checkpoint import Checkpointer
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +55,6 @@ class StopSignal:
               file=sys.stderr, flush=True)
 
     def requested(self) -> bool:
-        import torch.distributed as dist
-
         flag = torch.tensor([1.0 if self._flag else 0.0])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
@@ -100,8 +99,6 @@ def run_job(job: Job, policy, checkpointer: Checkpointer, writer, progress: Prog
             resume: bool = True) -> Optional[int]:
     """Run ``job`` from its newest complete checkpoint (or from scratch) to ``total_steps``.
     Returns the last completed step. ``writer`` (rank 0) logs the metrics; None elsewhere."""
-    import torch.distributed as dist
-
     start_step = 0
     newest = checkpointer.newest_verified(progress.message) if resume else None
     if newest is not None:

@@ -3,7 +3,7 @@
     rank 0 (controller): experience = prompts -> rollouts -> rewards -> [IVR] -> advantages
     broadcast the trajectories to every trainer rank
     every rank, its data-parallel share of the micro-batches (a group's responses share one
-    copy of their prompt and image when ``trainer.share_prompts``; see training/batching.py):
+    copy of their prompt and image when ``trainer.share_prompts``; see model_providers/batching.py):
       1. one forward-only sweep: the VICRA pass without the image (or distorted) and, when
          the step makes more than one optimizer step, the old log-probs with the image
       2. reference log-probs when beta > 0 (a frozen copy of the initial policy)
@@ -33,13 +33,13 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
 
 from megatron_ivr.algorithms.losses import LossConfig, rl_loss
 from megatron_ivr.algorithms.vicra import distort_batch, prob_diff_scores, psi
 from megatron_ivr.config.schema import RunConfig
-from megatron_ivr.model_providers.qwen_vl import token_alignment, transformer_engine_available
-from megatron_ivr.models.tokenizer import vision_token_ids
-from megatron_ivr.training.batching import (
+from megatron_ivr.model_providers.batching import (
     Packing,
     PromptCache,
     ScoredSequence,
@@ -49,6 +49,16 @@ from megatron_ivr.training.batching import (
     pad_responses,
     plan_layout,
 )
+from megatron_ivr.model_providers.logprobs import (
+    forward_logprobs,
+    tempered,
+    vocab_parallel_entropy,
+    vocab_parallel_logprobs,
+)
+from megatron_ivr.model_providers.optimizer import global_loss_scale, train_step
+from megatron_ivr.model_providers.parallel import device
+from megatron_ivr.model_providers.qwen_vl import causal_mask, token_alignment, transformer_engine_available
+from megatron_ivr.models.tokenizer import vision_token_ids
 from megatron_ivr.training.experience import Experience, Trajectory
 
 DIAGNOSTIC_SUMS = ("tokens", "entropy", "on_tokens", "abs_diff", "kl", "tis_clipped", "vg", "vg_entropy",
@@ -107,8 +117,6 @@ class MicroBatch:
 
 def broadcast_experience(experience: Optional[Experience]) -> Experience:
     """The controller's experience on every rank (images travel as PIL objects)."""
-    import torch.distributed as dist
-
     holder = [experience]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
@@ -134,10 +142,6 @@ class RlStep:
                        ) -> tuple[list[list[MicroBatch]], list[dict], dict]:
         """This rank's micro-batches per mini-batch, each mini-batch's global loss denominators,
         and batch statistics."""
-        from megatron.core import parallel_state as ps
-
-        from megatron_ivr.training.parallel import device
-
         cfg, vicra, dev = self.cfg, self.cfg.algorithm.vicra, device()
         pad_id = self.processor.tokenizer.pad_token_id
         packing = Packing.from_config(cfg.trainer, transformer_engine_available())
@@ -195,9 +199,6 @@ class RlStep:
     def _score(self, minis: list[list[MicroBatch]], on_policy: bool) -> float:
         """The forward-only sweep (old log-probs unless ``on_policy``, VICRA's pass) and the
         reference pass; finishes each micro-batch whose old log-probs are known."""
-        from megatron_ivr.model_providers.qwen_vl import causal_mask
-        from megatron_ivr.training.logprobs import forward_logprobs
-
         t0 = time.perf_counter()
         micros = [m for mini in minis for m in mini]
         sweep = []
@@ -226,13 +227,6 @@ class RlStep:
 
     # --- 3 + 4: train ---------------------------------------------------------------------
     def _train(self, mini: list[MicroBatch], totals: dict) -> dict:
-        import torch.distributed as dist
-        from megatron.core import parallel_state as ps
-
-        from megatron_ivr.model_providers.qwen_vl import causal_mask
-        from megatron_ivr.training.logprobs import tempered, vocab_parallel_entropy, vocab_parallel_logprobs
-        from megatron_ivr.training.optimizer import global_loss_scale, train_step
-
         scale = global_loss_scale(len(mini))
         by_batch = {id(m.batch): m for m in mini}
 
@@ -301,9 +295,6 @@ class RlStep:
     def _reduce_diagnostics(self, parts: list[tuple[list[float], float]]) -> dict:
         """Entropy, VICRA grounding statistics (spec 3) and the rollout/trainer mismatch (spec 2),
         from per-micro-batch sums and maxima reduced over data-parallel ranks (no per-token gather)."""
-        import torch.distributed as dist
-        from megatron.core import parallel_state as ps
-
         sums = torch.tensor([p[0] for p in parts], dtype=torch.float64).sum(0) if parts else \
             torch.zeros(len(DIAGNOSTIC_SUMS), dtype=torch.float64)
         peak = torch.tensor([max((p[1] for p in parts), default=0.0)], dtype=torch.float64)

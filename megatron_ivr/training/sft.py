@@ -14,11 +14,12 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
 
 from megatron_ivr.config.schema import RunConfig
-from megatron_ivr.model_providers.qwen_vl import token_alignment
-from megatron_ivr.prompts import sample_prompt
-from megatron_ivr.training.batching import (
+from megatron_ivr.data import DataError
+from megatron_ivr.model_providers.batching import (
     PromptCache,
     ScoredSequence,
     collate,
@@ -26,6 +27,10 @@ from megatron_ivr.training.batching import (
     padding_share,
     plan_micro_batches,
 )
+from megatron_ivr.model_providers.logprobs import vocab_parallel_logprobs
+from megatron_ivr.model_providers.optimizer import global_loss_scale, train_step
+from megatron_ivr.model_providers.qwen_vl import causal_mask, token_alignment
+from megatron_ivr.prompts import sample_prompt
 from megatron_ivr.training.sampler import EpochSampler
 
 logger = logging.getLogger(__name__)
@@ -39,8 +44,6 @@ def response_token_ids(tokenizer, text: str) -> list[int]:
 def reference_samples(cfg: RunConfig, datasets: list) -> list:
     """The samples SFT trains on: those with a reference response; none is a data error
     (checked before the model loads)."""
-    from megatron_ivr.data import DataError
-
     samples = [s for dataset in datasets for s in dataset.samples if s.reasoning]
     if not samples:
         raise DataError(f"{cfg.sft.data_paths}: no sample has a reference response (a 'reasoning' or "
@@ -75,13 +78,6 @@ class SftJob:
         self.sampler.load_state_dict(state["sampler"])
 
     def step(self, step: int) -> dict:
-        import torch.distributed as dist
-        from megatron.core import parallel_state as ps
-
-        from megatron_ivr.model_providers.qwen_vl import causal_mask
-        from megatron_ivr.training.logprobs import vocab_parallel_logprobs
-        from megatron_ivr.training.optimizer import global_loss_scale, train_step
-
         cfg, tokenizer = self.cfg, self.processor.tokenizer
         epoch = self.sampler.epoch
         indices = self.sampler.draw(cfg.sft.batch_size)

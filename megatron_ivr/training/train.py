@@ -20,18 +20,36 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
 
+from megatron_ivr.bridge.bridge import WeightBridge
+from megatron_ivr.bridge.transports import DistributedTransport, transport_by_name
+from megatron_ivr.config.errors import ConfigError
 from megatron_ivr.config.loader import config_to_dict
 from megatron_ivr.config.schema import RunConfig
 from megatron_ivr.data import ImageRules, read_dataset
+from megatron_ivr.metrics import MetricsWriter
+from megatron_ivr.model_providers.build import is_stage_leader
+from megatron_ivr.model_providers.checkpoint import Checkpointer
+from megatron_ivr.model_providers.layout import check_layout
 from megatron_ivr.model_providers.lifetime import exit_with_parent, under_torchrun
+from megatron_ivr.model_providers.optimizer import OptimizerSettings
+from megatron_ivr.model_providers.output_dir import check_output
+from megatron_ivr.model_providers.parallel import ParallelLayout, destroy_parallel, init_parallel, select_device
+from megatron_ivr.model_providers.policy import ScheduleSettings, export_hf, load_policy
+from megatron_ivr.model_providers.qwen_vl import transformer_engine_available
+from megatron_ivr.model_providers.state_dict_adapter import detect_key_style
 from megatron_ivr.models.processor import MERGE_SIZE, PATCH_SIZE, check_model_family, load_processor, model_family
 from megatron_ivr.models.tokenizer import vision_token_ids
 from megatron_ivr.prompts import prompt_length, render_prompt, sample_prompt
-from megatron_ivr.training.checkpoint import Checkpointer
+from megatron_ivr.rewards import RewardFunction
+from megatron_ivr.rollout.factory import check_engine_config, make_engine
+from megatron_ivr.rollout.sglang.client import SGLangClient
+from megatron_ivr.training.experience import ExperienceMaker
 from megatron_ivr.training.loop import Progress, run_job
-from megatron_ivr.training.optimizer import OptimizerSettings
-from megatron_ivr.training.policy import ScheduleSettings, export_hf, load_policy
+from megatron_ivr.training.rl import RlStep, broadcast_experience
+from megatron_ivr.training.sft import SftJob, reference_samples
 
 logger = logging.getLogger(__name__)
 
@@ -41,11 +59,6 @@ def _parallel(cfg: RunConfig, model_path: str):
     """Threads and process groups (the layout checked against the model first) for the
     body of a job; yields the rank. The groups are torn down however the body ends (a data
     or config error after start-up included)."""
-    import torch.distributed as dist
-
-    from megatron_ivr.training.layout import check_layout
-    from megatron_ivr.training.parallel import ParallelLayout, destroy_parallel, init_parallel, select_device
-
     if under_torchrun():  # a rank ends with its torchrun agent (SIGKILLed, it cannot stop us itself)
         exit_with_parent(os.getppid())
     select_device(cfg.trainer.device)
@@ -60,8 +73,6 @@ def _parallel(cfg: RunConfig, model_path: str):
 
 
 def _writer(cfg: RunConfig, log_dir: str, rank: int):
-    from megatron_ivr.metrics import MetricsWriter
-
     if rank != 0:
         return None
     writer = MetricsWriter(log_dir, cfg.logging.tensorboard, wandb_project=cfg.logging.wandb_project
@@ -89,14 +100,10 @@ def _check_export(out_dir: str, key: str, source: str, run_dirs: list) -> None:
     """The export folder, checked before any work: a folder megatron-ivr did not write, or one
     that is, holds or lies inside the model's source, or holds the run's checkpoints or logs, is
     refused (model_providers/output_dir.py); an earlier export of ours is replaced at the end."""
-    from megatron_ivr.model_providers.output_dir import check_output
-
     check_output(out_dir, "hf", overwrite=True, sources=[source], protected=run_dirs, key=key)
 
 
 def run_sft(cfg: RunConfig) -> int:
-    from megatron_ivr.training.sft import SftJob, reference_samples
-
     sft = cfg.sft
     out = Path(sft.output_dir)
     check_model_family(cfg.model.family, sft.init_path)
@@ -128,9 +135,6 @@ def run_sft(cfg: RunConfig) -> int:
 
 def _engine(cfg: RunConfig, processor):
     """The rollout engine and its weight transport (rank 0 only)."""
-    from megatron_ivr.bridge.transports import transport_by_name
-    from megatron_ivr.rollout.factory import make_engine
-
     engine = make_engine(cfg.rollout, cfg.model.path, processor, cfg.trainer.prompts_per_step * cfg.rollout.n)
     if cfg.rollout.backend == "local":
         return engine, transport_by_name("local", engine=engine), engine.parameter_names()
@@ -153,13 +157,6 @@ def _stage_transport(cfg: RunConfig, engine, rank0_transport):
     import os
     import socket
 
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
-    from megatron_ivr.bridge.transports import DistributedTransport
-    from megatron_ivr.model_providers.build import is_stage_leader
-    from megatron_ivr.rollout.sglang.client import SGLangClient
-
     holder = [([s.url for s in engine.client.servers], engine.client.api_key) if engine is not None else None]
     dist.broadcast_object_list(holder, src=0)  # the server manager may have picked the ports on rank 0
     urls, api_key = holder[0]
@@ -180,10 +177,6 @@ def _stage_transport(cfg: RunConfig, engine, rank0_transport):
 def _engine_key_style(names, default: str) -> str:
     """The HF naming the engine serves (the in-process transformers model uses the nested
     names; SGLang loads the checkpoint's own style); decided on rank 0, agreed by all."""
-    import torch.distributed as dist
-
-    from megatron_ivr.model_providers.state_dict_adapter import detect_key_style
-
     holder = [detect_key_style(names) if names else default]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
@@ -196,11 +189,6 @@ class RlJob:
     name = "rl"
 
     def __init__(self, cfg: RunConfig, policy, processor, reference, rank: int):
-        from megatron_ivr.bridge.bridge import WeightBridge
-        from megatron_ivr.rewards import RewardFunction
-        from megatron_ivr.training.experience import ExperienceMaker
-        from megatron_ivr.training.rl import RlStep
-
         self.cfg, self.policy, self.rank = cfg, policy, rank
         self.total_steps = cfg.trainer.steps
         self.rl_step = RlStep(cfg, policy, processor, reference)
@@ -238,8 +226,6 @@ class RlJob:
 
     def step(self, step: int) -> dict:
         import time
-
-        from megatron_ivr.training.rl import broadcast_experience
 
         offload = self.engine is not None and self.cfg.rollout.offload_during_train
         experience = broadcast_experience(self.maker.make(step) if self.rank == 0 else None)
@@ -285,10 +271,7 @@ class RlJob:
 def _check_packing(cfg: RunConfig) -> None:
     """Shared prompts need an explicit attention mask, which Transformer Engine's fused
     attention does not take; its THD format (``cu_seqlens``) packs single sequences, which is
-    what ``trainer.pack_length`` becomes on TE layers (training/batching.py)."""
-    from megatron_ivr.config.errors import ConfigError
-    from megatron_ivr.model_providers.qwen_vl import transformer_engine_available
-
+    what ``trainer.pack_length`` becomes on TE layers (model_providers/batching.py)."""
     if not transformer_engine_available():
         return
     if cfg.trainer.share_prompts:
@@ -302,8 +285,6 @@ def _check_packing(cfg: RunConfig) -> None:
 
 
 def run_rl(cfg: RunConfig) -> int:
-    from megatron_ivr.rollout.factory import check_engine_config
-
     check_engine_config(cfg.rollout)  # before minutes of model loading
     check_model_family(cfg.model.family, cfg.model.path)
     if cfg.trainer.export_dir:

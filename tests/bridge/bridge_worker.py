@@ -30,8 +30,8 @@ def main() -> None:
     from megatron_ivr.bridge.transports import LocalTransport
     from megatron_ivr.model_providers.build import build_model, gather_hf_weights, is_stage_leader, load_hf_weights
     from megatron_ivr.model_providers.hf_checkpoint import HFCheckpoint
+    from megatron_ivr.model_providers.parallel import ParallelLayout, init_parallel
     from megatron_ivr.rollout.local import LocalEngine
-    from megatron_ivr.training.parallel import ParallelLayout, init_parallel
 
     init_parallel(ParallelLayout(tp, pp))
     checkpoint = HFCheckpoint(model_dir)

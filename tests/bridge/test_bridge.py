@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from megatron_ivr.bridge.buckets import bucketize, flatten, unflatten
-from megatron_ivr.training.parallel import free_port
+from megatron_ivr.model_providers.parallel import free_port
 
 WORKER = Path(__file__).with_name("bridge_worker.py")
 

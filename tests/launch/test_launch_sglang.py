@@ -11,8 +11,8 @@ import sys
 
 from megatron_ivr.config import load_config
 from megatron_ivr.launch.scripts import render_node_script
+from megatron_ivr.model_providers.parallel import free_port
 from megatron_ivr.rollout.sglang.server import probe
-from megatron_ivr.training.parallel import free_port
 from tests.sglang_tier import MARKS, PYTHON
 from tests.training.runs import RL_OVERRIDES, clean_env, step_records, write_config
 

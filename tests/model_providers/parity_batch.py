@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from megatron_ivr.training.batching import ScoredSequence
+from megatron_ivr.model_providers.batching import ScoredSequence
 
 
 def parity_items() -> tuple[list[ScoredSequence], list[ScoredSequence]]:

@@ -23,15 +23,15 @@ def main() -> None:
     torch.set_num_threads(1)
     import torch.distributed as dist
 
-    from megatron_ivr.model_providers import get_provider
+    from megatron_ivr.model_providers.batching import Packing, build_model_batch
     from megatron_ivr.model_providers.build import build_model, gather_hf_weights, load_hf_weights
+    from megatron_ivr.model_providers.families import get_provider
     from megatron_ivr.model_providers.hf_checkpoint import HFCheckpoint, write_hf_folder
+    from megatron_ivr.model_providers.logprobs import forward_logprobs
+    from megatron_ivr.model_providers.optimizer import OptimizerSettings, train_step, wrap_for_training
+    from megatron_ivr.model_providers.parallel import ParallelLayout, init_parallel
     from megatron_ivr.model_providers.qwen_vl import causal_mask
     from megatron_ivr.models.processor import load_processor
-    from megatron_ivr.training.batching import Packing, build_model_batch
-    from megatron_ivr.training.logprobs import forward_logprobs
-    from megatron_ivr.training.optimizer import OptimizerSettings, train_step, wrap_for_training
-    from megatron_ivr.training.parallel import ParallelLayout, init_parallel
 
     init_parallel(ParallelLayout(tp, pp))
     from megatron.core import parallel_state as ps

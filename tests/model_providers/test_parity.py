@@ -24,11 +24,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from megatron_ivr.model_providers import get_provider
+from megatron_ivr.model_providers.batching import build_model_batch
+from megatron_ivr.model_providers.families import get_provider
 from megatron_ivr.model_providers.hf_checkpoint import HFCheckpoint
 from megatron_ivr.models.processor import load_processor
 from megatron_ivr.models.tiny import load_model
-from megatron_ivr.training.batching import build_model_batch
 from tests.model_providers.parity_batch import parity_items
 
 WORKER = Path(__file__).with_name("parity_worker.py")
@@ -49,7 +49,7 @@ def run_worker(out: Path, tp: int, pp: int, model_dirs: list[Path]) -> dict:
 
 
 def _free_port() -> int:
-    from megatron_ivr.training.parallel import free_port
+    from megatron_ivr.model_providers.parallel import free_port
 
     return free_port()
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
+from megatron_ivr.model_providers.parallel import free_port
 from megatron_ivr.rollout.sglang.server import ServerManager, ServerSpec
-from megatron_ivr.training.parallel import free_port
 from tests.sglang_tier import MARKS, PYTHON
 from tests.training.runs import RL_OVERRIDES, run, step_records, write_config
 

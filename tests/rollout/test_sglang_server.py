@@ -20,6 +20,7 @@ import torch
 from transformers import LogitsProcessorList, SuppressTokensLogitsProcessor
 
 from megatron_ivr.bridge.verify import probe_image
+from megatron_ivr.model_providers.parallel import free_port
 from megatron_ivr.models.processor import load_processor
 from megatron_ivr.models.tiny import load_model
 from megatron_ivr.models.tokenizer import vision_token_ids
@@ -28,7 +29,6 @@ from megatron_ivr.rollout import GenerationRequest, SamplingParams
 from megatron_ivr.rollout.sglang.client import SGLangClient
 from megatron_ivr.rollout.sglang.engine import SGLangEngine
 from megatron_ivr.rollout.sglang.server import ServerManager, ServerSpec
-from megatron_ivr.training.parallel import free_port
 from tests.sglang_tier import MARKS, PYTHON
 
 pytestmark = MARKS

@@ -19,11 +19,11 @@ def main() -> None:
     torch.set_num_threads(1)
     from megatron_ivr.config import load_config
     from megatron_ivr.data import ImageRules, read_dataset
+    from megatron_ivr.model_providers.optimizer import OptimizerSettings
+    from megatron_ivr.model_providers.parallel import ParallelLayout, init_parallel
+    from megatron_ivr.model_providers.policy import ScheduleSettings, load_policy
     from megatron_ivr.models.processor import load_processor
     from megatron_ivr.training.experience import Experience, Trajectory
-    from megatron_ivr.training.optimizer import OptimizerSettings
-    from megatron_ivr.training.parallel import ParallelLayout, init_parallel
-    from megatron_ivr.training.policy import ScheduleSettings, load_policy
     from megatron_ivr.training.rl import RlStep
 
     init_parallel(ParallelLayout())

@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 
 from megatron_ivr.metrics import read_metrics
-from megatron_ivr.training.parallel import free_port
+from megatron_ivr.model_providers.parallel import free_port
 
 # A random tiny model never writes a correct boxed answer, so every reward would be 0 and
 # every advantage 0. DAPO's overlong shaping makes rewards depend on length, and IVR-R1

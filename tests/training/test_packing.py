@@ -1,4 +1,4 @@
-"""Sequence packing with MRoPE (training/batching.py): packed rows give the log-probs,
+"""Sequence packing with MRoPE (model_providers/batching.py): packed rows give the log-probs,
 entropies and gradients of one sequence per row, on both model families.
 
 The batch mixes what goes wrong in peers' packing: images of different sizes, a two-image
@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_ivr.training.batching import (
+from megatron_ivr.model_providers.batching import (
     Packing,
     PromptCache,
     ScoredSequence,
@@ -51,7 +51,7 @@ def mixed_items() -> list[ScoredSequence]:
 
 @pytest.fixture(scope="module")
 def parallel():
-    from megatron_ivr.training.parallel import ParallelLayout, destroy_parallel, init_parallel
+    from megatron_ivr.model_providers.parallel import ParallelLayout, destroy_parallel, init_parallel
 
     init_parallel(ParallelLayout())
     yield
@@ -59,8 +59,8 @@ def parallel():
 
 
 def _model(model_dir):
-    from megatron_ivr.model_providers import get_provider
     from megatron_ivr.model_providers.build import build_model, load_hf_weights
+    from megatron_ivr.model_providers.families import get_provider
     from megatron_ivr.model_providers.hf_checkpoint import HFCheckpoint
     from megatron_ivr.models.processor import load_processor
 
@@ -73,8 +73,8 @@ def _model(model_dir):
 
 def _forward(model, batch):
     """Per-response log-probs and entropies ``[N, T]`` and the gradient of a fixed weighted sum."""
+    from megatron_ivr.model_providers.logprobs import vocab_parallel_entropy, vocab_parallel_logprobs
     from megatron_ivr.model_providers.qwen_vl import causal_mask
-    from megatron_ivr.training.logprobs import vocab_parallel_entropy, vocab_parallel_logprobs
 
     model.zero_grad(set_to_none=True)
     logits = model(**batch.model_inputs(causal_mask))
@@ -165,7 +165,7 @@ def test_thd_rows_take_each_tokens_own_mrope_angle(tiny_models, parallel):
 
 
 def test_shared_prompt_layout(tiny_models):
-    from megatron_ivr.model_providers import get_provider
+    from megatron_ivr.model_providers.families import get_provider
     from megatron_ivr.model_providers.hf_checkpoint import HFCheckpoint
     from megatron_ivr.models.processor import load_processor
 

@@ -44,7 +44,7 @@ class SGLangEngine:
         """``mask_vision_tokens``: every request carries a ``logit_bias`` that removes the vision
         placeholders (``models/tokenizer.py``) from sampling. SGLang applies it before its
         log-softmax, so the reported log-probs are of the distribution without them: the one
-        the local engine samples from and the trainer scores (``training/logprobs.py::tempered``)."""
+        the local engine samples from and the trainer scores (``model_providers/logprobs.py::tempered``)."""
         self.client = client
         self.tokenizer = tokenizer
         self.logit_bias = ({str(i): BANNED_BIAS for i in vision_token_ids(tokenizer)} if mask_vision_tokens

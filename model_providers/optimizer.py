@@ -8,6 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from megatron.core import parallel_state as ps
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+from megatron_ivr.model_providers.logprobs import forward_logprobs
 
 
 @dataclass
@@ -28,9 +33,6 @@ class OptimizerSettings:
 
 def wrap_for_training(model, settings: OptimizerSettings):
     """Wrap one model stage in megatron's DDP and build its optimizer."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-
     config = model.config
     ddp = DistributedDataParallel(
         config=config, module=model,
@@ -52,8 +54,6 @@ def global_loss_scale(num_micro_batches: int) -> float:
     into what megatron expects: its schedule divides each micro-batch's loss by the number of
     micro-batches and its DDP averages gradients over data-parallel ranks; multiplying by both
     makes the summed gradient that of the whole batch's objective, however it is split."""
-    from megatron.core import parallel_state as ps
-
     return float(max(num_micro_batches, 1) * ps.get_data_parallel_world_size())
 
 
@@ -61,8 +61,6 @@ def train_step(ddp, optimizer, batches, attention_mask_fn, loss_fn=None) -> dict
     """One optimizer step over ``batches`` (one micro-batch each): forward, backward through
     megatron's schedule, gradient reductions, clipping and the update. Returns the records of
     the loss function, the gradient norm (before clipping) and whether the step was applied."""
-    from megatron_ivr.training.logprobs import forward_logprobs
-
     ddp.zero_grad_buffer()
     optimizer.zero_grad()
     records = forward_logprobs(ddp, batches, attention_mask_fn, loss_fn=loss_fn, forward_only=False)
@@ -75,8 +73,6 @@ def parameter_checksum(model) -> torch.Tensor:
     """Sum of squares of this rank's share of the parameters in float64, TP-replicated ones
     on TP rank 0 only, so that a sum over the TP group covers the model once (to compare
     layouts after a step)."""
-    from megatron.core import parallel_state as ps
-
     tp_rank = ps.get_tensor_model_parallel_rank()
     total = torch.zeros((), dtype=torch.float64)
     for param in model.parameters():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from megatron_ivr.config import ConfigError
-from megatron_ivr.training.parallel import select_device
+from megatron_ivr.model_providers.parallel import select_device
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

@@ -45,8 +45,9 @@ import torch
 from PIL import Image
 
 from megatron_ivr.model_providers.block_attention import BlockMask
+from megatron_ivr.model_providers.logprobs import ModelBatch
+from megatron_ivr.model_providers.qwen_vl import position_ids
 from megatron_ivr.prompts import chat_prompt
-from megatron_ivr.training.logprobs import ModelBatch
 
 
 @dataclass
@@ -229,8 +230,6 @@ def _unit_positions(family, hf_config, items: list[Encoded], units: list[list[in
     """``[3, P + R_max]`` MRoPE positions of each unit's prompt followed by its longest response,
     from one transformers ``get_rope_index`` call over all units (responses are text: their
     positions depend only on their index, so every branch reads its slice of these)."""
-    from megatron_ivr.model_providers.qwen_vl import position_ids
-
     lengths = [len(items[u[0]].prompt.ids) + max(len(items[i].response_ids) for i in u) for u in units]
     width = max(lengths)
     input_ids = torch.zeros((len(units), width), dtype=torch.long)

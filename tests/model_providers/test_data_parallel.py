@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_ivr.training.parallel import free_port
+from megatron_ivr.model_providers.parallel import free_port
 
 WORKER = Path(__file__).with_name("dp_worker.py")
 

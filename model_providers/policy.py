@@ -14,8 +14,13 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.distributed as dist
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from megatron_ivr.training.optimizer import OptimizerSettings, wrap_for_training
+from megatron_ivr.model_providers.build import DTYPES, build_model, gather_hf_weights, load_hf_weights
+from megatron_ivr.model_providers.families import get_provider
+from megatron_ivr.model_providers.hf_checkpoint import HFCheckpoint, write_hf_folder
+from megatron_ivr.model_providers.optimizer import OptimizerSettings, wrap_for_training
 
 
 @dataclass
@@ -53,10 +58,6 @@ class Policy:
 def load_policy(model_path: str, dtype: str = "float32", optim: Optional[OptimizerSettings] = None,
                 schedule: Optional[ScheduleSettings] = None, fp8: Optional[str] = None) -> Policy:
     """Build this rank's stage and load the HF weights; with ``optim``, make it trainable."""
-    from megatron_ivr.model_providers import get_provider
-    from megatron_ivr.model_providers.build import DTYPES, build_model, load_hf_weights
-    from megatron_ivr.model_providers.hf_checkpoint import HFCheckpoint
-
     checkpoint = HFCheckpoint(model_path)
     hf_config = checkpoint.config()
     model = build_model(hf_config, dtype=DTYPES[dtype], fp8=fp8)
@@ -73,8 +74,6 @@ def load_policy(model_path: str, dtype: str = "float32", optim: Optional[Optimiz
 
 
 def make_scheduler(optimizer, optim: OptimizerSettings, schedule: ScheduleSettings):
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
     warmup = schedule.warmup_steps
     for group in optimizer.param_groups:  # megatron's groups carry their own (unset) lr bounds
         group["max_lr"], group["min_lr"] = optim.lr, schedule.min_lr
@@ -88,11 +87,6 @@ def make_scheduler(optimizer, optim: OptimizerSettings, schedule: ScheduleSettin
 @torch.no_grad()
 def export_hf(policy: Policy, out_dir: str, source_dir: str) -> None:
     """Write the policy as a Hugging Face folder (collective; rank 0 writes, atomically)."""
-    import torch.distributed as dist
-
-    from megatron_ivr.model_providers.build import gather_hf_weights
-    from megatron_ivr.model_providers.hf_checkpoint import write_hf_folder
-
     tensors = gather_hf_weights(policy.model, policy.key_style)
     if dist.get_rank() == 0:
         write_hf_folder(tensors.items(), out_dir, source_dir)

@@ -8,7 +8,7 @@ import torch
 
 def test_optimizer_settings_from_the_run_config():
     from megatron_ivr.config import load_config
-    from megatron_ivr.training.optimizer import OptimizerSettings
+    from megatron_ivr.model_providers.optimizer import OptimizerSettings
 
     cfg = load_config(None, ["trainer.lr=3e-6", "trainer.grad_clip=0.5", "trainer.weight_decay=0.01"])
     settings = OptimizerSettings.from_config(cfg.trainer)
@@ -21,9 +21,9 @@ def test_bf16_policy_has_one_dtype_and_each_parameter_its_own_main_copy(tiny_mod
     megatron's distributed optimizer look up another parameter's fp32 main copy for a parameter
     (saving the optimizer state failed with a size mismatch, or stored states under the wrong
     names where sizes agreed)."""
-    from megatron_ivr.training.optimizer import OptimizerSettings
-    from megatron_ivr.training.parallel import ParallelLayout, init_parallel
-    from megatron_ivr.training.policy import load_policy
+    from megatron_ivr.model_providers.optimizer import OptimizerSettings
+    from megatron_ivr.model_providers.parallel import ParallelLayout, init_parallel
+    from megatron_ivr.model_providers.policy import load_policy
 
     init_parallel(ParallelLayout())
     policy = load_policy(str(tiny_models[family]), dtype="bfloat16", optim=OptimizerSettings(lr=1e-3))

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from megatron_ivr.training.platform import PATCHES, apply_cpu_patches
+from megatron_ivr.model_providers.platform import PATCHES, apply_cpu_patches
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -29,7 +29,7 @@ def test_cuda_device_queries():
 def test_cuda_rng_tracker_forks_the_cpu_generator():
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
-    from megatron_ivr.training.parallel import ParallelLayout, destroy_parallel, init_parallel
+    from megatron_ivr.model_providers.parallel import ParallelLayout, destroy_parallel, init_parallel
 
     init_parallel(ParallelLayout(), seed=123)  # seeds the tracker through the patched CUDA RNG calls
     try:
@@ -75,7 +75,7 @@ def test_tensor_cuda_and_type_names():
 
 def test_nothing_is_patched_when_cuda_is_available():
     code = ("import torch; torch.cuda.is_available = lambda: True; original = torch.cuda.current_device; "
-            "from megatron_ivr.training.platform import apply_cpu_patches; "
+            "from megatron_ivr.model_providers.platform import apply_cpu_patches; "
             "assert apply_cpu_patches() == []; assert torch.cuda.current_device is original; "
             "assert torch.Tensor.type(torch.zeros(1)) == 'torch.FloatTensor'; print('ok')")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

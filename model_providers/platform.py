@@ -6,7 +6,7 @@ device in tensor factories (rotary embeddings, the global memory buffer of atten
 optimizer's ``found_inf``), and some code synchronizes streams. Each patch below maps one
 of these to its CPU equivalent; :func:`apply_cpu_patches` applies them once, only when no
 CUDA device is in use, and records which it applied (``APPLIED``). Every patch has a test
-in ``tests/training/test_platform.py``.
+in ``tests/model_providers/test_platform.py``.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import contextlib
 import logging
 
 import torch
+from megatron.core.tensor_parallel import random as mp_random
 
 logger = logging.getLogger(__name__)
 
@@ -29,8 +30,6 @@ def _patch_cuda_device_queries() -> None:
 def _patch_cuda_rng() -> None:
     """The model-parallel RNG tracker saves, seeds and restores CUDA generator states: use
     the CPU generator instead (dropout and CPU initialization draw from it)."""
-    from megatron.core.tensor_parallel import random as mp_random
-
     mp_random._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state()
     mp_random._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
     torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()

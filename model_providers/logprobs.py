@@ -14,8 +14,13 @@ from functools import partial
 from typing import Optional
 
 import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core import tensor_parallel
+from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_ivr.model_providers.block_attention import BlockMask
+from megatron_ivr.model_providers.parallel import device
 
 
 @dataclass
@@ -79,17 +84,12 @@ def vocab_parallel_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torc
     megatron's kernel reuses the logits' storage (it exponentiates in place): compute
     anything else from the logits (entropy) first.
     """
-    from megatron.core import tensor_parallel
-
     return -tensor_parallel.vocab_parallel_cross_entropy(logits.float(), targets)
 
 
 @torch.no_grad()
 def vocab_parallel_entropy(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of the full next-token distribution from vocab-parallel logits."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
     group = ps.get_tensor_model_parallel_group()
     logits = logits.float()
     top = logits.max(dim=-1, keepdim=True).values
@@ -126,8 +126,6 @@ def tempered(logits: torch.Tensor, temperature: float, banned_token_ids: tuple =
     the logits themselves."""
     if not banned_token_ids:
         return logits if temperature == 1.0 else logits / temperature
-    from megatron.core import parallel_state as ps
-
     shard = logits.shape[-1]
     start = ps.get_tensor_model_parallel_rank() * shard
     local = [i - start for i in banned_token_ids if start <= i < start + shard]
@@ -153,10 +151,6 @@ def forward_logprobs(model, batches: list[ModelBatch], attention_mask_fn, with_e
     rank, one record per micro-batch (``logprobs`` ``[B, S]`` and, if asked, ``entropy``),
     broadcast from the last pipeline stage.
     """
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    from megatron_ivr.training.parallel import device
-
     batches = [batch.to(device()) for batch in batches]  # no-op for batches built on the device
     iterator = iter(batches)
 
@@ -178,9 +172,6 @@ def forward_logprobs(model, batches: list[ModelBatch], attention_mask_fn, with_e
 
 def broadcast_records(records: list[dict]) -> list[dict]:
     """A custom loss function's records (small: scalars) from the last pipeline stage to all."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
     if ps.get_pipeline_model_parallel_world_size() == 1:
         return records
     holder = [records if ps.is_pipeline_last_stage() else None]
@@ -190,9 +181,6 @@ def broadcast_records(records: list[dict]) -> list[dict]:
 
 
 def broadcast_from_last_stage(records: list[dict], batches: list[ModelBatch], with_entropy: bool) -> list[dict]:
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
     if ps.get_pipeline_model_parallel_world_size() == 1:
         return records
     keys = ["logprobs"] + (["entropy"] if with_entropy else [])

@@ -1,7 +1,7 @@
 import torch
 
-from megatron_ivr.training.batching import pad_responses, padding_share, plan_micro_batches, response_values
-from megatron_ivr.training.logprobs import ModelBatch
+from megatron_ivr.model_providers.batching import pad_responses, padding_share, plan_micro_batches, response_values
+from megatron_ivr.model_providers.logprobs import ModelBatch
 
 
 def test_plan_respects_the_token_budget_and_covers_every_sequence():
@@ -43,8 +43,8 @@ def test_one_processor_call_per_batch_encodes_what_one_call_per_prompt_encodes(t
     text-only prompt and a two-image prompt included."""
     from PIL import Image
 
+    from megatron_ivr.model_providers.batching import PromptCache, ScoredSequence, encode_all
     from megatron_ivr.models.processor import load_processor
-    from megatron_ivr.training.batching import PromptCache, ScoredSequence, encode_all
 
     processor = load_processor(tiny_models["qwen2_5_vl"])
     red, blue = Image.new("RGB", (112, 112), "red"), Image.new("RGB", (56, 112), "blue")

@@ -5,14 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_ivr.model_providers.manifest import CheckpointRefused, content_problem, write_manifest
-from megatron_ivr.training.checkpoint import (
+from megatron_ivr.model_providers.checkpoint import (
     COMPLETE,
     Checkpointer,
     complete_checkpoints,
     rng_state,
     set_rng_state,
 )
+from megatron_ivr.model_providers.manifest import CheckpointRefused, content_problem, write_manifest
 
 
 def _fake(root, step, complete=True):
@@ -39,7 +39,7 @@ def test_manifest_lists_size_and_content_hash(tmp_path):
 
 
 def test_resume_falls_back_past_a_same_size_corruption_and_refuses_when_none_passes(tmp_path):
-    from megatron_ivr.training.parallel import ParallelLayout, destroy_parallel, init_parallel
+    from megatron_ivr.model_providers.parallel import ParallelLayout, destroy_parallel, init_parallel
 
     for step in (1, 2):
         _fake(tmp_path, step)
@@ -87,7 +87,7 @@ def test_model_parallel_rng_streams_round_trip():
     them) are saved with the other RNG states and restored: a resumed run draws the same."""
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
-    from megatron_ivr.training.parallel import ParallelLayout, destroy_parallel, init_parallel
+    from megatron_ivr.model_providers.parallel import ParallelLayout, destroy_parallel, init_parallel
 
     init_parallel(ParallelLayout(), seed=5)
     try:

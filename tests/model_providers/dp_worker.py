@@ -21,14 +21,19 @@ def main() -> None:
     torch.set_num_threads(1)
     import torch.distributed as dist
 
-    from megatron_ivr.model_providers import get_provider
+    from megatron_ivr.model_providers.batching import build_model_batch
     from megatron_ivr.model_providers.build import build_model, load_hf_weights
+    from megatron_ivr.model_providers.families import get_provider
     from megatron_ivr.model_providers.hf_checkpoint import HFCheckpoint
+    from megatron_ivr.model_providers.optimizer import (
+        OptimizerSettings,
+        parameter_checksum,
+        train_step,
+        wrap_for_training,
+    )
+    from megatron_ivr.model_providers.parallel import ParallelLayout, init_parallel
     from megatron_ivr.model_providers.qwen_vl import causal_mask
     from megatron_ivr.models.processor import load_processor
-    from megatron_ivr.training.batching import build_model_batch
-    from megatron_ivr.training.optimizer import OptimizerSettings, parameter_checksum, train_step, wrap_for_training
-    from megatron_ivr.training.parallel import ParallelLayout, init_parallel
     from tests.model_providers.parity_batch import parity_items
 
     init_parallel(ParallelLayout(tp, 1))

@@ -35,7 +35,15 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core import parallel_state as ps
+from megatron.core.dist_checkpointing.core import CheckpointingException
+from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
+from megatron_ivr.config.errors import ConfigError
+from megatron_ivr.model_providers.convert import META_NAME
+from megatron_ivr.model_providers.hf_checkpoint import SIDE_FILES
 from megatron_ivr.model_providers.lifetime import manager_initializer
 from megatron_ivr.model_providers.manifest import (
     MANIFEST,
@@ -91,8 +99,6 @@ def rng_state() -> dict:
 def _tracker():
     """megatron's model-parallel RNG tracker (its named streams: the TP-rank-specific one
     that dropout and initialization inside tensor-parallel regions draw from)."""
-    from megatron.core.tensor_parallel import get_cuda_rng_tracker
-
     return get_cuda_rng_tracker()
 
 
@@ -221,9 +227,6 @@ class Checkpointer:
 
     def save(self, step: int, policy, trainer_state: dict) -> float:
         """Collective: every rank writes its shards. Returns the seconds taken."""
-        import torch.distributed as dist
-        from megatron.core import dist_checkpointing
-
         start = time.perf_counter()
         rank = dist.get_rank()
         final = self.root / f"step_{step:08d}"
@@ -259,9 +262,6 @@ class Checkpointer:
 
     def _not_this_model(self, folder: Path, exc: Exception):
         """The error for resuming from a checkpoint of another model (a reused checkpoint.dir)."""
-        from megatron_ivr.config.errors import ConfigError
-        from megatron_ivr.model_providers.convert import META_NAME
-
         meta_file = folder / "dist" / META_NAME
         source = json.loads(meta_file.read_text()).get("source") if meta_file.exists() else None
         failures = getattr(exc, "failures", None)  # torch's CheckpointException wraps each rank's error
@@ -274,11 +274,6 @@ class Checkpointer:
                            key="checkpoint.dir")
 
     def _write_converter_files(self, folder: Path, policy) -> None:
-        from megatron.core import parallel_state as ps
-
-        from megatron_ivr.model_providers.convert import META_NAME
-        from megatron_ivr.model_providers.hf_checkpoint import SIDE_FILES
-
         dtype = str(policy.model.config.params_dtype).replace("torch.", "")
         meta = {"family": policy.family.name, "tp": ps.get_tensor_model_parallel_world_size(),
                 "pp": ps.get_pipeline_model_parallel_world_size(), "dtype": dtype, "key_style": policy.key_style,
@@ -292,9 +287,6 @@ class Checkpointer:
 
     def load(self, folder: Path, policy) -> dict:
         """Restore model, optimizer, scheduler and this rank's RNG; return the trainer state."""
-        import torch.distributed as dist
-        from megatron.core import dist_checkpointing
-        from megatron.core.dist_checkpointing.core import CheckpointingException
         from torch.distributed.checkpoint.api import CheckpointException
 
         _materialize_optimizer_state(policy.optimizer)

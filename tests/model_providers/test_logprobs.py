@@ -1,13 +1,13 @@
 """The trainer scores the distribution the engines sample from: ``logits / T`` with the vision
-placeholder tokens removed (training/logprobs.py::tempered). Checked against a plain torch
+placeholder tokens removed (model_providers/logprobs.py::tempered). Checked against a plain torch
 log-softmax with those logits at -inf; the entropy stays finite."""
 
 from __future__ import annotations
 
 import torch
 
-from megatron_ivr.training.logprobs import tempered, vocab_parallel_entropy, vocab_parallel_logprobs
-from megatron_ivr.training.parallel import ParallelLayout, destroy_parallel, init_parallel
+from megatron_ivr.model_providers.logprobs import tempered, vocab_parallel_entropy, vocab_parallel_logprobs
+from megatron_ivr.model_providers.parallel import ParallelLayout, destroy_parallel, init_parallel
 
 
 def test_removed_tokens_leave_the_distribution():

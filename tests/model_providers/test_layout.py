@@ -1,6 +1,6 @@
 from types import SimpleNamespace
 
-from megatron_ivr.training.layout import layout_problems
+from megatron_ivr.model_providers.layout import layout_problems
 
 TEXT = SimpleNamespace(num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=256,
                        vocab_size=512)

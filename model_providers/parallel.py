@@ -14,6 +14,12 @@ import socket
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+from megatron_ivr.config import ConfigError
+from megatron_ivr.model_providers.platform import apply_cpu_patches
 
 
 @dataclass(frozen=True)
@@ -36,8 +42,6 @@ def select_device(choice: str) -> None:
     """``trainer.device``: ``cpu`` hides every GPU from this process (before CUDA is first
     touched, so that every later check, megatron-core's included, sees none), ``cuda``
     requires a GPU, ``auto`` uses one when there is one."""
-    from megatron_ivr.config import ConfigError
-
     if choice == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
         if torch.cuda.is_available():
@@ -54,14 +58,8 @@ def device() -> torch.device:
 
 def init_parallel(layout: ParallelLayout, seed: int = 0) -> None:
     """Initialize torch.distributed (if needed) and megatron's TP/PP/CP/DP groups."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
     use_cuda = torch.cuda.is_available()
     if not use_cuda:
-        from megatron_ivr.training.platform import apply_cpu_patches
-
         apply_cpu_patches()
     if not dist.is_initialized():
         if "RANK" not in os.environ:
@@ -82,9 +80,6 @@ def init_parallel(layout: ParallelLayout, seed: int = 0) -> None:
 
 
 def destroy_parallel() -> None:
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():

@@ -7,7 +7,7 @@ backward pass and an AdamW step. They differ only in the loss:
 - baseline: a plain policy-gradient loss, ``-(A * logp)`` token-mean;
 - ours: group advantages (spec 2), VICRA's psi on precomputed scores (spec 3), the clipped
   surrogate with TIS weights and the k3 KL (spec 2) and IVR-R1 policy shaping on the
-  rectified rows (spec 4.6), plus the mismatch metrics.
+  rectified rows (spec 4.6), with its detached parts (nothing read back to the host).
 
 The extra forward passes (old, no-image, reference) are not part of "the loss code" and
 are excluded from both arms. Headline: ``loss_overhead: ratio=R`` (ours over baseline step time).
@@ -29,9 +29,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_ivr.algorithms.advantages import group_advantages  # noqa: E402
-from megatron_ivr.algorithms.losses import LossConfig, rl_loss  # noqa: E402
+from megatron_ivr.algorithms.losses import rl_loss  # noqa: E402
 from megatron_ivr.algorithms.vicra import shape_advantages  # noqa: E402
-from megatron_ivr.config.schema import SyntheticDataConfig, TinyModelConfig  # noqa: E402
+from megatron_ivr.config.schema import AlgorithmConfig, IvrConfig, SyntheticDataConfig, TinyModelConfig  # noqa: E402
 from megatron_ivr.data.synthetic.generate import synthetic_corpus  # noqa: E402
 from megatron_ivr.models.tiny import make_tiny_model  # noqa: E402
 from megatron_ivr.models.tokenizer import train_bpe_tokenizer  # noqa: E402
@@ -76,7 +76,8 @@ def baseline_loss(logp, mask, side):
 def full_loss(logp, mask, side):
     adv = group_advantages(side["rewards"], side["group_ids"])
     adv = shape_advantages(adv, side["w"], mask)
-    cfg = LossConfig(eps_low=0.2, eps_high=0.28, beta=0.01, gamma=0.1, aggregation="token-mean", tis_cap=2.0)
+    cfg = AlgorithmConfig(eps_low=0.2, eps_high=0.28, beta=0.01, loss_agg="token-mean", tis_cap=2.0,
+                          ivr=IvrConfig(gamma=0.1))
     loss, _ = rl_loss(logp, side["old"], adv, mask, cfg, rectified=side["rectified"], ref_logp=side["ref"],
                       rollout_logp=side["rollout"])
     return loss

@@ -48,11 +48,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     from megatron_ivr.bridge.buckets import bucketize
+    from megatron_ivr.config.schema import ParallelismConfig
     from megatron_ivr.model_providers.build import build_model, iter_hf_weights, load_hf_weights
     from megatron_ivr.model_providers.hf_checkpoint import HFCheckpoint
-    from megatron_ivr.model_providers.parallel import ParallelLayout, destroy_parallel, init_parallel
+    from megatron_ivr.model_providers.parallel import destroy_parallel, init_parallel
 
-    init_parallel(ParallelLayout())
+    init_parallel(ParallelismConfig())
     with tempfile.TemporaryDirectory(dir=".") as tmp:
         make_model(Path(tmp) / "m", 8, 1024)
         checkpoint = HFCheckpoint(Path(tmp) / "m")

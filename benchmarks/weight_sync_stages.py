@@ -57,11 +57,12 @@ def worker(rank: int, world: int, port: int, model_dir: str, repeats: int, out: 
     import torch.distributed as dist
 
     from megatron_ivr.bridge.bridge import WeightBridge
+    from megatron_ivr.config.schema import ParallelismConfig
     from megatron_ivr.model_providers.build import build_model, is_stage_leader, load_hf_weights
     from megatron_ivr.model_providers.hf_checkpoint import HFCheckpoint
-    from megatron_ivr.model_providers.parallel import ParallelLayout, destroy_parallel, init_parallel
+    from megatron_ivr.model_providers.parallel import destroy_parallel, init_parallel
 
-    init_parallel(ParallelLayout(1, world))
+    init_parallel(ParallelismConfig(pipeline_parallel=world))
     checkpoint = HFCheckpoint(model_dir)
     model = build_model(checkpoint.config())
     load_hf_weights(model, checkpoint)

@@ -8,6 +8,9 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from megatron_ivr.config.loader import config_to_dict
+from megatron_ivr.config.schema import RunConfig
+
 
 class MetricsWriter:
     def __init__(self, log_dir: str | Path, tensorboard: bool = False, filename: str = "metrics.jsonl",
@@ -57,3 +60,11 @@ class MetricsWriter:
 def read_metrics(path: str | Path) -> list[dict]:
     with open(path, encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
+
+
+def run_writer(cfg: RunConfig, log_dir: str, rank: int) -> Optional[MetricsWriter]:
+    """The run's writer on rank 0 (``logging.*``; the resolved config goes to W&B); None elsewhere."""
+    if rank != 0:
+        return None
+    return MetricsWriter(log_dir, cfg.logging.tensorboard, wandb_project=cfg.logging.wandb_project
+                         if cfg.logging.wandb else None, run_name=cfg.name, config=config_to_dict(cfg))

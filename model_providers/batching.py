@@ -305,13 +305,20 @@ def collate(family, hf_config, items: list[Encoded], pad_id: int, pad_to_multipl
     mask = cu_seqlens = None
     if packing.masked:  # each token sees its unit's prefix and its own branch, causally
         mask = BlockMask.from_segments(unit_id, branch_id)
+    extra = {"attention_mask": attention, "mm_token_type_ids": mm_types,
+             "response_lengths": [len(item.response_ids) for item in items]}
     if packing.thd:
-        cu_seqlens = thd_boundaries([unit_length(items, unit) for unit in units], width)
+        lengths = [unit_length(items, unit) for unit in units]
+        cu_seqlens = thd_boundaries(lengths, width)
+        extra["max_seqlen"] = max(lengths + [width - sum(lengths)])  # known here: no read-back in the forward
+    if grids:  # the model checks the same on the device; here the counts can be named
+        merge = hf_config.vision_config.spatial_merge_size
+        features, placeholders = int(torch.cat(grids).prod(-1).sum()) // merge**2, int((mm_types == 1).sum())
+        if features != placeholders:
+            raise ValueError(f"{placeholders} image tokens in the batch but {features} image features")
     return ModelBatch(input_ids, positions, loss_mask, torch.cat(pixel_values) if pixel_values else None,
                       torch.cat(grids) if grids else None, attention_mask=mask, cu_seqlens=cu_seqlens,
-                      response_index=(index_rows, index_cols), response_mask=response_mask,
-                      extra={"attention_mask": attention, "mm_token_type_ids": mm_types,
-                             "response_lengths": [len(item.response_ids) for item in items]})
+                      response_index=(index_rows, index_cols), response_mask=response_mask, extra=extra)
 
 
 def thd_boundaries(lengths: list[int], width: int) -> torch.Tensor:

@@ -33,12 +33,13 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 
 from megatron_ivr.config.errors import ConfigError
+from megatron_ivr.config.schema import ParallelismConfig
 from megatron_ivr.model_providers.build import DTYPES, build_empty_model, gather_hf_weights, load_hf_weights
 from megatron_ivr.model_providers.hf_checkpoint import SIDE_FILES, HFCheckpoint, write_hf_folder
 from megatron_ivr.model_providers.lifetime import exit_with_parent
 from megatron_ivr.model_providers.manifest import CheckpointRefused, require_verified, write_manifest
 from megatron_ivr.model_providers.output_dir import check_output, discard, publish, staging_dir
-from megatron_ivr.model_providers.parallel import ParallelLayout, destroy_parallel, free_port, init_parallel
+from megatron_ivr.model_providers.parallel import destroy_parallel, free_port, init_parallel
 
 META_NAME = "megatron_ivr.json"
 
@@ -75,7 +76,7 @@ def _log(message: str) -> None:
 
 
 def _hf_to_megatron_rank(hf_dir: str, tmp_dir: str, tp: int, pp: int, dtype: str, writers: int) -> None:
-    init_parallel(ParallelLayout(tp, pp))
+    init_parallel(ParallelismConfig(tensor_parallel=tp, pipeline_parallel=pp))
     checkpoint = HFCheckpoint(hf_dir)
     start = time.time()
     model = build_empty_model(checkpoint.config(), dtype=DTYPES[dtype])  # every parameter is loaded below
@@ -96,7 +97,7 @@ def _megatron_to_hf_rank(ckpt_dir: str, out_dir: str, tp: int, pp: int, max_shar
                          overwrite: bool) -> None:
     from transformers import AutoConfig
 
-    init_parallel(ParallelLayout(tp, pp))
+    init_parallel(ParallelismConfig(tensor_parallel=tp, pipeline_parallel=pp))
     meta = json.loads((Path(ckpt_dir) / META_NAME).read_text())
     hf_config = AutoConfig.from_pretrained(str(Path(ckpt_dir) / "hf"))
     model = build_empty_model(hf_config, dtype=DTYPES[meta["dtype"]])  # filled by the strict load below

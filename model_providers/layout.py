@@ -1,10 +1,12 @@
-"""Check a parallel layout against the model before any process group is made, so that an
-impossible layout is a config error naming ``parallel.*`` and the model's value, not an
-assert deep inside megatron-core."""
+"""Check a parallel layout (and the packing the attention layers can run) against the model
+before any process group is made, so that an impossible layout is a config error naming
+``parallel.*`` or ``trainer.*`` and the model's value, not an assert deep inside megatron-core."""
 
 from __future__ import annotations
 
 from megatron_ivr.config.errors import ConfigError
+from megatron_ivr.config.schema import TrainerConfig
+from megatron_ivr.model_providers.qwen_vl import transformer_engine_available
 
 
 def layout_problems(text_config, vision_config, tp: int, pp: int, world: int) -> list[str]:
@@ -38,3 +40,19 @@ def check_layout(cfg, world: int, model_path: str) -> None:
                                cfg.parallel.pipeline_parallel, world)
     if problems:
         raise ConfigError(f"parallel layout does not fit {model_path}: " + "; ".join(problems), key="parallel")
+
+
+def check_packing(trainer: TrainerConfig) -> None:
+    """Shared prompts need an explicit attention mask, which Transformer Engine's fused
+    attention does not take; its THD format (``cu_seqlens``) packs single sequences, which is
+    what ``trainer.pack_length`` becomes on TE layers (model_providers/batching.py)."""
+    if not transformer_engine_available():
+        return
+    if trainer.share_prompts:
+        raise ConfigError("trainer.share_prompts needs megatron-core's local attention spec (a group's responses "
+                          "share one prompt copy through an attention mask, which Transformer Engine's attention "
+                          "does not take): set trainer.share_prompts=false; trainer.pack_length > 0 then packs "
+                          "sequences in Transformer Engine's THD format", key="trainer.share_prompts")
+    if trainer.packed_format == "mask" and trainer.pack_length > 0:
+        raise ConfigError("trainer.packed_format=mask needs megatron-core's local attention spec; with Transformer "
+                          "Engine use auto or thd", key="trainer.packed_format")

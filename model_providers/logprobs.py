@@ -1,7 +1,8 @@
 """Per-token log-probs (and entropies) of given responses under any TP x PP layout.
 
-Logits stay vocab-parallel: the log-softmax normalizer and the target logit are combined
-across the tensor-parallel group (megatron's ``vocab_parallel_cross_entropy`` for the
+``run_schedule`` is the one place megatron's forward(-backward) schedule is called (the
+optimizer step runs it too). Logits stay vocab-parallel: the log-softmax normalizer and the
+target logit are combined across the tensor-parallel group (megatron's ``vocab_parallel_cross_entropy`` for the
 differentiable log-prob; a max / sum-exp all-reduce for the entropy), so no rank ever holds
 full-vocabulary probabilities. With pipeline parallelism the micro-batches run through
 megatron-core's schedule and the results are broadcast from the last stage to every stage.
@@ -9,9 +10,10 @@ megatron-core's schedule and the results are broadcast from the last stage to ev
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -75,7 +77,8 @@ class ModelBatch:
         types = self.extra.get("mm_token_type_ids")
         return dict(input_ids=self.input_ids, position_ids=self.position_ids, attention_mask=mask,
                     pixel_values=self.pixel_values, image_grid_thw=self.image_grid_thw,
-                    image_mask=(types == 1) if types is not None else None, cu_seqlens=self.cu_seqlens)
+                    image_mask=(types == 1) if types is not None else None, cu_seqlens=self.cu_seqlens,
+                    max_seqlen=self.extra.get("max_seqlen"))
 
 
 def vocab_parallel_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -101,16 +104,17 @@ def vocab_parallel_entropy(logits: torch.Tensor) -> torch.Tensor:
     return sums[0].log() - sums[1] / sums[0]
 
 
-def _loss_for_logprobs(batch: ModelBatch, with_entropy: bool, temperature: float, banned: tuple,
-                       output: torch.Tensor):
+def _logprob_report(batch: ModelBatch, with_entropy: bool, temperature: float, banned: tuple,
+                    output: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """The default loss of a micro-batch: the negative summed log-prob of its scored tokens, with
+    the per-position log-probs (and entropies) as its report."""
     record = {}
     output = tempered(output, temperature, banned)
     if with_entropy:  # before the log-probs, which consume the logits
         record["entropy"] = vocab_parallel_entropy(output) * batch.loss_mask
     logp = vocab_parallel_logprobs(output, batch.targets) * batch.loss_mask
     record["logprobs"] = logp.detach()
-    total = -(logp.sum())
-    return total, record
+    return -(logp.sum()), record
 
 
 # a removed token's logit: exp() of it is 0, and 0 * it is 0 (not NaN, as with -inf, in the entropy)
@@ -138,46 +142,60 @@ def tempered(logits: torch.Tensor, temperature: float, banned_token_ids: tuple =
     return logits
 
 
-def forward_logprobs(model, batches: list[ModelBatch], attention_mask_fn, with_entropy: bool = False,
-                     loss_fn=None, forward_only: bool = True, temperature: float = 1.0,
-                     banned_token_ids: tuple = ()) -> list[dict]:
-    """Run ``batches`` through the model (one micro-batch each) with megatron's schedule,
-    on the trainer's device; ``attention_mask_fn(seq_length, device=...)`` gives the mask of
-    a batch without its own (``causal_mask``).
+LossFn = Callable[[torch.Tensor], tuple[torch.Tensor, Any]]  # logits -> (loss, report), bound to its batch
 
-    ``loss_fn(batch, logits) -> (loss, record)`` defaults to the negative summed log-prob
-    under ``logits / temperature`` without ``banned_token_ids`` (:func:`tempered`);
-    with ``forward_only=False`` gradients accumulate into the parameters. Returns, on every
-    rank, one record per micro-batch (``logprobs`` ``[B, S]`` and, if asked, ``entropy``),
-    broadcast from the last pipeline stage.
-    """
-    batches = [batch.to(device()) for batch in batches]  # no-op for batches built on the device
-    iterator = iter(batches)
+
+def run_schedule(model, micro_batches: Sequence[tuple[ModelBatch, LossFn]], attention_mask_fn,
+                 forward_only: bool) -> list:
+    """Run the micro-batches through megatron's schedule (pipelined when PP > 1) on the trainer's
+    device: forward only, or forward and backward (gradients accumulate into the parameters).
+    Each micro-batch comes with its own loss function ``loss_fn(logits) -> (loss, report)``;
+    ``attention_mask_fn(seq_length, device=...)`` gives the mask of a batch without its own.
+    Returns the reports, one per micro-batch, on the last pipeline stage (``[]`` elsewhere).
+
+    megatron's schedule divides each returned loss by the number of micro-batches (and DDP
+    averages gradients over data-parallel ranks): see ``optimizer.global_loss_scale``."""
+    micro_batches = [(batch.to(device()), loss_fn) for batch, loss_fn in micro_batches]
 
     def forward_step(data_iterator, stage_model):
-        batch = next(data_iterator)
-        return stage_model(**batch.model_inputs(attention_mask_fn)), partial(loss_fn, batch)
+        batch, loss_fn = next(data_iterator)
+        return stage_model(**batch.model_inputs(attention_mask_fn)), loss_fn
 
-    seq_length = max(b.input_ids.shape[1] for b in batches)
-    custom = loss_fn is not None
-    loss_fn = loss_fn or (lambda batch, output: _loss_for_logprobs(batch, with_entropy, temperature,
-                                                                   tuple(banned_token_ids), output))
-    records = get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iterator, model=[model], num_microbatches=len(batches),
-        seq_length=seq_length, micro_batch_size=batches[0].input_ids.shape[0], forward_only=forward_only)
-    if custom:
-        return broadcast_records(records)
+    batches = [batch for batch, _ in micro_batches]
+    return get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter(micro_batches), model=[model],
+        num_microbatches=len(micro_batches), seq_length=max(b.input_ids.shape[1] for b in batches),
+        micro_batch_size=batches[0].input_ids.shape[0], forward_only=forward_only)
+
+
+def summed_nll(batch: ModelBatch) -> LossFn:
+    """The loss ``-sum log p(target)`` over ``batch``'s scored tokens (reported with its log-probs)."""
+    return partial(_logprob_report, batch, False, 1.0, ())
+
+
+def forward_logprobs(model, batches: list[ModelBatch], attention_mask_fn, with_entropy: bool = False,
+                     temperature: float = 1.0, banned_token_ids: tuple = ()) -> list[dict]:
+    """Per-position log-probs (and entropies) of ``batches`` under ``logits / temperature``
+    without ``banned_token_ids`` (:func:`tempered`), forward only. Returns, on every rank, one
+    record per micro-batch (``logprobs`` ``[B, S]`` and, if asked, ``entropy``), broadcast from
+    the last pipeline stage."""
+    batches = [batch.to(device()) for batch in batches]  # no-op for batches built on the device
+    banned = tuple(banned_token_ids)
+    records = run_schedule(model, [(batch, partial(_logprob_report, batch, with_entropy, temperature, banned))
+                                   for batch in batches], attention_mask_fn, forward_only=True)
     return broadcast_from_last_stage(records, batches, with_entropy)
 
 
-def broadcast_records(records: list[dict]) -> list[dict]:
-    """A custom loss function's records (small: scalars) from the last pipeline stage to all."""
-    if ps.get_pipeline_model_parallel_world_size() == 1:
-        return records
-    holder = [records if ps.is_pipeline_last_stage() else None]
-    dist.broadcast_object_list(holder, src=ps.get_pipeline_model_parallel_last_rank(),
-                               group=ps.get_pipeline_model_parallel_group())
-    return holder[0]
+def sum_over_data_parallel(values: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """A report computed on the last pipeline stage (one value per data-parallel rank's share),
+    reduced over the data-parallel ranks and known on every rank: ONE all-reduce over the world
+    group, to which only the last stage's tensor-parallel rank 0 contributes (the other TP ranks
+    hold the same values; earlier stages pass zeros of the same shape). ``op``: SUM, or MAX of
+    values >= 0."""
+    if not (ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0):
+        values = torch.zeros_like(values)
+    dist.all_reduce(values, op=op)
+    return values
 
 
 def broadcast_from_last_stage(records: list[dict], batches: list[ModelBatch], with_entropy: bool) -> list[dict]:

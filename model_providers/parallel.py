@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -19,17 +20,10 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from megatron_ivr.config import ConfigError
+from megatron_ivr.config.schema import ParallelismConfig, RunConfig
+from megatron_ivr.model_providers.layout import check_layout
+from megatron_ivr.model_providers.lifetime import exit_with_parent, under_torchrun
 from megatron_ivr.model_providers.platform import apply_cpu_patches
-
-
-@dataclass(frozen=True)
-class ParallelLayout:
-    tp: int = 1
-    pp: int = 1
-    cp: int = 1
-
-    def world_size_multiple(self) -> int:
-        return self.tp * self.pp * self.cp
 
 
 def free_port() -> int:
@@ -56,8 +50,8 @@ def device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def init_parallel(layout: ParallelLayout, seed: int = 0) -> None:
-    """Initialize torch.distributed (if needed) and megatron's TP/PP/CP/DP groups."""
+def init_parallel(parallel: ParallelismConfig | None = None, seed: int = 0) -> None:
+    """Initialize torch.distributed (if needed) and megatron's TP/PP/DP groups."""
     use_cuda = torch.cuda.is_available()
     if not use_cuda:
         apply_cpu_patches()
@@ -69,13 +63,13 @@ def init_parallel(layout: ParallelLayout, seed: int = 0) -> None:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("cpu:gloo,cuda:nccl" if use_cuda else "gloo")
     world = dist.get_world_size()
-    if world % layout.world_size_multiple():
-        raise ValueError(f"world size {world} is not a multiple of tp*pp*cp = {layout.world_size_multiple()}")
+    parallel = parallel or ParallelismConfig()
+    tp, pp = parallel.tensor_parallel, parallel.pipeline_parallel
+    if world % (tp * pp):
+        raise ValueError(f"world size {world} is not a multiple of tp*pp = {tp * pp}")
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=layout.tp,
-                                             pipeline_model_parallel_size=layout.pp,
-                                             context_parallel_size=layout.cp)
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     model_parallel_cuda_manual_seed(seed)
 
 
@@ -84,3 +78,21 @@ def destroy_parallel() -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextmanager
+def trainer_processes(cfg: RunConfig, model_path: str) -> Iterator[int]:
+    """Threads and process groups for the body of a job (the layout checked against the model
+    at ``model_path`` first); yields this process's rank. The groups are torn down however the
+    body ends (a data or config error after start-up included). Under torchrun a rank ends
+    with its agent (SIGKILLed, the agent cannot stop the rank itself)."""
+    if under_torchrun():
+        exit_with_parent(os.getppid())
+    select_device(cfg.trainer.device)
+    torch.set_num_threads(cfg.trainer.num_threads)
+    check_layout(cfg, int(os.environ.get("WORLD_SIZE", "1")), model_path)
+    init_parallel(cfg.parallel, cfg.trainer.seed)
+    try:
+        yield dist.get_rank()
+    finally:
+        destroy_parallel()

@@ -17,18 +17,11 @@ import torch
 import torch.distributed as dist
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from megatron_ivr.config.schema import OptimizerFields
 from megatron_ivr.model_providers.build import DTYPES, build_model, gather_hf_weights, load_hf_weights
 from megatron_ivr.model_providers.families import get_provider
 from megatron_ivr.model_providers.hf_checkpoint import HFCheckpoint, write_hf_folder
-from megatron_ivr.model_providers.optimizer import OptimizerSettings, wrap_for_training
-
-
-@dataclass
-class ScheduleSettings:
-    warmup_steps: int = 0
-    total_steps: int = 1
-    style: str = "constant"  # constant | linear | cosine
-    min_lr: float = 0.0
+from megatron_ivr.model_providers.optimizer import wrap_for_training
 
 
 @dataclass
@@ -55,9 +48,11 @@ class Policy:
         self.scheduler.step(1)
 
 
-def load_policy(model_path: str, dtype: str = "float32", optim: Optional[OptimizerSettings] = None,
-                schedule: Optional[ScheduleSettings] = None, fp8: Optional[str] = None) -> Policy:
-    """Build this rank's stage and load the HF weights; with ``optim``, make it trainable."""
+def load_policy(model_path: str, dtype: str = "float32", optim: Optional[OptimizerFields] = None,
+                schedule_steps: int = 1, fp8: Optional[str] = None) -> Policy:
+    """Build this rank's stage and load the HF weights; with ``optim`` (the run's ``trainer`` or
+    ``sft`` config), make it trainable, its learning rate scheduled over ``schedule_steps``
+    optimizer steps."""
     checkpoint = HFCheckpoint(model_path)
     hf_config = checkpoint.config()
     model = build_model(hf_config, dtype=DTYPES[dtype], fp8=fp8)
@@ -69,19 +64,21 @@ def load_policy(model_path: str, dtype: str = "float32", optim: Optional[Optimiz
             param.requires_grad_(False)
         return policy
     policy.ddp, policy.optimizer = wrap_for_training(model, optim)
-    policy.scheduler = make_scheduler(policy.optimizer, optim, schedule or ScheduleSettings())
+    policy.scheduler = make_scheduler(policy.optimizer, optim, schedule_steps)
     return policy
 
 
-def make_scheduler(optimizer, optim: OptimizerSettings, schedule: ScheduleSettings):
-    warmup = schedule.warmup_steps
+def make_scheduler(optimizer, optim: OptimizerFields, total_steps: int):
+    """megatron's scheduler: ``optim.lr_warmup_steps`` of linear warmup, then ``optim.lr_schedule``
+    down to ``optim.min_lr`` at ``total_steps``."""
+    warmup = optim.lr_warmup_steps
     for group in optimizer.param_groups:  # megatron's groups carry their own (unset) lr bounds
-        group["max_lr"], group["min_lr"] = optim.lr, schedule.min_lr
+        group["max_lr"], group["min_lr"] = optim.lr, optim.min_lr
     return OptimizerParamScheduler(
-        optimizer, init_lr=0.0 if warmup > 0 else optim.lr, max_lr=optim.lr, min_lr=schedule.min_lr,
-        lr_warmup_steps=warmup, lr_decay_steps=max(schedule.total_steps, warmup + 1),
-        lr_decay_style=schedule.style, start_wd=optim.weight_decay, end_wd=optim.weight_decay,
-        wd_incr_steps=max(schedule.total_steps, 1), wd_incr_style="constant")
+        optimizer, init_lr=0.0 if warmup > 0 else optim.lr, max_lr=optim.lr, min_lr=optim.min_lr,
+        lr_warmup_steps=warmup, lr_decay_steps=max(total_steps, warmup + 1),
+        lr_decay_style=optim.lr_schedule, start_wd=optim.weight_decay, end_wd=optim.weight_decay,
+        wd_incr_steps=max(total_steps, 1), wd_incr_style="constant")
 
 
 @torch.no_grad()

@@ -294,8 +294,8 @@ class QwenVLModel(_megatron_module()):
         output = self.vision(pixel_values.to(self.config.params_dtype), grid_thw=image_grid_thw, return_dict=True)
         features = output.pooler_output
         mask = input_ids == self.image_token_id if image_mask is None else image_mask.bool()
-        if int(mask.sum()) != features.shape[0]:
-            raise ValueError(f"{int(mask.sum())} image tokens in the batch but {features.shape[0]} image features")
+        # checked on the device, without a read-back (collate checks the same counts on the host first)
+        torch._assert_async(mask.sum() == features.shape[0], "image tokens and image features differ in number")
         embeddings = embeddings.clone()
         batch_first = embeddings.transpose(0, 1)
         batch_first[mask] = features.to(embeddings.dtype)
@@ -304,18 +304,20 @@ class QwenVLModel(_megatron_module()):
         return embeddings
 
     def forward(self, input_ids, position_ids, attention_mask, pixel_values=None, image_grid_thw=None,
-                image_mask=None, cu_seqlens=None):
+                image_mask=None, cu_seqlens=None, max_seqlen=None):
         """``cu_seqlens`` (THD packing: one row, ``B = 1``): the boundaries of the sequences
-        in the row, ending at its length; ``attention_mask`` is then None."""
+        in the row, ending at its length; ``attention_mask`` is then None. ``max_seqlen``: the
+        longest of them when the caller knows it on the host (else read from ``cu_seqlens``)."""
         decoder_input = self.embed(input_ids, pixel_values, image_grid_thw, image_mask) if self.pre_process else None
         try:
             return self.language(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                                 decoder_input=decoder_input, packed_seq_params=thd_params(cu_seqlens))
+                                 decoder_input=decoder_input,
+                                 packed_seq_params=thd_params(cu_seqlens, max_seqlen))
         finally:
             self._deepstack = None
 
 
-def thd_params(cu_seqlens: Optional[torch.Tensor]):
+def thd_params(cu_seqlens: Optional[torch.Tensor], max_seqlen: Optional[int] = None):
     """megatron-core's ``PackedSeqParams`` in THD format for one packed row (None: none).
 
     The boundaries must end at the row's length (``batching.thd_boundaries``): megatron's THD
@@ -324,7 +326,7 @@ def thd_params(cu_seqlens: Optional[torch.Tensor]):
     which is wrong for image tokens (the MRoPE packing bug of peers)."""
     if cu_seqlens is None:
         return None
-    longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    longest = max_seqlen if max_seqlen is not None else int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
     return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
                            max_seqlen_q=longest, max_seqlen_kv=longest)
 

@@ -19,24 +19,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
-from PIL import Image
 
 from megatron_ivr.algorithms.advantages import group_advantages
 from megatron_ivr.config.schema import IvrConfig
+from megatron_ivr.data.sample import Sample
 from megatron_ivr.prompts import render_prompt
 from megatron_ivr.rollout.engine import GenerationRequest, RolloutEngine, SamplingParams
-
-
-@dataclass
-class Query:
-    id: str
-    images: list[Image.Image]
-    question: str
-    answer: str
-    description: Optional[str] = None  # used by the ``description`` ablation when given
 
 
 @dataclass
@@ -69,9 +59,10 @@ class ReReasoningLoop:
         self.rectify_sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
                                                top_p=top_p, n=1)
 
-    def _descriptions(self, queries: list[Query], needed: set[int]) -> dict[int, str]:
-        """Text descriptions for the ``description`` ablation: given ones, else one batched call."""
-        out = {i: queries[i].description for i in needed if queries[i].description}
+    def _descriptions(self, queries: list[Sample], needed: set[int]) -> dict[int, str]:
+        """Text descriptions for the ``description`` ablation: a sample's own (``meta["description"]``), else one
+        batched call."""
+        out = {i: queries[i].meta["description"] for i in needed if queries[i].meta.get("description")}
         missing = sorted(needed - set(out))
         if missing:
             requests = [GenerationRequest(render_prompt("describe", self.template), queries[i].images,
@@ -83,7 +74,7 @@ class ReReasoningLoop:
             self._metrics["ivr/describe_tokens"] += sum(c.num_tokens for c in completions)
         return out
 
-    def run(self, queries: list[Query], groups: list[list[ScoredResponse]]) -> IvrResult:
+    def run(self, queries: list[Sample], groups: list[list[ScoredResponse]]) -> IvrResult:
         if len(queries) != len(groups):
             raise ValueError(f"{len(queries)} queries but {len(groups)} response groups")
         cfg = self.cfg

@@ -7,10 +7,11 @@ responses, trained with policy shaping instead of the clipped ratio.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
+from megatron_ivr.config.schema import AlgorithmConfig
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 
@@ -75,7 +76,9 @@ def truncated_is_weights(old_logp: torch.Tensor, rollout_logp: torch.Tensor, cap
 
 
 def mismatch_metrics(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor) -> dict:
-    """Mean and max ``|logp_old - logp_rollout|`` and the mean token KL(rollout || trainer) (k3)."""
+    """Mean and max ``|logp_old - logp_rollout|`` and the mean token KL(rollout || trainer) (k3),
+    read back as floats: the per-token reference that the RL step's summed diagnostics are
+    tested against (training/rl.py reduces sums instead, once per step)."""
     valid = mask.bool()
     if not valid.any():
         return {"mismatch/abs_logp_diff_mean": 0.0, "mismatch/abs_logp_diff_max": 0.0, "mismatch/kl": 0.0}
@@ -85,24 +88,8 @@ def mismatch_metrics(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: t
             "mismatch/abs_logp_diff_max": diff.abs().max().item(), "mismatch/kl": kl.mean().item()}
 
 
-@dataclass
-class LossConfig:
-    eps_low: float = 0.2
-    eps_high: float = 0.2
-    beta: float = 0.0
-    gamma: float = 0.1
-    aggregation: str = "token-mean"
-    tis_cap: Optional[float] = 2.0  # None disables the truncated importance-sampling correction
-
-    @classmethod
-    def from_config(cls, algorithm) -> LossConfig:
-        """From the run's :class:`~megatron_ivr.config.schema.AlgorithmConfig`."""
-        return cls(eps_low=algorithm.eps_low, eps_high=algorithm.eps_high, beta=algorithm.beta,
-                   gamma=algorithm.ivr.gamma, aggregation=algorithm.loss_agg, tis_cap=algorithm.tis_cap)
-
-
 def rl_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-            cfg: LossConfig, rectified: Optional[torch.Tensor] = None, ref_logp: Optional[torch.Tensor] = None,
+            cfg: AlgorithmConfig, rectified: Optional[torch.Tensor] = None, ref_logp: Optional[torch.Tensor] = None,
             rollout_logp: Optional[torch.Tensor] = None, num_tokens: Optional[float] = None,
             num_sequences: Optional[float] = None) -> tuple[torch.Tensor, dict]:
     """The whole objective of spec sections 2 and 4.6, to minimize.
@@ -110,7 +97,12 @@ def rl_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor
     ``L = agg(l) + beta * agg(KL_k3)`` where per token ``l`` is the clipped surrogate (times
     the TIS weight when ``rollout_logp`` is given) for on-policy responses and the policy-
     shaping term for rectified ones. ``advantages`` is ``[B]`` or per token ``[B, T]``
-    (VICRA-shaped). Returns the loss and detached metrics.
+    (VICRA-shaped). ``cfg`` is the run's ``algorithm`` config: ``eps_low``/``eps_high``,
+    ``beta``, ``loss_agg``, ``tis_cap`` (None: no TIS) and ``ivr.gamma``.
+
+    Returns the loss and its parts as detached 0-d tensors (``loss/policy``, ``loss/kl`` when
+    ``beta > 0``, ``loss/clipped_tokens``, ``loss/total``): nothing is read back to the host
+    here, so that a loss function can run once per micro-batch without a device sync.
     """
     mask = mask.to(logp.dtype)
     if advantages.dim() == 1:
@@ -121,22 +113,17 @@ def rl_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor
     clip_loss, was_clipped = clipped_surrogate(logp, old_logp, advantages, cfg.eps_low, cfg.eps_high)
     if rollout_logp is not None and cfg.tis_cap is not None:
         clip_loss = clip_loss * truncated_is_weights(old_logp, rollout_logp, cfg.tis_cap)
-    shaped_loss = policy_shaping(logp, advantages, cfg.gamma)
+    shaped_loss = policy_shaping(logp, advantages, cfg.ivr.gamma)
     per_token = torch.where(rect_tokens, shaped_loss, clip_loss)
-    loss = aggregate(per_token, mask, cfg.aggregation, num_tokens, num_sequences)
-    metrics = {}
+    loss = aggregate(per_token, mask, cfg.loss_agg, num_tokens, num_sequences)
     on_policy_mask = mask * (~rect_tokens).to(mask.dtype)
-    with torch.no_grad():
-        metrics["loss/policy"] = loss.item()
-        metrics["loss/clip_fraction"] = ((was_clipped.to(mask.dtype) * on_policy_mask).sum()
-                                         / on_policy_mask.sum().clamp_min(1)).item()
+    metrics = {"loss/policy": loss.detach(),
+               "loss/clipped_tokens": (was_clipped.to(mask.dtype) * on_policy_mask).sum().detach()}
     if cfg.beta > 0:
         if ref_logp is None:
             raise ValueError("beta > 0 needs ref_logp")
-        kl = aggregate(kl_k3(logp, ref_logp), mask, cfg.aggregation, num_tokens, num_sequences)
+        kl = aggregate(kl_k3(logp, ref_logp), mask, cfg.loss_agg, num_tokens, num_sequences)
         loss = loss + cfg.beta * kl
-        metrics["loss/kl"] = kl.item()
-    if rollout_logp is not None:
-        metrics.update(mismatch_metrics(old_logp.detach(), rollout_logp, on_policy_mask))
-    metrics["loss/total"] = loss.item()
+        metrics["loss/kl"] = kl.detach()
+    metrics["loss/total"] = loss.detach()
     return loss, metrics

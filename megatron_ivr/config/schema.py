@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal, Optional, Protocol
 
 from megatron_ivr.config.errors import ConfigError
 
@@ -239,7 +239,7 @@ class AlgorithmConfig:
     loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
     adv_eps: float = 1e-6
     normalize_by_std: bool = True
-    tis_cap: float = 2.0
+    tis_cap: Optional[float] = 2.0  # C of spec 2's truncated importance weight; null: no TIS correction
     dynamic_sampling: bool = False
     max_sampling_rounds: int = 3
     overlong_shaping: bool = False
@@ -251,7 +251,7 @@ class AlgorithmConfig:
         _check(0 <= self.eps_low < 1, f"{prefix}.eps_low", "must be in [0, 1)")
         _check(self.eps_high >= 0, f"{prefix}.eps_high", "must be >= 0")
         _check(self.beta >= 0, f"{prefix}.beta", "must be >= 0")
-        _check(self.tis_cap >= 1, f"{prefix}.tis_cap", "must be >= 1")
+        _check(self.tis_cap is None or self.tis_cap >= 1, f"{prefix}.tis_cap", "must be >= 1, or null (no TIS)")
         _check(self.ivr.max_rectified >= 0, f"{prefix}.ivr.max_rectified", "must be >= 0")
         _check(self.ivr.max_rounds >= 1, f"{prefix}.ivr.max_rounds", "must be >= 1")
         _check(self.ivr.gamma > 0, f"{prefix}.ivr.gamma", "must be > 0")
@@ -282,6 +282,27 @@ class ParallelismConfig:
 
 
 LrSchedule = Literal["constant", "linear", "cosine"]
+
+
+class OptimizerFields(Protocol):
+    """The optimizer and learning-rate schedule fields that :class:`TrainerConfig` (RL) and
+    :class:`SftConfig` both carry; the runtime's optimizer takes either config as it is
+    (``model_providers/optimizer.py``, ``policy.py``)."""
+
+    lr: float
+    min_lr: float
+    lr_warmup_steps: int
+    lr_schedule: LrSchedule
+    weight_decay: float
+    grad_clip: float
+
+
+def _check_optimizer(cfg: OptimizerFields, prefix: str) -> None:
+    _check(cfg.lr > 0, f"{prefix}.lr", f"must be > 0, got {cfg.lr}")
+    _check(0 <= cfg.min_lr <= cfg.lr, f"{prefix}.min_lr", "must be in [0, lr]")
+    _check(cfg.lr_warmup_steps >= 0, f"{prefix}.lr_warmup_steps", "must be >= 0")
+    _check(cfg.weight_decay >= 0, f"{prefix}.weight_decay", f"must be >= 0, got {cfg.weight_decay}")
+    _check(cfg.grad_clip >= 0, f"{prefix}.grad_clip", f"must be >= 0 (0: no clipping), got {cfg.grad_clip}")
 
 
 @dataclass
@@ -318,11 +339,7 @@ class TrainerConfig:
     export_dir: Optional[str] = "runs/demo/rl/hf"  # the final policy as an HF folder (None: no export)
 
     def validate(self, prefix: str = "trainer") -> None:
-        _check(self.lr > 0, f"{prefix}.lr", f"must be > 0, got {self.lr}")
-        _check(0 <= self.min_lr <= self.lr, f"{prefix}.min_lr", "must be in [0, lr]")
-        _check(self.lr_warmup_steps >= 0, f"{prefix}.lr_warmup_steps", "must be >= 0")
-        _check(self.weight_decay >= 0, f"{prefix}.weight_decay", f"must be >= 0, got {self.weight_decay}")
-        _check(self.grad_clip >= 0, f"{prefix}.grad_clip", f"must be >= 0 (0: no clipping), got {self.grad_clip}")
+        _check_optimizer(self, prefix)
         _check(self.steps >= 0, f"{prefix}.steps", "must be >= 0")
         _check(self.prompts_per_step >= 1, f"{prefix}.prompts_per_step", "must be >= 1")
         _check(1 <= self.mini_batches <= self.prompts_per_step, f"{prefix}.mini_batches",
@@ -359,11 +376,7 @@ class SftConfig:
         _check(self.steps >= 0, f"{prefix}.steps", "must be >= 0")
         _check(len(self.data_paths) >= 1, f"{prefix}.data_paths", "must name at least one file")
         _check(self.batch_size >= 1, f"{prefix}.batch_size", "must be >= 1")
-        _check(self.lr > 0, f"{prefix}.lr", f"must be > 0, got {self.lr}")
-        _check(0 <= self.min_lr <= self.lr, f"{prefix}.min_lr", "must be in [0, lr]")
-        _check(self.lr_warmup_steps >= 0, f"{prefix}.lr_warmup_steps", "must be >= 0")
-        _check(self.weight_decay >= 0, f"{prefix}.weight_decay", f"must be >= 0, got {self.weight_decay}")
-        _check(self.grad_clip >= 0, f"{prefix}.grad_clip", f"must be >= 0 (0: no clipping), got {self.grad_clip}")
+        _check_optimizer(self, prefix)
         _check(self.save_interval >= 0, f"{prefix}.save_interval", "must be >= 0")
 
 

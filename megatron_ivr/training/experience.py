@@ -15,13 +15,17 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Optional
 
+import numpy as np
 import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
 from PIL import Image
 
 from megatron_ivr.algorithms.advantages import group_advantages, overlong_penalty
 from megatron_ivr.algorithms.dynamic_sampling import fill_batch
-from megatron_ivr.algorithms.ivr import Query, ReReasoningLoop, ScoredResponse, mixed_groups
+from megatron_ivr.algorithms.ivr import ReReasoningLoop, ScoredResponse, mixed_groups
 from megatron_ivr.config.schema import RunConfig
 from megatron_ivr.data.sample import Sample
 from megatron_ivr.prompts import render_prompt
@@ -146,7 +150,7 @@ class ExperienceMaker:
         rectified: list[list[ScoredResponse]] = [[] for _ in groups]
         if self.ivr is not None and groups:
             t0 = time.perf_counter()
-            queries = [Query(g.sample.id, g.sample.images, g.sample.question, g.sample.answer) for g in groups]
+            queries = [g.sample for g in groups]
             result = self.ivr.run(queries, on_policy)
             metrics.update(result.metrics)
             rectified, refused = refuse_vision_tokens(result.rectified, self.banned, lambda r: r.token_ids)
@@ -177,6 +181,89 @@ class ExperienceMaker:
         metrics.update(rollout_metrics(trajectories, cfg.rollout.max_new_tokens))
         metrics["data/epoch"] = self.sampler.epoch
         return Experience(trajectories, [g.sample.id for g in groups], metrics)
+
+
+def broadcast_experience(experience: Optional[Experience]) -> Experience:
+    """Rank 0's experience on every trainer rank (collective), as tensors where it is large:
+
+    - a small header, pickled once: the metrics, sample ids and, per group of responses, its
+      prompt text and image sizes; per response its group, length, finish reason and version;
+    - the response token ids, the engine's log-probs and the scalars (advantage, reward,
+      accuracy, format, rectified) as flat tensors, to every rank (every rank lays out the
+      same token rows);
+    - each group's images once, as uint8 pixel tensors, only to the ranks of the first
+      pipeline stage, which run the vision tower; later stages get blank images of the same
+      size (the token layout and MRoPE positions depend on the size only).
+    """
+    if dist.get_world_size() == 1:
+        return experience
+    holder = [_header(experience) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(holder, src=0)
+    header = holder[0]
+    lengths = [row[1] for row in header["rows"]]
+    total, n = sum(lengths), len(lengths)
+    mine = dist.get_rank() == 0
+    ts = experience.trajectories if mine else None
+    token_ids = _broadcast(torch.tensor([i for t in ts for i in t.response_ids], dtype=torch.int64) if mine
+                           else torch.empty(total, dtype=torch.int64))
+    logprobs = _broadcast(torch.tensor([x for t in ts for x in t.rollout_logprobs], dtype=torch.float64) if mine
+                          else torch.empty(total, dtype=torch.float64))
+    scalars = _broadcast(torch.tensor([[t.advantage, t.reward, t.accuracy, t.format, float(t.rectified)] for t in ts],
+                                      dtype=torch.float64).reshape(n, 5) if mine
+                         else torch.empty((n, 5), dtype=torch.float64))
+    images = _group_images(header["groups"], experience)
+    if mine:
+        return experience
+    token_ids, logprobs = token_ids.split(lengths), logprobs.split(lengths)
+    trajectories = []
+    for k, (group, _, sample_id, finish_reason, version) in enumerate(header["rows"]):
+        advantage, reward, accuracy, fmt, rectified = scalars[k].tolist()
+        trajectories.append(Trajectory(sample_id, group, header["groups"][group][0], images[group],
+                                       token_ids[k].tolist(), logprobs[k].tolist(), reward, accuracy, fmt,
+                                       advantage, bool(rectified), finish_reason, version))
+    return Experience(trajectories, header["sample_ids"], header["metrics"])
+
+
+def _header(experience: Experience) -> dict:
+    groups, rows = {}, []
+    for t in experience.trajectories:
+        groups.setdefault(t.group, (t.prompt, [(image.mode, image.size) for image in t.images]))
+        rows.append((t.group, len(t.response_ids), t.sample_id, t.finish_reason, t.weight_version))
+    return {"metrics": experience.metrics, "sample_ids": experience.sample_ids, "groups": groups, "rows": rows}
+
+
+def _broadcast(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """A CPU tensor from global rank 0 (gloo, also beside NCCL: the trainer's group has both)."""
+    if tensor.numel():
+        dist.broadcast(tensor, src=0, group=group)
+    return tensor
+
+
+CHANNELS = {"RGB": 3, "L": 1, "RGBA": 4}  # the image modes that travel as pixels
+
+
+def _group_images(groups: dict, experience: Optional[Experience]) -> dict[int, list[Image.Image]]:
+    """Each group's images: rank 0 sends its pixels to the first pipeline stage's ranks (one
+    uint8 tensor; rank 0 passes its ``experience``), later stages make blanks of the same size."""
+    shapes = [(g, mode, size) for g, (_, images) in sorted(groups.items()) for mode, size in images]
+    out: dict[int, list[Image.Image]] = {g: [] for g in groups}
+    if not ps.is_pipeline_first_stage():
+        for g, mode, size in shapes:
+            out[g].append(Image.new(mode, size))
+        return out
+    sizes = [width * height * CHANNELS[mode] for _, mode, (width, height) in shapes]
+    flat = torch.empty(sum(sizes), dtype=torch.uint8)
+    if experience is not None and sizes:
+        first = {}
+        for t in experience.trajectories:
+            first.setdefault(t.group, t.images)
+        flat = torch.cat([torch.from_numpy(np.array(image, dtype=np.uint8)).reshape(-1)
+                          for g in sorted(groups) for image in first[g]])
+    _broadcast(flat, ps.get_tensor_and_data_parallel_group())
+    for (g, mode, (width, height)), chunk in zip(shapes, flat.split(sizes)):
+        array = chunk.numpy().reshape((height, width, CHANNELS[mode]))
+        out[g].append(Image.fromarray(array[..., 0] if mode == "L" else array))
+    return out
 
 
 def rollout_metrics(trajectories: list[Trajectory], max_new_tokens: int) -> dict:

@@ -1,14 +1,17 @@
-"""One RL step, top to bottom (GRPO/DAPO, with VICRA and IVR-R1 when enabled).
+"""The trainer's half of an RL step (GRPO/DAPO, with VICRA and IVR-R1 when enabled); the
+step as a whole is ``RlJob.step`` in train.py.
 
     rank 0 (controller): experience = prompts -> rollouts -> rewards -> [IVR] -> advantages
-    broadcast the trajectories to every trainer rank
+    the experience to every trainer rank, as tensors (experience.py)
     every rank, its data-parallel share of the micro-batches (a group's responses share one
     copy of their prompt and image when ``trainer.share_prompts``; see model_providers/batching.py):
       1. one forward-only sweep: the VICRA pass without the image (or distorted) and, when
          the step makes more than one optimizer step, the old log-probs with the image
       2. reference log-probs when beta > 0 (a frozen copy of the initial policy)
       3. per micro-batch: VICRA w -> psi(w) -> per-token advantages (spec section 3)
-      4. per mini-batch: forward/backward with ``rl_loss`` (global denominators), optimizer step
+      4. per mini-batch: forward/backward with ``rl_loss`` (global denominators), optimizer step;
+         each micro-batch's loss function returns a detached report vector
+      5. the reports reduced once (one SUM, one MAX all-reduce) and read back once
     the weight bridge pushes the new policy into the engine (version = step)
 
 Old log-probs: with one optimizer step per RL step (``trainer.mini_batches = 1``) the policy
@@ -22,21 +25,22 @@ the rollouts were sampled from, which the engines' log-probs are of too.
 Per-token tensors live in the response layout ``[N, T]`` (one row per response, whatever
 the packing), which is what the loss functions take. The loss of a micro-batch is
 normalized by the *global* token (or sequence) count of its mini-batch, and megatron's own
-averaging over micro-batches and data-parallel ranks is undone, so the gradient is that of
-the whole mini-batch's objective however it is split.
+averaging over micro-batches and data-parallel ranks is undone (``global_loss_scale``), so
+the gradient is that of the whole mini-batch's objective however it is split.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from megatron_ivr.algorithms.losses import LossConfig, rl_loss
+from megatron_ivr.algorithms.losses import rl_loss
 from megatron_ivr.algorithms.vicra import distort_batch, prob_diff_scores, psi
 from megatron_ivr.config.schema import RunConfig
 from megatron_ivr.model_providers.batching import (
@@ -51,6 +55,7 @@ from megatron_ivr.model_providers.batching import (
 )
 from megatron_ivr.model_providers.logprobs import (
     forward_logprobs,
+    sum_over_data_parallel,
     tempered,
     vocab_parallel_entropy,
     vocab_parallel_logprobs,
@@ -61,6 +66,8 @@ from megatron_ivr.model_providers.qwen_vl import causal_mask, token_alignment, t
 from megatron_ivr.models.tokenizer import vision_token_ids
 from megatron_ivr.training.experience import Experience, Trajectory
 
+# a micro-batch's report: its loss parts, then DIAGNOSTIC_SUMS, then the largest |delta logp|
+REPORT = ("loss", "kl", "clipped", "on_policy_tokens", "shaped_tokens")
 DIAGNOSTIC_SUMS = ("tokens", "entropy", "on_tokens", "abs_diff", "kl", "tis_clipped", "vg", "vg_entropy",
                    "others", "other_entropy", "w", "scored")
 
@@ -115,19 +122,11 @@ class MicroBatch:
         self.no_image_logp = out
 
 
-def broadcast_experience(experience: Optional[Experience]) -> Experience:
-    """The controller's experience on every rank (images travel as PIL objects)."""
-    holder = [experience]
-    dist.broadcast_object_list(holder, src=0)
-    return holder[0]
-
-
 class RlStep:
     """The trainer's half of an RL step, on every rank."""
 
     def __init__(self, cfg: RunConfig, policy, processor, reference=None):
         self.cfg, self.policy, self.processor, self.reference = cfg, policy, processor, reference
-        self.loss_cfg = LossConfig.from_config(cfg.algorithm)
         self.temperature = cfg.rollout.temperature  # the trajectories' sampling temperature (> 0)
         self.banned = tuple(vision_token_ids(processor.tokenizer))  # never sampled: not in the distribution
         self.token_alignment = token_alignment(cfg.parallel.fp8)  # rows padded to a multiple (FP8 GEMMs)
@@ -226,90 +225,105 @@ class RlStep:
         return time.perf_counter() - t0
 
     # --- 3 + 4: train ---------------------------------------------------------------------
-    def _train(self, mini: list[MicroBatch], totals: dict) -> dict:
-        scale = global_loss_scale(len(mini))
-        by_batch = {id(m.batch): m for m in mini}
+    def _loss(self, micro: MicroBatch, totals: dict, scale: float, logits: torch.Tensor):
+        """Micro-batch ``micro``'s loss (spec 2 and 4.6, on the ``[N, T]`` response layout, global
+        denominators) and its report: one detached vector, :data:`REPORT` then
+        :data:`DIAGNOSTIC_SUMS` then the largest |delta logp| (nothing is read back to the host)."""
+        batch = micro.batch
+        logits = tempered(logits, self.temperature, self.banned)
+        if micro.old_logp is None:  # on-policy: this forward is the old policy's (entropy first:
+            entropy = batch.responses(vocab_parallel_entropy(logits))  # the log-probs reuse the logits)
+        logp = batch.responses(vocab_parallel_logprobs(logits, batch.targets))
+        if micro.old_logp is None:
+            micro.finish(logp.detach(), entropy)
+        loss, parts = rl_loss(logp, micro.old_logp, micro.advantages, micro.mask, self.cfg.algorithm, micro.rectified,
+                              micro.ref_logp, micro.behaviour_logp, num_tokens=totals["tokens"],
+                              num_sequences=totals["sequences"])
+        with torch.no_grad():
+            on_policy = micro.mask * (~micro.rectified[:, None]).to(micro.mask.dtype)
+            on_tokens = on_policy.sum()
+            zero = torch.zeros((), device=loss.device)
+            report = torch.stack([parts["loss/total"], parts.get("loss/kl", zero), parts["loss/clipped_tokens"],
+                                  on_tokens, micro.mask.sum() - on_tokens]).double()
+            sums, peak = self._diagnostic_sums(micro)
+        return loss * scale, torch.cat([report, sums, peak.reshape(1)])
 
-        def loss_fn(batch, logits):
-            micro = by_batch[id(batch)]
-            logits = tempered(logits, self.temperature, self.banned)
-            if micro.old_logp is None:  # on-policy: this forward is the old policy's (entropy first:
-                entropy = batch.responses(vocab_parallel_entropy(logits))  # the log-probs reuse the logits)
-            logp = batch.responses(vocab_parallel_logprobs(logits, batch.targets))
-            if micro.old_logp is None:
-                micro.finish(logp.detach(), entropy)
-            mask = micro.mask
-            loss, parts = rl_loss(logp, micro.old_logp, micro.advantages, mask, self.loss_cfg, micro.rectified,
-                                  micro.ref_logp, micro.behaviour_logp, num_tokens=totals["tokens"],
-                                  num_sequences=totals["sequences"])
-            on_policy = mask * (~micro.rectified[:, None]).to(mask.dtype)
-            with torch.no_grad():
-                shaped = (mask - on_policy).sum().item()
-                record = {"loss": loss.item(), "kl": parts.get("loss/kl", 0.0) * (self.loss_cfg.beta > 0),
-                          "clipped": parts["loss/clip_fraction"] * on_policy.sum().item(),
-                          "on_policy_tokens": on_policy.sum().item(), "shaped_tokens": shaped,
-                          "diagnostics": self._diagnostic_sums(micro)}
-            return loss * scale, record
-
+    def _train(self, mini: list[MicroBatch], totals: dict) -> tuple[torch.Tensor, dict]:
+        """One optimizer step on a mini-batch; returns the sum of its micro-batches' reports (this
+        data-parallel rank's; zeros off the last pipeline stage) and the optimizer's numbers."""
+        scale = global_loss_scale(len(mini), ps.get_data_parallel_world_size())
         self.policy.advance_lr()
-        result = train_step(self.policy.ddp, self.policy.optimizer, [m.batch for m in mini], causal_mask, loss_fn)
-        sums = torch.tensor([[sum(r[k] for r in result["records"]) for k in
-                              ("loss", "kl", "clipped", "on_policy_tokens", "shaped_tokens")]], dtype=torch.float64)
-        dist.all_reduce(sums, group=ps.get_data_parallel_group())
-        loss, kl, clipped, on_tokens, shaped = sums[0].tolist()
-        return {"loss/total": loss, "loss/kl": kl, "loss/clip_fraction": clipped / max(on_tokens, 1.0),
-                "loss/shaped_token_share": shaped / max(on_tokens + shaped, 1.0),
-                "optim/grad_norm": result["grad_norm"], "optim/lr": self.policy.lr,
-                "optim/updated": float(result["updated"]),
-                "diagnostics": [r["diagnostics"] for r in result["records"]]}
+        result = train_step(self.policy.ddp, self.policy.optimizer, [m.batch for m in mini], causal_mask,
+                            [partial(self._loss, m, totals, scale) for m in mini])
+        result["lr"] = self.policy.lr
+        reports = result["reports"]
+        width = len(REPORT) + len(DIAGNOSTIC_SUMS) + 1
+        if not reports:  # not the last pipeline stage
+            return torch.zeros(width, dtype=torch.float64, device=device()), result
+        stacked = torch.stack(reports)
+        return torch.cat([stacked[:, :-1].sum(0), stacked[:, -1:].max(0).values]), result
 
     def __call__(self, experience: Experience, step: int) -> dict:
         trajectories = experience.trajectories
         minis, totals, metrics = self._micro_batches(trajectories, step)
         metrics["time/logprob_passes"] = self._score(minis, self.on_policy)
         t0 = time.perf_counter()
-        mini_metrics = [self._train(mini, mini_totals) for mini, mini_totals in zip(minis, totals)]
+        trained = [self._train(mini, mini_totals) for mini, mini_totals in zip(minis, totals)]
         metrics["time/train"] = time.perf_counter() - t0
-        metrics.update(self._reduce_diagnostics([d for m in mini_metrics for d in m.pop("diagnostics")]))
-        for key in mini_metrics[0]:
-            metrics[key] = sum(m[key] for m in mini_metrics) / len(mini_metrics)
+        metrics.update(self._reduce([report for report, _ in trained]))
+        metrics.update({"optim/grad_norm": sum(r["grad_norm"] for _, r in trained) / len(trained),
+                        "optim/lr": sum(r["lr"] for _, r in trained) / len(trained),
+                        "optim/updated": sum(float(r["updated"]) for _, r in trained) / len(trained)})
         return metrics
 
     @torch.no_grad()
-    def _diagnostic_sums(self, micro: MicroBatch) -> tuple[list[float], float]:
-        """Per micro-batch sums (:data:`DIAGNOSTIC_SUMS`) and the largest |delta logp|, from its
-        old log-probs (before any update of this step)."""
-        threshold, cap = self.cfg.algorithm.vicra.grounded_threshold, self.loss_cfg.tis_cap
+    def _diagnostic_sums(self, micro: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per micro-batch sums (:data:`DIAGNOSTIC_SUMS`, float64) and the largest |delta logp|,
+        from its old log-probs (before any update of this step), as tensors."""
+        threshold, cap = self.cfg.algorithm.vicra.grounded_threshold, self.cfg.algorithm.tis_cap
         valid = micro.mask.bool()
         on = valid & ~micro.rectified[:, None]
-        diff = (micro.old_logp - micro.behaviour_logp)[on].double()
+        diff = torch.where(on, micro.old_logp - micro.behaviour_logp, 0.0).double()  # 0 off the on-policy tokens
         entropy = micro.entropy.double()
         scored = micro.scored_mask.bool() if micro.vicra_rows is not None else torch.zeros_like(valid)
         grounded = scored & (micro.w > threshold) if micro.w is not None else torch.zeros_like(valid)
         other = scored & ~grounded
-        sums = [valid.sum(), entropy[valid].sum(), on.sum(), diff.abs().sum(), (diff.exp() - diff - 1).sum(),
-                (diff.exp() > cap).sum() if cap else 0.0, grounded.sum(), entropy[grounded].sum(), other.sum(),
-                entropy[other].sum(), micro.w[scored].double().sum() if micro.w is not None else 0.0, scored.sum()]
-        return [float(x) for x in sums], float(diff.abs().max()) if diff.numel() else 0.0
+        w = micro.w.double() if micro.w is not None else torch.zeros_like(entropy)
+        clipped = ((diff.exp() > cap) & on).sum() if cap is not None else torch.zeros((), device=valid.device)
+        sums = torch.stack([valid.sum(), (entropy * valid).sum(), on.sum(), diff.abs().sum(),
+                            ((diff.exp() - diff - 1) * on).sum(), clipped, grounded.sum(), (entropy * grounded).sum(),
+                            other.sum(), (entropy * other).sum(), (w * scored).sum(), scored.sum()]).double()
+        return sums, diff.abs().max() if diff.numel() else torch.zeros((), dtype=torch.float64)
 
-    def _reduce_diagnostics(self, parts: list[tuple[list[float], float]]) -> dict:
-        """Entropy, VICRA grounding statistics (spec 3) and the rollout/trainer mismatch (spec 2),
-        from per-micro-batch sums and maxima reduced over data-parallel ranks (no per-token gather)."""
-        sums = torch.tensor([p[0] for p in parts], dtype=torch.float64).sum(0) if parts else \
-            torch.zeros(len(DIAGNOSTIC_SUMS), dtype=torch.float64)
-        peak = torch.tensor([max((p[1] for p in parts), default=0.0)], dtype=torch.float64)
-        dist.all_reduce(sums, group=ps.get_data_parallel_group())
-        dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=ps.get_data_parallel_group())
-        (tokens, entropy_sum, on_tokens, abs_diff, kl, clipped, vg, vg_entropy, others, other_entropy,
-         w_sum, scored) = sums.tolist()
-        out = {"policy/entropy": entropy_sum / max(tokens, 1.0),
-               "mismatch/abs_logp_diff_mean": abs_diff / max(on_tokens, 1.0),
-               "mismatch/abs_logp_diff_max": peak.item(), "mismatch/kl": kl / max(on_tokens, 1.0),
-               "mismatch/tis_clip_share": clipped / max(on_tokens, 1.0)}
+    def _reduce(self, reports: list[torch.Tensor]) -> dict:
+        """The step's loss, clipping, entropy, VICRA grounding (spec 3) and rollout/trainer
+        mismatch (spec 2) metrics from the mini-batches' report vectors: one SUM and one MAX
+        all-reduce over the data-parallel ranks, then ONE read-back to the host (no per-token
+        gather, nothing per micro-batch)."""
+        stacked = torch.stack(reports)  # [mini_batches, width]
+        sums = sum_over_data_parallel(stacked[:, :-1].contiguous())
+        peak = sum_over_data_parallel(stacked[:, -1].max().reshape(1), op=dist.ReduceOp.MAX)
+        host = torch.cat([sums.flatten(), peak]).tolist()  # the one device -> host transfer of the step
+        rows = [host[k * sums.shape[1]:(k + 1) * sums.shape[1]] for k in range(sums.shape[0])]
+        per_mini = [dict(zip(REPORT, row[:len(REPORT)])) for row in rows]
+        diagnostics = dict(zip(DIAGNOSTIC_SUMS, [sum(row[len(REPORT) + i] for row in rows)
+                                                 for i in range(len(DIAGNOSTIC_SUMS))]))
+        out = {}
+        for key, value in (("loss/total", lambda m: m["loss"]), ("loss/kl", lambda m: m["kl"]),
+                           ("loss/clip_fraction", lambda m: m["clipped"] / max(m["on_policy_tokens"], 1.0)),
+                           ("loss/shaped_token_share", lambda m: m["shaped_tokens"] / max(
+                               m["on_policy_tokens"] + m["shaped_tokens"], 1.0))):
+            out[key] = sum(value(m) for m in per_mini) / len(per_mini)
+        d = diagnostics
+        on_tokens = max(d["on_tokens"], 1.0)
+        out.update({"policy/entropy": d["entropy"] / max(d["tokens"], 1.0),
+                    "mismatch/abs_logp_diff_mean": d["abs_diff"] / on_tokens, "mismatch/abs_logp_diff_max": host[-1],
+                    "mismatch/kl": d["kl"] / on_tokens, "mismatch/tis_clip_share": d["tis_clipped"] / on_tokens})
         if self.cfg.algorithm.vicra.enabled:
-            vg_mean = vg_entropy / vg if vg else 0.0
-            other_mean = other_entropy / others if others else 0.0
-            out.update({"vicra/vg_share": vg / max(scored, 1.0), "vicra/vg_entropy": vg_mean,
+            vg_mean = d["vg_entropy"] / d["vg"] if d["vg"] else 0.0
+            other_mean = d["other_entropy"] / d["others"] if d["others"] else 0.0
+            scored = max(d["scored"], 1.0)
+            out.update({"vicra/vg_share": d["vg"] / scored, "vicra/vg_entropy": vg_mean,
                         "vicra/other_entropy": other_mean, "vicra/entropy_gap": vg_mean - other_mean,
-                        "vicra/w_mean": w_sum / max(scored, 1.0), "vicra/scored_share": scored / max(tokens, 1.0)})
+                        "vicra/w_mean": d["w"] / scored, "vicra/scored_share": d["scored"] / max(d["tokens"], 1.0)})
         return out

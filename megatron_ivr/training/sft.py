@@ -12,9 +12,9 @@ how the batch is split into micro-batches or over data-parallel ranks.
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from megatron_ivr.config.schema import RunConfig
@@ -27,8 +27,9 @@ from megatron_ivr.model_providers.batching import (
     padding_share,
     plan_micro_batches,
 )
-from megatron_ivr.model_providers.logprobs import vocab_parallel_logprobs
+from megatron_ivr.model_providers.logprobs import sum_over_data_parallel, vocab_parallel_logprobs
 from megatron_ivr.model_providers.optimizer import global_loss_scale, train_step
+from megatron_ivr.model_providers.parallel import device
 from megatron_ivr.model_providers.qwen_vl import causal_mask, token_alignment
 from megatron_ivr.prompts import sample_prompt
 from megatron_ivr.training.sampler import EpochSampler
@@ -91,18 +92,20 @@ class SftJob:
         batches = [collate(self.policy.family, self.policy.hf_config, [items[i] for i in group],
                            tokenizer.pad_token_id, self.token_alignment) for group in mine]
         total_tokens = float(sum(len(item.response_ids) for item in items))
-        scale = global_loss_scale(len(batches))
+        scale = global_loss_scale(len(batches), dp_size)
 
-        def loss_fn(batch, logits):
+        def loss_fn(batch, logits):  # the mean NLL of the step's reply tokens (global denominator)
             logp = vocab_parallel_logprobs(logits, batch.targets) * batch.loss_mask
             nll = -logp.sum()
-            return nll / total_tokens * scale, {"nll": nll.item()}
+            return nll / total_tokens * scale, nll.detach().double().reshape(1)
 
         self.policy.advance_lr()
-        result = train_step(self.policy.ddp, self.policy.optimizer, batches, causal_mask, loss_fn)
-        nll = torch.tensor([sum(r["nll"] for r in result["records"])], dtype=torch.float64)
-        dist.all_reduce(nll, group=ps.get_data_parallel_group())
-        metrics = {"sft/loss": nll.item() / total_tokens, "sft/grad_norm": result["grad_norm"],
+        result = train_step(self.policy.ddp, self.policy.optimizer, batches, causal_mask,
+                            [partial(loss_fn, batch) for batch in batches])
+        local = torch.stack(result["reports"]).sum(0) if result["reports"] else torch.zeros(1, dtype=torch.float64,
+                                                                                             device=device())
+        nll = sum_over_data_parallel(local).item()  # the step's one read-back
+        metrics = {"sft/loss": nll / total_tokens, "sft/grad_norm": result["grad_norm"],
                    "sft/lr": self.policy.lr, "sft/tokens": total_tokens, "sft/epoch": epoch,
                    "batch/padding_share": padding_share(lengths, plan), "batch/micro_batches": len(plan)}
         if step == 1:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from megatron_ivr.algorithms.ivr import Query, ReReasoningLoop, ScoredResponse, mixed_groups
+from megatron_ivr.algorithms.ivr import ReReasoningLoop, ScoredResponse, mixed_groups
 from megatron_ivr.config.schema import IvrConfig, RewardConfig
 from megatron_ivr.data import ImageRules, read_dataset
 from megatron_ivr.prompts import render_prompt
@@ -31,7 +31,7 @@ class CountingEngine:
 
 def test_loop_with_the_tiny_model(tiny_models, synthetic_dir):
     samples = read_dataset(synthetic_dir / "train.jsonl", ImageRules(28, 3136, 12544), limit=3).samples
-    queries = [Query(s.id, s.images, s.question, s.answer) for s in samples]
+    queries = list(samples)
     engine = CountingEngine(LocalEngine.from_pretrained(tiny_models["qwen2_5_vl"], batch_size=8))
     sampling = SamplingParams(max_new_tokens=16, temperature=1.0, n=4, seed=0)
     with RewardFunction(RewardConfig()) as real_reward:

@@ -8,8 +8,9 @@ import torch
 from PIL import Image
 
 from megatron_ivr.algorithms.advantages import group_advantages
-from megatron_ivr.algorithms.ivr import Query, ReReasoningLoop, ScoredResponse, mixed_groups
+from megatron_ivr.algorithms.ivr import ReReasoningLoop, ScoredResponse, mixed_groups
 from megatron_ivr.config.schema import IvrConfig
+from megatron_ivr.data.sample import Sample
 from megatron_ivr.rollout.engine import Completion
 
 IMAGE = Image.new("RGB", (28, 28), (255, 0, 0))
@@ -53,7 +54,7 @@ def reward_fn(responses, answers):
 
 
 def make(num_queries=2, group=4, wrong_per_query=(2, 4)):
-    queries = [Query(f"q{i}", [IMAGE], f"question {i}", str(i + 1)) for i in range(num_queries)]
+    queries = [Sample(f"q{i}", [IMAGE], f"question {i}", str(i + 1)) for i in range(num_queries)]
     groups = []
     for i, q in enumerate(queries):
         wrong = wrong_per_query[i]

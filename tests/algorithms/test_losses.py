@@ -9,7 +9,6 @@ import torch
 
 from megatron_ivr.algorithms.losses import (
     AGGREGATIONS,
-    LossConfig,
     aggregate,
     kl_k3,
     mismatch_metrics,
@@ -17,6 +16,7 @@ from megatron_ivr.algorithms.losses import (
     rl_loss,
     truncated_is_weights,
 )
+from megatron_ivr.config.schema import AlgorithmConfig, IvrConfig
 from tests.algorithms import naive
 
 
@@ -44,7 +44,7 @@ CASES = list(itertools.product(AGGREGATIONS, [(1, 1), (3, 5), (8, 16)], [True, F
 def test_rl_loss_matches_naive(mode, shape, with_tis, beta):
     batch, length = shape
     logp, old, ref, rollout, adv, rectified, mask = random_batch(batch, length, seed=batch * 31 + length)
-    cfg = LossConfig(eps_low=0.2, eps_high=0.28, beta=beta, gamma=0.1, aggregation=mode, tis_cap=2.0)
+    cfg = AlgorithmConfig(eps_low=0.2, eps_high=0.28, beta=beta, loss_agg=mode, tis_cap=2.0, ivr=IvrConfig(gamma=0.1))
     loss, metrics = rl_loss(logp, old, adv, mask, cfg, rectified=rectified, ref_logp=ref,
                             rollout_logp=rollout if with_tis else None)
     tis = torch.exp(old - rollout).clamp(max=2.0).tolist() if with_tis else None
@@ -60,30 +60,30 @@ def test_rl_loss_matches_naive(mode, shape, with_tis, beta):
 def test_per_response_advantages_broadcast():
     logp, old, _, _, adv, _, mask = random_batch(4, 6, seed=5)
     per_response = adv[:, 0]
-    a, _ = rl_loss(logp, old, per_response, mask, LossConfig(tis_cap=None))
-    b, _ = rl_loss(logp, old, per_response[:, None].expand_as(logp), mask, LossConfig(tis_cap=None))
+    a, _ = rl_loss(logp, old, per_response, mask, AlgorithmConfig(tis_cap=None))
+    b, _ = rl_loss(logp, old, per_response[:, None].expand_as(logp), mask, AlgorithmConfig(tis_cap=None))
     assert a.item() == b.item()
 
 
 def test_all_padded_batch_is_zero_not_nan():
     logp, old, _, _, adv, _, _ = random_batch(3, 4, seed=1)
     for mode in AGGREGATIONS:
-        loss, _ = rl_loss(logp, old, adv, torch.zeros(3, 4), LossConfig(aggregation=mode))
+        loss, _ = rl_loss(logp, old, adv, torch.zeros(3, 4), AlgorithmConfig(loss_agg=mode))
         assert loss.item() == 0.0
 
 
 def test_zero_advantage_gives_zero_loss_and_gradient():
     logp, old, _, _, _, rectified, mask = random_batch(5, 7, seed=2)
     logp.requires_grad_(True)
-    loss, _ = rl_loss(logp, old, torch.zeros(5), mask, LossConfig(), rectified=rectified)
+    loss, _ = rl_loss(logp, old, torch.zeros(5), mask, AlgorithmConfig(), rectified=rectified)
     loss.backward()
     assert loss.item() == 0.0 and torch.count_nonzero(logp.grad) == 0
 
 
 def test_global_denominators():
     logp, old, _, _, adv, _, mask = random_batch(4, 5, seed=3)
-    local, _ = rl_loss(logp, old, adv, mask, LossConfig(tis_cap=None))
-    doubled, _ = rl_loss(logp, old, adv, mask, LossConfig(tis_cap=None), num_tokens=2 * mask.sum())
+    local, _ = rl_loss(logp, old, adv, mask, AlgorithmConfig(tis_cap=None))
+    doubled, _ = rl_loss(logp, old, adv, mask, AlgorithmConfig(tis_cap=None), num_tokens=2 * mask.sum())
     assert doubled.item() == pytest.approx(local.item() / 2)
     rows = (mask.sum(-1) > 0).sum()
     seq = aggregate(adv, mask, "seq-mean-token-sum", num_sequences=2 * rows)
@@ -111,10 +111,10 @@ def test_clip_is_asymmetric_and_counted():
     old = torch.zeros(1, 4, dtype=torch.float64)
     logp = torch.log(torch.tensor([[0.5, 0.9, 1.25, 1.5]], dtype=torch.float64))  # ratios
     adv = torch.tensor([[1.0, 1.0, 1.0, 1.0]], dtype=torch.float64)
-    loss, metrics = rl_loss(logp, old, adv, torch.ones(1, 4), LossConfig(eps_low=0.2, eps_high=0.28, tis_cap=None))
+    loss, metrics = rl_loss(logp, old, adv, torch.ones(1, 4), AlgorithmConfig(eps_low=0.2, eps_high=0.28, tis_cap=None))
     # positive advantage: the ratio is capped above at 1.28 only (the low side never binds for A > 0)
     assert loss.item() == pytest.approx(-(0.5 + 0.9 + 1.25 + 1.28) / 4)
-    assert metrics["loss/clip_fraction"] == pytest.approx(0.25)
+    assert metrics["loss/clipped_tokens"].item() == 1  # of the 4 (the 1.5 ratio)
 
 
 def test_kl_k3_and_tis():
@@ -131,14 +131,25 @@ def test_kl_k3_and_tis():
 def test_kl_requires_reference():
     logp, old, _, _, adv, _, mask = random_batch(2, 3, seed=4)
     with pytest.raises(ValueError, match="ref_logp"):
-        rl_loss(logp, old, adv, mask, LossConfig(beta=0.1))
+        rl_loss(logp, old, adv, mask, AlgorithmConfig(beta=0.1))
 
 
-def test_loss_config_from_run_config():
+def test_the_loss_takes_the_algorithm_config_and_tis_switches_off(tmp_path):
+    """``rl_loss`` reads the run's ``algorithm`` config itself; ``algorithm.tis_cap: null`` turns the
+    truncated importance weight off (the engine's log-probs then change nothing)."""
     from megatron_ivr.config import load_config
 
-    cfg = load_config(None, ["algorithm.eps_high=0.28", "algorithm.ivr.gamma=0.3",
-                             "algorithm.loss_agg=seq-mean-token-sum"])
-    loss_cfg = LossConfig.from_config(cfg.algorithm)
-    assert (loss_cfg.eps_low, loss_cfg.eps_high, loss_cfg.gamma, loss_cfg.aggregation, loss_cfg.tis_cap) == (
-        0.2, 0.28, 0.3, "seq-mean-token-sum", 2.0)
+    logp, old, ref, rollout, adv, rectified, mask = random_batch(4, 6, seed=11)
+    cfg = load_config(None, ["algorithm.eps_high=0.28", "algorithm.ivr.gamma=0.3", "algorithm.tis_cap=null",
+                             "algorithm.loss_agg=seq-mean-token-sum"]).algorithm
+    off, _ = rl_loss(logp, old, adv, mask, cfg, rectified=rectified, rollout_logp=rollout)
+    plain, _ = rl_loss(logp, old, adv, mask, cfg, rectified=rectified)
+    assert off.item() == plain.item()
+    cfg.tis_cap = 2.0
+    on, _ = rl_loss(logp, old, adv, mask, cfg, rectified=rectified, rollout_logp=rollout)
+    assert on.item() != plain.item()
+    per_token = naive.token_losses(logp.tolist(), old.tolist(), adv.tolist(), rectified.tolist(), 0.2, 0.28, 0.3,
+                                   torch.exp(old - rollout).clamp(max=2.0).tolist())
+    assert on.item() == pytest.approx(naive.aggregate(per_token, mask.tolist(), "seq-mean-token-sum"), abs=1e-10)
+
+

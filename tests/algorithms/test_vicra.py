@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from megatron_ivr.algorithms.losses import LossConfig, rl_loss
+from megatron_ivr.algorithms.losses import rl_loss
 from megatron_ivr.algorithms.vicra import (
     DISTORTIONS,
     distort_batch,
@@ -20,6 +20,7 @@ from megatron_ivr.algorithms.vicra import (
     shape_advantages,
     token_entropy,
 )
+from megatron_ivr.config.schema import AlgorithmConfig
 from tests.algorithms import naive
 from tests.algorithms.test_losses import random_batch
 
@@ -61,7 +62,7 @@ def test_zero_scores_leave_the_loss_unchanged():
     per_response = adv[:, 0]
     shaped = shape_advantages(per_response, torch.zeros_like(logp), mask)
     for mode in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"):
-        cfg = LossConfig(aggregation=mode, tis_cap=None)
+        cfg = AlgorithmConfig(loss_agg=mode, tis_cap=None)
         plain, _ = rl_loss(logp, old, per_response, mask, cfg, rectified=rectified)
         vicra, _ = rl_loss(logp, old, shaped, mask, cfg, rectified=rectified)
         assert vicra.item() == plain.item()

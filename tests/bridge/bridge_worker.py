@@ -28,12 +28,13 @@ def main() -> None:
     from megatron_ivr.bridge.bridge import WeightBridge
     from megatron_ivr.bridge.buckets import unflatten
     from megatron_ivr.bridge.transports import LocalTransport
+    from megatron_ivr.config.schema import ParallelismConfig
     from megatron_ivr.model_providers.build import build_model, gather_hf_weights, is_stage_leader, load_hf_weights
     from megatron_ivr.model_providers.hf_checkpoint import HFCheckpoint
-    from megatron_ivr.model_providers.parallel import ParallelLayout, init_parallel
+    from megatron_ivr.model_providers.parallel import init_parallel
     from megatron_ivr.rollout.local import LocalEngine
 
-    init_parallel(ParallelLayout(tp, pp))
+    init_parallel(ParallelismConfig(tensor_parallel=tp, pipeline_parallel=pp))
     checkpoint = HFCheckpoint(model_dir)
     model = build_model(checkpoint.config())
     load_hf_weights(model, checkpoint)

@@ -21,22 +21,22 @@ def main() -> None:
     torch.set_num_threads(1)
     import torch.distributed as dist
 
+    from megatron_ivr.config.schema import ParallelismConfig, TrainerConfig
     from megatron_ivr.model_providers.batching import build_model_batch
     from megatron_ivr.model_providers.build import build_model, load_hf_weights
     from megatron_ivr.model_providers.families import get_provider
     from megatron_ivr.model_providers.hf_checkpoint import HFCheckpoint
     from megatron_ivr.model_providers.optimizer import (
-        OptimizerSettings,
         parameter_checksum,
         train_step,
         wrap_for_training,
     )
-    from megatron_ivr.model_providers.parallel import ParallelLayout, init_parallel
+    from megatron_ivr.model_providers.parallel import init_parallel
     from megatron_ivr.model_providers.qwen_vl import causal_mask
     from megatron_ivr.models.processor import load_processor
     from tests.model_providers.parity_batch import parity_items
 
-    init_parallel(ParallelLayout(tp, 1))
+    init_parallel(ParallelismConfig(tensor_parallel=tp))
     from megatron.core import parallel_state as ps
 
     checkpoint = HFCheckpoint(model_dir)
@@ -50,7 +50,7 @@ def main() -> None:
                      build_model_batch(processor, family, hf_config, items[2:])]
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     mine = micro_batches[dp_rank::dp_size]
-    ddp, optimizer = wrap_for_training(model, OptimizerSettings(lr=1e-3, clip_grad=1e9))
+    ddp, optimizer = wrap_for_training(model, TrainerConfig(lr=1e-3, grad_clip=1e9))
     result = train_step(ddp, optimizer, mine, causal_mask)
     checksum = parameter_checksum(model).reshape(1)
     dist.all_reduce(checksum, group=ps.get_tensor_model_parallel_group())  # the whole model on each DP rank

@@ -23,17 +23,18 @@ def main() -> None:
     torch.set_num_threads(1)
     import torch.distributed as dist
 
+    from megatron_ivr.config.schema import ParallelismConfig, TrainerConfig
     from megatron_ivr.model_providers.batching import Packing, build_model_batch
     from megatron_ivr.model_providers.build import build_model, gather_hf_weights, load_hf_weights
     from megatron_ivr.model_providers.families import get_provider
     from megatron_ivr.model_providers.hf_checkpoint import HFCheckpoint, write_hf_folder
     from megatron_ivr.model_providers.logprobs import forward_logprobs
-    from megatron_ivr.model_providers.optimizer import OptimizerSettings, train_step, wrap_for_training
-    from megatron_ivr.model_providers.parallel import ParallelLayout, init_parallel
+    from megatron_ivr.model_providers.optimizer import train_step, wrap_for_training
+    from megatron_ivr.model_providers.parallel import init_parallel
     from megatron_ivr.model_providers.qwen_vl import causal_mask
     from megatron_ivr.models.processor import load_processor
 
-    init_parallel(ParallelLayout(tp, pp))
+    init_parallel(ParallelismConfig(tensor_parallel=tp, pipeline_parallel=pp))
     from megatron.core import parallel_state as ps
 
     rank = dist.get_rank()
@@ -62,7 +63,7 @@ def main() -> None:
                         - plain.responses(forward_logprobs(model, [plain], causal_mask)[0]["logprobs"])).abs().max()
         exported = gather_hf_weights(model, adapter.key_style)  # before the step changes the weights
         # one step through megatron's DDP, finalize_model_grads and distributed optimizer
-        ddp, optimizer = wrap_for_training(model, OptimizerSettings(lr=1e-4, clip_grad=1e9))
+        ddp, optimizer = wrap_for_training(model, TrainerConfig(lr=1e-4, grad_clip=1e9))
         norm = train_step(ddp, optimizer, [batch], causal_mask)["grad_norm"]
         # the replicated vision tower must get identical gradients on every TP rank
         vision_spread = 0.0

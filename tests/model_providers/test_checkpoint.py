@@ -39,14 +39,15 @@ def test_manifest_lists_size_and_content_hash(tmp_path):
 
 
 def test_resume_falls_back_past_a_same_size_corruption_and_refuses_when_none_passes(tmp_path):
-    from megatron_ivr.model_providers.parallel import ParallelLayout, destroy_parallel, init_parallel
+    from megatron_ivr.config.schema import ParallelismConfig
+    from megatron_ivr.model_providers.parallel import destroy_parallel, init_parallel
 
     for step in (1, 2):
         _fake(tmp_path, step)
     shard = tmp_path / "step_00000002" / "dist" / "shard.distcp"
     shard.write_bytes(b"z" * 100)  # damaged without a change of size: listed, but not loadable
     assert [s for s, _ in complete_checkpoints(tmp_path)] == [1, 2]
-    init_parallel(ParallelLayout())
+    init_parallel(ParallelismConfig())
     try:
         told = []
         assert Checkpointer(tmp_path).newest_verified(told.append) == (1, tmp_path / "step_00000001")
@@ -87,9 +88,10 @@ def test_model_parallel_rng_streams_round_trip():
     them) are saved with the other RNG states and restored: a resumed run draws the same."""
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
-    from megatron_ivr.model_providers.parallel import ParallelLayout, destroy_parallel, init_parallel
+    from megatron_ivr.config.schema import ParallelismConfig
+    from megatron_ivr.model_providers.parallel import destroy_parallel, init_parallel
 
-    init_parallel(ParallelLayout(), seed=5)
+    init_parallel(ParallelismConfig(), seed=5)
     try:
         with get_cuda_rng_tracker().fork():
             torch.rand(4)  # move the stream off its seed

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import torch
 
+from megatron_ivr.config.schema import ParallelismConfig
 from megatron_ivr.model_providers.logprobs import tempered, vocab_parallel_entropy, vocab_parallel_logprobs
-from megatron_ivr.model_providers.parallel import ParallelLayout, destroy_parallel, init_parallel
+from megatron_ivr.model_providers.parallel import destroy_parallel, init_parallel
 
 
 def test_removed_tokens_leave_the_distribution():
-    init_parallel(ParallelLayout())
+    init_parallel(ParallelismConfig())
     try:
         torch.manual_seed(0)
         logits = torch.randn(2, 5, 32, dtype=torch.float64).float()

@@ -29,9 +29,10 @@ def test_cuda_device_queries():
 def test_cuda_rng_tracker_forks_the_cpu_generator():
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
-    from megatron_ivr.model_providers.parallel import ParallelLayout, destroy_parallel, init_parallel
+    from megatron_ivr.config.schema import ParallelismConfig
+    from megatron_ivr.model_providers.parallel import destroy_parallel, init_parallel
 
-    init_parallel(ParallelLayout(), seed=123)  # seeds the tracker through the patched CUDA RNG calls
+    init_parallel(ParallelismConfig(), seed=123)  # seeds the tracker through the patched CUDA RNG calls
     try:
         _check_fork(get_cuda_rng_tracker)
     finally:

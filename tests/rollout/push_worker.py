@@ -29,13 +29,14 @@ def main() -> None:
 
     from megatron_ivr.bridge.bridge import WeightBridge
     from megatron_ivr.bridge.transports import DistributedTransport, transport_by_name
+    from megatron_ivr.config.schema import ParallelismConfig
     from megatron_ivr.model_providers.build import build_model, gather_hf_weights, is_stage_leader, load_hf_weights
     from megatron_ivr.model_providers.hf_checkpoint import HFCheckpoint, write_hf_folder
-    from megatron_ivr.model_providers.parallel import ParallelLayout, init_parallel
+    from megatron_ivr.model_providers.parallel import init_parallel
     from megatron_ivr.model_providers.state_dict_adapter import detect_key_style
     from megatron_ivr.rollout.sglang.client import SGLangClient
 
-    init_parallel(ParallelLayout(tp, pp))
+    init_parallel(ParallelismConfig(tensor_parallel=tp, pipeline_parallel=pp))
     checkpoint = HFCheckpoint(model_dir)
     key_style = detect_key_style(checkpoint.names())
     model = build_model(checkpoint.config())

@@ -18,18 +18,18 @@ def main() -> None:
     model_dir, data_dir = sys.argv[1], Path(sys.argv[2])
     torch.set_num_threads(1)
     from megatron_ivr.config import load_config
+    from megatron_ivr.config.schema import ParallelismConfig, TrainerConfig
     from megatron_ivr.data import ImageRules, read_dataset
-    from megatron_ivr.model_providers.optimizer import OptimizerSettings
-    from megatron_ivr.model_providers.parallel import ParallelLayout, init_parallel
-    from megatron_ivr.model_providers.policy import ScheduleSettings, load_policy
+    from megatron_ivr.model_providers.parallel import init_parallel
+    from megatron_ivr.model_providers.policy import load_policy
     from megatron_ivr.models.processor import load_processor
     from megatron_ivr.training.experience import Experience, Trajectory
     from megatron_ivr.training.rl import RlStep
 
-    init_parallel(ParallelLayout())
+    init_parallel(ParallelismConfig())
     cfg = load_config(None, [f"model.path={model_dir}", "algorithm.vicra.enabled=true"])
     processor = load_processor(model_dir)
-    policy = load_policy(model_dir, optim=OptimizerSettings(lr=1e-3), schedule=ScheduleSettings(total_steps=1))
+    policy = load_policy(model_dir, optim=TrainerConfig(lr=1e-3), schedule_steps=1)
     sample = read_dataset(data_dir / "train.jsonl", ImageRules(28, 3136, 12544), limit=1).samples[0]
     ids = processor.tokenizer("<desc>The image shows 3 objects.</desc>", add_special_tokens=False)["input_ids"]
     other = processor.tokenizer("<think>so 7</think> \\boxed{7}", add_special_tokens=False)["input_ids"]
@@ -69,7 +69,12 @@ def reference_diagnostics(step, trajectories) -> dict:
     # VICRA's diagnostics cover the responses its no-image pass scored (advantage != 0)
     expected.update(grounding_diagnostics(micro.w, micro.entropy, micro.scored_mask,
                                           step.cfg.algorithm.vicra.grounded_threshold))
-    reduced = step._reduce_diagnostics([step._diagnostic_sums(m) for mini in minis for m in mini])
+    from megatron_ivr.training.rl import REPORT
+
+    parts = [step._diagnostic_sums(m) for mini in minis for m in mini]  # one mini-batch's report vector
+    report = torch.cat([torch.zeros(len(REPORT), dtype=torch.float64), torch.stack([s for s, _ in parts]).sum(0),
+                        torch.stack([p for _, p in parts]).max().reshape(1)])
+    reduced = step._reduce([report])
     return {"reduced": reduced, "expected": expected}
 
 

@@ -10,7 +10,7 @@ from megatron_ivr.config import load_config
 from megatron_ivr.data import DataError
 from megatron_ivr.models.processor import load_processor
 from megatron_ivr.prompts import chat_prompt, prompt_length, render_prompt
-from megatron_ivr.training.train import _read
+from megatron_ivr.training.datasets import read_training_file as _read
 
 
 def test_prompt_length_counts_what_the_processor_makes(tiny_models, synthetic_dir):

@@ -51,9 +51,10 @@ def mixed_items() -> list[ScoredSequence]:
 
 @pytest.fixture(scope="module")
 def parallel():
-    from megatron_ivr.model_providers.parallel import ParallelLayout, destroy_parallel, init_parallel
+    from megatron_ivr.config.schema import ParallelismConfig
+    from megatron_ivr.model_providers.parallel import destroy_parallel, init_parallel
 
-    init_parallel(ParallelLayout())
+    init_parallel(ParallelismConfig())
     yield
     destroy_parallel()
 
@@ -219,9 +220,8 @@ def test_plan_layout_covers_every_sequence_once_and_splits_units_for_data_parall
 def test_transformer_engine_gets_thd_rows_and_refuses_shared_prompts(monkeypatch):
     """With TE layers, ``trainer.pack_length`` becomes THD packing and shared prompts (a mask
     TE's attention does not take) are refused by key before the model loads."""
-    import megatron_ivr.model_providers.qwen_vl as qwen_vl
     from megatron_ivr.config import ConfigError, load_config
-    from megatron_ivr.training.train import _check_packing
+    from megatron_ivr.model_providers.layout import check_packing
 
     trainer = load_config(None, ["trainer.share_prompts=false", "trainer.pack_length=512"]).trainer
     assert Packing.from_config(trainer, transformer_engine=True) == Packing(pack_length=512, thd=True)
@@ -234,14 +234,14 @@ def test_transformer_engine_gets_thd_rows_and_refuses_shared_prompts(monkeypatch
         with pytest.raises(ConfigError) as error:  # THD needs row packing of single sequences
             load_config(None, overrides)
         assert error.value.key == "trainer.packed_format"
-    monkeypatch.setattr(qwen_vl, "transformer_engine_available", lambda: True)
-    _check_packing(load_config(None, ["trainer.share_prompts=false", "trainer.pack_length=512"]))
+    monkeypatch.setattr("megatron_ivr.model_providers.layout.transformer_engine_available", lambda: True)
+    check_packing(load_config(None, ["trainer.share_prompts=false", "trainer.pack_length=512"]).trainer)
     with pytest.raises(ConfigError) as error:
-        _check_packing(load_config(None, ["trainer.share_prompts=true"]))
+        check_packing(load_config(None, ["trainer.share_prompts=true"]).trainer)
     assert error.value.key == "trainer.share_prompts" and "THD" in str(error.value)
     with pytest.raises(ConfigError) as error:
-        _check_packing(load_config(None, ["trainer.share_prompts=false", "trainer.pack_length=512",
-                                          "trainer.packed_format=mask"]))
+        check_packing(load_config(None, ["trainer.share_prompts=false", "trainer.pack_length=512",
+                                         "trainer.packed_format=mask"]).trainer)
     assert error.value.key == "trainer.packed_format"
 
 

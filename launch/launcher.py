@@ -49,6 +49,10 @@ def check_sizing(cfg: RunConfig, mode: str) -> None:
         raise ConfigError("launch.server_host: the trainer reads servers on other nodes, which a loopback bind "
                           "refuses; set 0.0.0.0 (or the cluster interface's address) and rollout.api_key",
                           key="launch.server_host")
+    if launch.placement == "colocated" and cfg.rollout.mode != "sync" and mode != "local":
+        raise ConfigError(f"rollout.mode={cfg.rollout.mode} overlaps generation with training, but colocated servers "
+                          "share the trainer's GPUs (their memory is released during training): use "
+                          "launch.placement=disaggregated, or rollout.mode=sync", key="rollout.mode")
     if mode == "docker" and not launch.container_image:
         raise ConfigError("launch.container_image: the docker launcher needs an image", key="launch.container_image")
 

@@ -163,6 +163,11 @@ class RolloutConfig:
     # their environment, never their command line (the bind address is launch.server_host)
     api_key: Optional[str] = None
     max_weight_lag: int = 1  # reject samples from a policy more than this many steps old
+    # when a step's responses are generated (docs/rollout.md, "Rollout modes"). sync: at the start
+    # of the step, from the policy the step before left. one_step_off: during the step before, from
+    # the policy two steps back, while that step trains (the local engine on a generator thread;
+    # SGLang servers on their own GPUs): step k trains on responses of version max(k - 2, 0)
+    mode: Literal["sync", "one_step_off"] = "sync"
     weight_transport: Literal["local", "tensor", "distributed", "disk"] = "local"
     bucket_mb: int = 512
     server_tp_size: int = 1  # tensor-parallel size of each SGLang server (weights go to every TP rank)
@@ -186,6 +191,9 @@ class RolloutConfig:
         _check(self.max_weight_lag >= 0, f"{prefix}.max_weight_lag", "must be >= 0")
         _check(self.bucket_mb >= 1, f"{prefix}.bucket_mb", "must be >= 1")
         _check(self.server_tp_size >= 1, f"{prefix}.server_tp_size", "must be >= 1")
+        _check(self.mode == "sync" or not self.offload_during_train, f"{prefix}.mode",
+               "one_step_off generates while the trainer trains, but rollout.offload_during_train (colocated "
+               "GPUs) gives the engine's memory to the trainer during training: use rollout.mode=sync there")
 
 
 @dataclass

@@ -26,6 +26,8 @@ which took 7% of the tiny model's generation time on a CPU (torch.profiler).
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import transformers
 from packaging.version import Version
@@ -62,6 +64,10 @@ class LocalEngine:
         self.eos_token_id = processor.tokenizer.eos_token_id
         self.pad_token_id = processor.tokenizer.pad_token_id
         self.banned_token_ids = torch.tensor(vision_token_ids(processor.tokenizer), dtype=torch.long)
+        # the engine's own random stream: sampling on a generator thread (rollout.mode=one_step_off)
+        # neither draws from nor disturbs the trainer's global one; seeded like torch.manual_seed
+        # would seed it, so the samples are the same as from the global generator
+        self.generator = torch.Generator()
 
     @classmethod
     def from_pretrained(cls, path, batch_size: int = 16) -> LocalEngine:
@@ -107,7 +113,7 @@ class LocalEngine:
         expanded = [(i, r) for i, r in enumerate(requests) for _ in range(sampling.n)]
         results: list[list[Completion]] = [[] for _ in requests]
         if sampling.seed is not None:
-            torch.manual_seed(sampling.seed)
+            self.generator.manual_seed(sampling.seed)
         for start in range(0, len(expanded), self.batch_size):
             chunk = expanded[start:start + self.batch_size]
             for (index, _), completion in zip(chunk, self._generate_batch([r for _, r in chunk], sampling)):
@@ -171,7 +177,7 @@ class LocalEngine:
         top-k/top-p: the distribution the trainer scores (``model_providers/logprobs.py::tempered``) and
         SGLang reports."""
         base, batch = self.model.model, mask.shape[0]
-        processors = _sampler(sampling)
+        processors = _sampler(sampling, self.generator)
         scale = sampling.temperature if sampling.temperature > 0 else 1.0
         position = mask.sum(-1, keepdim=True) - 1  # the text position of the prompt's last token
         finished = torch.zeros(batch, dtype=torch.bool)
@@ -213,11 +219,15 @@ class _ExponentialRace(LogitsProcessor):
     picks token i with probability softmax(s)_i (tokens at -inf never). E = -log U with U
     uniform: torch's ``exponential_`` (which ``multinomial`` uses) is 4x slower on a CPU."""
 
+    def __init__(self, generator: Optional[torch.Generator] = None):
+        self.generator = generator
+
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        return scores - torch.rand_like(scores).log_().neg_().log_()
+        uniform = torch.rand(scores.shape, generator=self.generator, dtype=scores.dtype, device=scores.device)
+        return scores - uniform.log_().neg_().log_()
 
 
-def _sampler(sampling: SamplingParams) -> LogitsProcessorList:
+def _sampler(sampling: SamplingParams, generator: Optional[torch.Generator] = None) -> LogitsProcessorList:
     """Temperature, top-k and top-p (transformers' warpers, in generate's order), then the
     exponential race; nothing for greedy decoding (temperature 0)."""
     if sampling.temperature == 0:
@@ -227,7 +237,7 @@ def _sampler(sampling: SamplingParams) -> LogitsProcessorList:
         warpers.append(TopKLogitsWarper(sampling.top_k))
     if sampling.top_p < 1.0:
         warpers.append(TopPLogitsWarper(sampling.top_p))
-    return LogitsProcessorList([*warpers, _ExponentialRace()])
+    return LogitsProcessorList([*warpers, _ExponentialRace(generator)])
 
 
 def _copies(requests: list[GenerationRequest]) -> int:

@@ -6,7 +6,8 @@ newest verified checkpoint, then per step ``job.step`` -> log -> save; SIGTERM s
 and write the final policy as a Hugging Face folder. One RL step (``RlJob.step``):
 
     experience   rank 0: prompts -> engine rollouts -> rewards -> [IVR-R1] -> advantages
-                 (experience.py), then to every trainer rank
+                 (experience.py; made at the start of the step, or during the step before
+                 with rollout.mode=one_step_off: schedule.py), then to every trainer rank
     train        every rank: log-prob passes, VICRA, the loss, optimizer steps (rl.py)
     sync         the weight bridge pushes the new policy into the engine (bridge/)
 """
@@ -34,6 +35,7 @@ from megatron_ivr.training.datasets import read_training_file
 from megatron_ivr.training.experience import ExperienceMaker, broadcast_experience
 from megatron_ivr.training.loop import Progress, run_job
 from megatron_ivr.training.rl import RlStep
+from megatron_ivr.training.schedule import ExperienceSchedule
 from megatron_ivr.training.sft import SftJob, reference_samples
 
 logger = logging.getLogger(__name__)
@@ -47,7 +49,7 @@ class RlJob:
     def __init__(self, cfg: RunConfig, policy, processor, reference, rank: int):
         self.cfg, self.rank, self.total_steps = cfg, rank, cfg.trainer.steps
         self.train = RlStep(cfg, policy, processor, reference)
-        self.maker = self.reward_fn = dataset = None
+        self.schedule = self.reward_fn = dataset = None
         self.data_metrics = {}
         if rank == 0:  # the data first: a bad file stops the run before an engine starts
             dataset = read_training_file(cfg, cfg.data.train_path, cfg.model.path, processor,
@@ -56,15 +58,17 @@ class RlJob:
         self.engine, self.bridge = make_rollout(cfg, policy, processor, rank)
         if rank == 0:
             self.reward_fn = RewardFunction(cfg.reward)
-            self.maker = ExperienceMaker(cfg, self.engine, self.reward_fn, dataset.samples,
-                                         vision_token_ids(processor.tokenizer))
+            maker = ExperienceMaker(cfg, self.engine, self.reward_fn, dataset.samples,
+                                    vision_token_ids(processor.tokenizer))
+            self.schedule = ExperienceSchedule(maker, cfg.rollout.mode, self.total_steps)
 
     def step(self, step: int) -> dict:
-        experience = broadcast_experience(self.maker.make(step) if self.rank == 0 else None)
+        experience = broadcast_experience(self.schedule.take(step) if self.rank == 0 else None)
         metrics = {**experience.metrics, "samples": experience.sample_ids, **(self.data_metrics if step == 1 else {})}
         if not experience.trajectories:  # every response refused (stale, vision tokens) or none came back
             logger.warning("step %d: no usable response (%s): no update this step", step,
                            {k: v for k, v in metrics.items() if k.startswith("rollout/")})
+            metrics.update(self._next_experience_ready(step))
             self._set_engine_version(step)  # the weights are unchanged: the engine already serves them
             return {**metrics, "optim/updated": 0.0}
         offload = self.engine is not None and self.cfg.rollout.offload_during_train
@@ -73,12 +77,16 @@ class RlJob:
         metrics.update(self.train(experience, step))
         if offload:
             self.engine.resume_memory()
+        metrics.update(self._next_experience_ready(step))  # one_step_off: the engine is free for the push
         t0 = time.perf_counter()
         report = self.bridge.sync(step)
         self._set_engine_version(step)  # what the engine serves now: samples are checked against it
         metrics.update({"time/weight_sync": time.perf_counter() - t0, **(report.metrics() if report else {}),
                         "throughput/response_tokens": sum(len(t.response_ids) for t in experience.trajectories)})
         return metrics
+
+    def _next_experience_ready(self, step: int) -> dict:
+        return self.schedule.finish(step) if self.schedule is not None else {}
 
     def _set_engine_version(self, step: int) -> None:
         if self.engine is not None:
@@ -90,14 +98,16 @@ class RlJob:
             self._set_engine_version(step)
 
     def state_dict(self) -> dict:
-        return {"sampler": self.maker.sampler.state_dict() if self.maker else None,
-                "engine_version": self.engine.weight_version if self.engine else None}
+        schedule = self.schedule.state_dict() if self.schedule is not None else {"sampler": None}
+        return {**schedule, "engine_version": self.engine.weight_version if self.engine else None}
 
     def load_state_dict(self, state: dict) -> None:
-        if self.maker is not None:
-            self.maker.sampler.load_state_dict(state["sampler"])
+        if self.schedule is not None:
+            self.schedule.load_state_dict(state)
 
     def close(self) -> None:
+        if self.schedule is not None:
+            self.schedule.close()
         if self.reward_fn is not None:
             self.reward_fn.close()
         close_rollout(self.bridge, self.rank)

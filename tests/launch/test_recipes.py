@@ -47,3 +47,20 @@ def test_the_demo_config_launches_locally():
     cfg = load_config(CONFIGS[0].parent / "demo_cpu.yaml", ["parallel.tensor_parallel=2"])
     check_sizing(cfg, "local")
     assert cfg.launch.gpus_per_node == 2
+
+
+def test_the_async_recipe_is_the_dapo_recipe_one_step_off():
+    path = CONFIGS[0].parent / "vicra_dapo_qwen2_5_vl_7b_async.yaml"
+    cfg, base = load_config(path), load_config(path.with_name("vicra_dapo_qwen2_5_vl_7b.yaml"))
+    assert cfg.rollout.mode == "one_step_off" and base.rollout.mode == "sync"
+    assert cfg.launch.placement == "disaggregated" and cfg.algorithm == base.algorithm
+    check_sizing(cfg, "slurm")
+
+
+def test_colocated_servers_keep_sync():
+    from megatron_ivr.config import ConfigError
+
+    cfg = load_config(CONFIGS[0].parent / "vicra_dapo_qwen2_5_vl_7b_async.yaml", ["launch.placement=colocated"])
+    with pytest.raises(ConfigError) as error:
+        check_sizing(cfg, "slurm")
+    assert error.value.key == "rollout.mode"

@@ -1,0 +1,101 @@
+"""``rollout.mode=one_step_off`` end to end (IVR-R1 + VICRA on the tiny Qwen2.5-VL): step k
+trains on responses generated during step k - 1 from version max(k - 2, 0), the same at every
+layout, and a run killed with SIGKILL resumes to the uninterrupted run's samples and losses.
+The schedule itself: tests/training/test_schedule.py."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from tests.training.runs import RL_OVERRIDES, clean_env, command, run, step_records, write_config
+from tests.training.test_rl_runs import _kill_tree, _logged_steps, _wait_for
+
+ONE_STEP_OFF = RL_OVERRIDES + ["trainer.steps=4", "rollout.mode=one_step_off"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_models, synthetic_dir):
+    """The 4-step one_step_off run at TP1, and the sync run with the same settings."""
+    out = {}
+    for mode in ("sync", "one_step_off"):
+        run_dir = tmp_path_factory.mktemp(mode)
+        run("train", write_config(run_dir, tiny_models["qwen2_5_vl"], synthetic_dir),
+            RL_OVERRIDES + ["trainer.steps=4", f"rollout.mode={mode}"])
+        out[mode] = step_records(run_dir / "logs")
+    return out
+
+
+def test_step_k_trains_on_version_k_minus_2(runs):
+    sync, off = runs["sync"], runs["one_step_off"]
+    assert sorted(off) == [1, 2, 3, 4]
+    for step, record in off.items():
+        version = max(step - 2, 0)
+        assert record["rollout/weight_version_min"] == record["rollout/weight_version_max"] == version
+        assert record["rollout/staleness_max"] == step - 1 - version  # behind the policy that trains
+        assert record["optim/updated"] == 1.0 and record["weight_sync/version"] == step
+        assert record["samples"] == sync[step]["samples"]  # the same prompts, in the sampler's order
+        if step < 4:  # the next step's generation overlapped this one's training
+            assert record["time/wait_for_experience"] >= 0 and "time/engine_idle" in record
+    for record in sync.values():
+        assert record["rollout/staleness_max"] == 0
+    # step 1 is made before any update in both modes: the same step, to the last digit
+    assert off[1]["loss/total"] == pytest.approx(sync[1]["loss/total"], abs=1e-6)
+    assert off[1]["throughput/response_tokens"] == sync[1]["throughput/response_tokens"]
+    # from step 2 on the responses come from an older policy: another trajectory
+    assert off[2]["throughput/response_tokens"] != sync[2]["throughput/response_tokens"] or \
+        off[2]["loss/total"] != pytest.approx(sync[2]["loss/total"], abs=1e-6)
+
+
+@pytest.mark.parametrize("nproc, overrides", [(2, ["parallel.tensor_parallel=2"]),
+                                              (2, ["parallel.pipeline_parallel=2"]), (2, [])],
+                         ids=["tp2", "pp2", "dp2"])
+def test_one_step_off_is_layout_invariant(runs, tmp_path, tiny_models, synthetic_dir, nproc, overrides):
+    reference = runs["one_step_off"]
+    run("train", write_config(tmp_path, tiny_models["qwen2_5_vl"], synthetic_dir), ONE_STEP_OFF + overrides,
+        nproc=nproc)
+    steps = step_records(tmp_path / "logs")
+    for step, record in reference.items():
+        other = steps[step]
+        assert other["samples"] == record["samples"]
+        assert other["throughput/response_tokens"] == record["throughput/response_tokens"]
+        assert other["loss/total"] == pytest.approx(record["loss/total"], abs=1e-5)
+        assert other["optim/grad_norm"] == pytest.approx(record["optim/grad_norm"], rel=1e-5)
+
+
+def test_exact_resume_after_sigkill(runs, tmp_path, tiny_models, synthetic_dir):
+    """Killed (SIGKILL) in step 3, after the step-2 checkpoint, which holds step 3's responses
+    (made during step 2 from version 1, not yet trained): the resumed run trains them, and every
+    step equals the uninterrupted run's."""
+    expected = runs["one_step_off"]
+    overrides = ONE_STEP_OFF + ["checkpoint.save_interval=2"]
+    config = write_config(tmp_path, tiny_models["qwen2_5_vl"], synthetic_dir)
+    process = subprocess.Popen(command("train", config, overrides), env=clean_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    try:
+        _wait_for(lambda: 2 in _logged_steps(tmp_path / "logs"), process, 300)
+        _kill_tree(process.pid)
+    finally:
+        process.wait()
+    assert 3 not in _logged_steps(tmp_path / "logs")
+    result = run("train", config, overrides)
+    assert "resumed from" in result.stdout and "step 2" in result.stdout
+    resumed = step_records(tmp_path / "logs")
+    assert sorted(resumed) == [1, 2, 3, 4]
+    for step in (1, 2, 3, 4):
+        assert resumed[step]["samples"] == expected[step]["samples"]
+        assert resumed[step]["rollout/weight_version_max"] == expected[step]["rollout/weight_version_max"]
+        assert resumed[step]["loss/total"] == pytest.approx(expected[step]["loss/total"], abs=1e-6)
+        assert resumed[step]["optim/grad_norm"] == pytest.approx(expected[step]["optim/grad_norm"], rel=1e-6)
+
+
+def test_colocated_offload_refuses_one_step_off():
+    from megatron_ivr.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as error:
+        load_config(None, ["rollout.mode=one_step_off", "rollout.offload_during_train=true"])
+    assert error.value.key == "rollout.mode"
+    with pytest.raises(ConfigError) as error:
+        load_config(None, ["rollout.mode=async"])
+    assert error.value.key == "rollout.mode"

@@ -7,7 +7,8 @@ trains; in one_step_off the next step's generation runs on a generator thread wh
 trains (training/schedule.py), so on two cores the two overlap. The arms alternate for
 ``--rounds`` rounds (sync, one_step_off, sync, ...), each a fresh run of ``--steps`` steps from
 the same policy; the first ``--warmup`` steps of each run are not timed (one_step_off's first
-step generates synchronously). Each arm's figure is the median over all its timed steps.
+step generates synchronously), nor is the last (one_step_off's has no next step to generate,
+which would flatter it). Each arm's figure is the median over all its timed steps.
 
 ``--model``: the policy RL starts from. The demo's is ``runs/demo/sft/hf`` after ``make demo``
 (its responses end and are graded like the demo's); without it a random tiny model is made
@@ -15,7 +16,7 @@ step generates synchronously). Each arm's figure is the median over all its time
 
 Last line: ``async_step: ratio=R (sync s/step over one_step_off s/step)``.
 
-Usage: python benchmarks/async_step.py [--model runs/demo/sft/hf] [--steps 6] [--warmup 2] [--rounds 2]
+Usage: python benchmarks/async_step.py [--model runs/demo/sft/hf] [--steps 8] [--warmup 2] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -64,13 +65,13 @@ def run(mode: str, data: Path, model: Path, run_dir: Path, steps: int, warmup: i
         f"logging.dir={run_dir / 'logs'}", "logging.progress=false", "trainer.export_dir=null"])
     cfg.checkpoint.save_interval = 10**9  # no checkpoint inside the timed steps (the last one is not timed)
     run_rl(cfg)
-    return [r for r in read_metrics(run_dir / "logs" / "metrics.jsonl") if "step" in r][warmup:]
+    return [r for r in read_metrics(run_dir / "logs" / "metrics.jsonl") if "step" in r][warmup:-1]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="the policy RL starts from (default: a random tiny model)")
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()

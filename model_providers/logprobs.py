@@ -2,10 +2,11 @@
 
 ``run_schedule`` is the one place megatron's forward(-backward) schedule is called (the
 optimizer step runs it too). Logits stay vocab-parallel: the log-softmax normalizer and the
-target logit are combined across the tensor-parallel group (megatron's ``vocab_parallel_cross_entropy`` for the
-differentiable log-prob; a max / sum-exp all-reduce for the entropy), so no rank ever holds
-full-vocabulary probabilities. With pipeline parallelism the micro-batches run through
-megatron-core's schedule and the results are broadcast from the last stage to every stage.
+target logit are combined across the tensor-parallel group (megatron's
+``vocab_parallel_cross_entropy`` for the differentiable log-prob; a max / sum-exp all-reduce
+for the entropy), so no rank ever holds full-vocabulary probabilities. With pipeline
+parallelism the micro-batches run through megatron-core's schedule and the results are
+broadcast from the last stage to every stage.
 """
 
 from __future__ import annotations
@@ -55,8 +56,8 @@ class ModelBatch:
         return values[rows, cols] * self.response_mask.to(values.dtype)
 
     def to(self, device) -> ModelBatch:
-        """This batch on ``device``: itself when it is there already (callers that key
-        micro-batches by identity keep their keys), else a copy with every tensor moved."""
+        """This batch on ``device``: itself when it is there already (no copy), else a copy
+        with every tensor moved."""
         if self.input_ids.device == torch.device(device):
             return self
 

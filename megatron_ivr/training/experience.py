@@ -224,11 +224,19 @@ def broadcast_experience(experience: Optional[Experience]) -> Experience:
     return Experience(trajectories, header["sample_ids"], header["metrics"])
 
 
-def _header(experience: Experience) -> dict:
-    groups, rows = {}, []
+def _first_of_groups(experience: Experience) -> dict[int, Trajectory]:
+    """Each group's first response: a group's responses share their prompt and images."""
+    first: dict[int, Trajectory] = {}
     for t in experience.trajectories:
-        groups.setdefault(t.group, (t.prompt, [(image.mode, image.size) for image in t.images]))
-        rows.append((t.group, len(t.response_ids), t.sample_id, t.finish_reason, t.weight_version))
+        first.setdefault(t.group, t)
+    return first
+
+
+def _header(experience: Experience) -> dict:
+    groups = {g: (t.prompt, [(image.mode, image.size) for image in t.images])
+              for g, t in _first_of_groups(experience).items()}
+    rows = [(t.group, len(t.response_ids), t.sample_id, t.finish_reason, t.weight_version)
+            for t in experience.trajectories]
     return {"metrics": experience.metrics, "sample_ids": experience.sample_ids, "groups": groups, "rows": rows}
 
 
@@ -254,11 +262,9 @@ def _group_images(groups: dict, experience: Optional[Experience]) -> dict[int, l
     sizes = [width * height * CHANNELS[mode] for _, mode, (width, height) in shapes]
     flat = torch.empty(sum(sizes), dtype=torch.uint8)
     if experience is not None and sizes:
-        first = {}
-        for t in experience.trajectories:
-            first.setdefault(t.group, t.images)
+        first = _first_of_groups(experience)
         flat = torch.cat([torch.from_numpy(np.array(image, dtype=np.uint8)).reshape(-1)
-                          for g in sorted(groups) for image in first[g]])
+                          for g in sorted(groups) for image in first[g].images])
     _broadcast(flat, ps.get_tensor_and_data_parallel_group())
     for (g, mode, (width, height)), chunk in zip(shapes, flat.split(sizes)):
         array = chunk.numpy().reshape((height, width, CHANNELS[mode]))

@@ -67,7 +67,7 @@ from megatron_ivr.models.tokenizer import vision_token_ids
 from megatron_ivr.training.experience import Experience, Trajectory
 
 # a micro-batch's report: its loss parts, then DIAGNOSTIC_SUMS, then the largest |delta logp|
-REPORT = ("loss", "kl", "clipped", "on_policy_tokens", "shaped_tokens")
+REPORT = ("loss", "kl", "clipped")
 DIAGNOSTIC_SUMS = ("tokens", "entropy", "on_tokens", "abs_diff", "kl", "tis_clipped", "vg", "vg_entropy",
                    "others", "other_entropy", "w", "scored")
 
@@ -240,11 +240,9 @@ class RlStep:
                               micro.ref_logp, micro.behaviour_logp, num_tokens=totals["tokens"],
                               num_sequences=totals["sequences"])
         with torch.no_grad():
-            on_policy = micro.mask * (~micro.rectified[:, None]).to(micro.mask.dtype)
-            on_tokens = on_policy.sum()
             zero = torch.zeros((), device=loss.device)
-            report = torch.stack([parts["loss/total"], parts.get("loss/kl", zero), parts["loss/clipped_tokens"],
-                                  on_tokens, micro.mask.sum() - on_tokens]).double()
+            report = torch.stack([parts["loss/total"], parts.get("loss/kl", zero),
+                                  parts["loss/clipped_tokens"]]).double()
             sums, peak = self._diagnostic_sums(micro)
         return loss * scale, torch.cat([report, sums, peak.reshape(1)])
 
@@ -304,17 +302,17 @@ class RlStep:
         sums = sum_over_data_parallel(stacked[:, :-1].contiguous())
         peak = sum_over_data_parallel(stacked[:, -1].max().reshape(1), op=dist.ReduceOp.MAX)
         host = torch.cat([sums.flatten(), peak]).tolist()  # the one device -> host transfer of the step
-        rows = [host[k * sums.shape[1]:(k + 1) * sums.shape[1]] for k in range(sums.shape[0])]
-        per_mini = [dict(zip(REPORT, row[:len(REPORT)])) for row in rows]
-        diagnostics = dict(zip(DIAGNOSTIC_SUMS, [sum(row[len(REPORT) + i] for row in rows)
-                                                 for i in range(len(DIAGNOSTIC_SUMS))]))
-        out = {}
-        for key, value in (("loss/total", lambda m: m["loss"]), ("loss/kl", lambda m: m["kl"]),
-                           ("loss/clip_fraction", lambda m: m["clipped"] / max(m["on_policy_tokens"], 1.0)),
-                           ("loss/shaped_token_share", lambda m: m["shaped_tokens"] / max(
-                               m["on_policy_tokens"] + m["shaped_tokens"], 1.0))):
-            out[key] = sum(value(m) for m in per_mini) / len(per_mini)
-        d = diagnostics
+        width = sums.shape[1]
+        per_mini = [dict(zip(REPORT + DIAGNOSTIC_SUMS, host[k * width:(k + 1) * width])) for k in range(len(reports))]
+
+        def mini_mean(value) -> float:  # the loss metrics: each mini-batch's, averaged
+            return sum(value(m) for m in per_mini) / len(per_mini)
+
+        # on-policy tokens are DIAGNOSTIC_SUMS' on_tokens; the rest of the valid tokens are rectified
+        out = {"loss/total": mini_mean(lambda m: m["loss"]), "loss/kl": mini_mean(lambda m: m["kl"]),
+               "loss/clip_fraction": mini_mean(lambda m: m["clipped"] / max(m["on_tokens"], 1.0)),
+               "loss/shaped_token_share": mini_mean(lambda m: (m["tokens"] - m["on_tokens"]) / max(m["tokens"], 1.0))}
+        d = {key: sum(m[key] for m in per_mini) for key in DIAGNOSTIC_SUMS}  # the diagnostics: summed
         on_tokens = max(d["on_tokens"], 1.0)
         out.update({"policy/entropy": d["entropy"] / max(d["tokens"], 1.0),
                     "mismatch/abs_logp_diff_mean": d["abs_diff"] / on_tokens, "mismatch/abs_logp_diff_max": host[-1],

@@ -46,8 +46,13 @@ def _engine(cfg: RunConfig, processor):
     transport = transport_by_name(cfg.rollout.weight_transport, client=engine.client,
                                   directory=str(Path(cfg.checkpoint.dir) / "weight_sync"),
                                   source_model_dir=cfg.model.path, master_address=cfg.rollout.sync_master_address,
-                                  server_tp_size=cfg.rollout.server_tp_size)
+                                  server_tp_size=cfg.rollout.server_tp_size, pause_mode=pause_mode(cfg))
     return engine, transport, None
+
+
+def pause_mode(cfg: RunConfig) -> Optional[str]:
+    """Async rollouts abort what is in flight at a push (``rollout/partial.py`` continues it)."""
+    return "abort" if cfg.rollout.mode == "async" else None
 
 
 def per_stage_sync(cfg: RunConfig) -> bool:
@@ -73,7 +78,8 @@ def _stage_transport(cfg: RunConfig, engine, rank0_transport):
     address = os.environ.get("IVR_SYNC_ADDRESS") or ("127.0.0.1" if local else
                                                      socket.gethostbyname(socket.gethostname()))
     return DistributedTransport(SGLangClient(urls, api_key=api_key), master_address=address,
-                                server_tp_size=cfg.rollout.server_tp_size, group_name=group_name)
+                                server_tp_size=cfg.rollout.server_tp_size, group_name=group_name,
+                                pause_mode=pause_mode(cfg) or "retract")
 
 
 def _engine_key_style(names, default: str) -> str:

@@ -42,6 +42,9 @@ from megatron_ivr.model_providers.parallel import free_port
 
 
 class LocalTransport:
+    """The engine is paused for the update (a generation in flight on the generator thread,
+    ``rollout.mode=async``, returns its partial responses) and resumed on the new weights."""
+
     name = "local"
 
     def __init__(self, engine):
@@ -53,12 +56,14 @@ class LocalTransport:
 
     def begin(self, version: int) -> None:
         self._version = version
+        self.engine.pause("abort")
 
     def send(self, bucket: Bucket) -> None:
         self.engine.update_weights(unflatten(bucket), version=self._version)
 
     def finish(self, version: int) -> None:
         self.engine.set_weight_version(version)
+        self.engine.resume()
 
 
 def begin_sglang_update(client, pause_mode: str = "retract") -> None:
@@ -108,11 +113,15 @@ class TensorTransport:
 
 
 class DiskTransport:
+    """``pause_mode`` (async rollouts: ``abort``) pauses the servers around the load; without it
+    SGLang waits for the running requests to finish before it loads."""
+
     name = "disk"
 
-    def __init__(self, client, directory: str | Path, source_model_dir: str | Path, keep: int = 1):
+    def __init__(self, client, directory: str | Path, source_model_dir: str | Path, keep: int = 1,
+                 pause_mode: Optional[str] = None):
         self.client, self.directory, self.source = client, Path(directory), Path(source_model_dir)
-        self.keep = keep
+        self.keep, self.pause_mode = keep, pause_mode
         self._pending: list[tuple[str, object]] = []
 
     def prepare(self) -> None:
@@ -127,8 +136,12 @@ class DiskTransport:
     def finish(self, version: int) -> None:
         out = write_hf_folder(self._pending, self.directory / f"step_{version:08d}", self.source)
         self._pending = []
+        if self.pause_mode:
+            self.client.call_all("/pause_generation", {"mode": self.pause_mode})
         self.client.call_all("/update_weights_from_disk", {"model_path": str(out), "weight_version": str(version),
                                                            "flush_cache": True})
+        if self.pause_mode:
+            self.client.call_all("/continue_generation", {})
         ours = sorted(f for f in self.directory.glob("step_*") if output_kind(f) == "hf")  # only what it wrote
         for folder in ours[:-self.keep] if self.keep else []:
             shutil.rmtree(folder, ignore_errors=True)
@@ -176,8 +189,10 @@ class DistributedTransport:
     name = "distributed"
 
     def __init__(self, client, master_address: str = "127.0.0.1", master_port: Optional[int] = None,
-                 server_tp_size: int = 1, backend: Optional[str] = None, group_name: str = "megatron_ivr_weights"):
+                 server_tp_size: int = 1, backend: Optional[str] = None, group_name: str = "megatron_ivr_weights",
+                 pause_mode: str = "retract"):
         self.client, self.server_tp_size, self.group_name = client, server_tp_size, group_name
+        self.pause_mode = pause_mode
         self.master_address, self.master_port = master_address, master_port or free_port()
         self.backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         self.group = None
@@ -202,7 +217,7 @@ class DistributedTransport:
             self._connect()
 
     def begin(self, version: int) -> None:
-        begin_sglang_update(self.client)
+        begin_sglang_update(self.client, self.pause_mode)
 
     def send(self, bucket: Bucket) -> None:
         request = {"names": [m.name for m in bucket.metadata],
@@ -226,16 +241,18 @@ class DistributedTransport:
 
 def transport_by_name(name: str, engine=None, client=None, directory: Optional[str] = None,
                       source_model_dir: Optional[str] = None, master_address: Optional[str] = None,
-                      server_tp_size: int = 1):
+                      server_tp_size: int = 1, pause_mode: Optional[str] = None):
     """``master_address``: where the servers reach this process for ``distributed``
-    (default 127.0.0.1)."""
+    (default 127.0.0.1). ``pause_mode``: how the servers pause for an update (None: each
+    transport's default, ``retract``, none for ``disk``; ``abort`` for async rollouts, whose
+    in-flight requests come back partial and are continued on the new weights)."""
     if name == "local":
         return LocalTransport(engine)
     if name == "tensor":
-        return TensorTransport(client, server_tp_size=server_tp_size)
+        return TensorTransport(client, server_tp_size=server_tp_size, pause_mode=pause_mode or "retract")
     if name == "disk":
-        return DiskTransport(client, directory, source_model_dir)
+        return DiskTransport(client, directory, source_model_dir, pause_mode=pause_mode)
     if name == "distributed":
         return DistributedTransport(client, master_address=master_address or "127.0.0.1",
-                                    server_tp_size=server_tp_size)
+                                    server_tp_size=server_tp_size, pause_mode=pause_mode or "retract")
     raise ValueError(f"unknown weight transport {name!r}; choose local, tensor, disk or distributed")

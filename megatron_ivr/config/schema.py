@@ -166,8 +166,12 @@ class RolloutConfig:
     # when a step's responses are generated (docs/rollout.md, "Rollout modes"). sync: at the start
     # of the step, from the policy the step before left. one_step_off: during the step before, from
     # the policy two steps back, while that step trains (the local engine on a generator thread;
-    # SGLang servers on their own GPUs): step k trains on responses of version max(k - 2, 0)
-    mode: Literal["sync", "one_step_off"] = "sync"
+    # SGLang servers on their own GPUs): step k trains on responses of version max(k - 2, 0).
+    # async: a generator thread keeps making batches, up to max_staleness ahead of the trainer;
+    # weight pushes interrupt its generation, which continues on the new weights (partial
+    # rollouts); no response with a token more than max_staleness versions behind is trained
+    mode: Literal["sync", "one_step_off", "async"] = "sync"
+    max_staleness: int = 1  # async only: >= 1
     weight_transport: Literal["local", "tensor", "distributed", "disk"] = "local"
     bucket_mb: int = 512
     server_tp_size: int = 1  # tensor-parallel size of each SGLang server (weights go to every TP rank)
@@ -192,8 +196,10 @@ class RolloutConfig:
         _check(self.bucket_mb >= 1, f"{prefix}.bucket_mb", "must be >= 1")
         _check(self.server_tp_size >= 1, f"{prefix}.server_tp_size", "must be >= 1")
         _check(self.mode == "sync" or not self.offload_during_train, f"{prefix}.mode",
-               "one_step_off generates while the trainer trains, but rollout.offload_during_train (colocated "
+               f"{self.mode} generates while the trainer trains, but rollout.offload_during_train (colocated "
                "GPUs) gives the engine's memory to the trainer during training: use rollout.mode=sync there")
+        _check(self.max_staleness >= 1, f"{prefix}.max_staleness",
+               f"must be >= 1 (the versions a trained token may lag the policy; got {self.max_staleness})")
 
 
 @dataclass

@@ -22,10 +22,18 @@ keeps one copy of the prompt per group of samples; decode attention reads it onc
 Sampling is an argmax over the warped logits minus the log of exponential noise (the
 exponential race, as SGLang and vLLM sample): the same distribution as ``torch.multinomial``,
 which took 7% of the tiny model's generation time on a CPU (torch.profiler).
+
+A weight update may come while another thread generates (``rollout.mode=async``): ``pause``
+makes the running ``generate`` stop after its current decode step and return what each row
+has so far (finish reason ``abort``), then holds the engine until ``resume``; a request with a
+``partial`` response continues it, the prefix fed as response tokens (exactly the ids, no
+re-tokenization), so the tokens after the push are sampled from, and scored under, the new
+weights.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Optional
 
 import torch
@@ -68,6 +76,9 @@ class LocalEngine:
         # neither draws from nor disturbs the trainer's global one; seeded like torch.manual_seed
         # would seed it, so the samples are the same as from the global generator
         self.generator = torch.Generator()
+        self._abort = threading.Event()  # set by pause(): the running generate returns at its next token
+        self._serving = threading.Lock()  # held by generate, and by a pause until its resume
+        self._paused = False
 
     @classmethod
     def from_pretrained(cls, path, batch_size: int = 16) -> LocalEngine:
@@ -86,11 +97,23 @@ class LocalEngine:
     def health(self) -> list[bool]:
         return [True]
 
+    def counters(self) -> dict:
+        return {}
+
     def pause(self, mode: str = "abort") -> None:
-        pass  # generation is synchronous: nothing runs between calls
+        """Abort what is generating (it returns its partial responses) and hold the engine until
+        ``resume``; immediate when nothing generates (``mode`` is SGLang's; only abort exists here)."""
+        if self._paused:
+            return
+        self._abort.set()
+        self._serving.acquire()
+        self._paused = True
 
     def resume(self) -> None:
-        pass
+        if self._paused:
+            self._paused = False
+            self._abort.clear()
+            self._serving.release()
 
     def release_memory(self) -> None:
         pass  # in-process model on the controller: nothing is shared with the trainer
@@ -112,22 +135,32 @@ class LocalEngine:
     def generate(self, requests: list[GenerationRequest], sampling: SamplingParams) -> list[list[Completion]]:
         expanded = [(i, r) for i, r in enumerate(requests) for _ in range(sampling.n)]
         results: list[list[Completion]] = [[] for _ in requests]
-        if sampling.seed is not None:
-            self.generator.manual_seed(sampling.seed)
-        for start in range(0, len(expanded), self.batch_size):
-            chunk = expanded[start:start + self.batch_size]
-            for (index, _), completion in zip(chunk, self._generate_batch([r for _, r in chunk], sampling)):
-                results[index].append(completion)
+        with self._serving:
+            if sampling.seed is not None:
+                self.generator.manual_seed(sampling.seed)
+            for start in range(0, len(expanded), self.batch_size):
+                chunk = expanded[start:start + self.batch_size]
+                batch = ([_aborted(r, self._weight_version) for _, r in chunk] if self._abort.is_set()
+                         else self._generate_batch([r for _, r in chunk], sampling))
+                for (index, _), completion in zip(chunk, batch):
+                    results[index].append(completion)
         return results
 
     def _generate_batch(self, requests: list[GenerationRequest], sampling: SamplingParams) -> list[Completion]:
         # a shared prefill repeats the MRoPE offsets the model computes from image grids; a batch
         # without images is prefilled per row (_prefill_inputs gives it zero offsets)
-        copies = _copies(requests) if self.share_prefill and any(r.images for r in requests) else 1
+        shareable = self.share_prefill and any(r.images for r in requests) and not any(r.partial for r in requests)
+        copies = _copies(requests) if shareable else 1
         unique = requests[::copies]
         texts = [chat_prompt(self.processor, r.text, len(r.images)) for r in unique]
         images = [image for r in unique for image in r.images] or None
         inputs = self.processor(text=texts, images=images, return_tensors="pt", padding=True)
+        prefixes = [r.partial.token_ids if r.partial is not None else [] for r in requests]
+        if any(prefixes):  # partial rollouts: each row's response so far joins its prompt (copies == 1)
+            inputs = _append_tokens(inputs, prefixes, self.pad_token_id)
+        budgets = [sampling.max_new_tokens - len(prefix) for prefix in prefixes]
+        sampling = SamplingParams(**{**sampling.__dict__, "max_new_tokens": max(max(budgets), 1)})
+        version = self._weight_version
         cache = growing_cache(self.model, sampling.max_new_tokens, share_prefix=self.shares_prompt_kv)
         with attending(cache):
             if copies > 1:  # the cache holds all but the last prompt token, once per prompt
@@ -135,20 +168,21 @@ class LocalEngine:
                 first = {"input_ids": inputs["input_ids"][:, -1:]}
             else:  # the whole prompt, images included, in the first forward
                 first = self._prefill_inputs(inputs)
-            new_tokens, token_logprobs = self._decode(first, inputs["attention_mask"], cache, sampling)
+            new_tokens, token_logprobs, aborted = self._decode(first, inputs["attention_mask"], cache, sampling)
         completions = []
-        for row in range(new_tokens.shape[0]):
-            ids = new_tokens[row].tolist()
-            finish = "length"
+        for row, request in enumerate(requests):
+            ids = new_tokens[row, :max(budgets[row], 0)].tolist()
+            finish = "length" if len(ids) == budgets[row] or not aborted else "abort"
             if self.eos_token_id in ids:
                 ids = ids[:ids.index(self.eos_token_id) + 1]
                 finish = "stop"
-            text = self.processor.tokenizer.decode(ids, skip_special_tokens=True)
+            logprobs = token_logprobs[row, :len(ids)].tolist()
+            text = self.processor.tokenizer.decode(prefixes[row] + ids, skip_special_tokens=True)
             for stop in sampling.stop:
                 if stop in text:
                     text, finish = text[:text.index(stop)], "stop"
-            completions.append(Completion(text, ids, token_logprobs[row, :len(ids)].tolist(), finish,
-                                          self._weight_version))
+            completions.append(request.partial.continued(text, ids, logprobs, finish, version) if request.partial
+                               else Completion(text, ids, logprobs, finish, version))
         return completions
 
     def _prefill_inputs(self, inputs) -> dict:
@@ -164,7 +198,7 @@ class LocalEngine:
         return {**first, "position_ids": text[None].expand(4, -1, -1)}
 
     def _decode(self, feed: dict, mask: torch.Tensor, cache: DynamicCache, sampling: SamplingParams
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+                ) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """Sample up to ``max_new_tokens`` per row, one forward per token from ``cache``:
         ``feed`` is the first forward's input (the whole prompt, or its last token after a
         shared prefill), ``mask [B, L]`` the prompt's attention mask. A decode step's position
@@ -175,7 +209,8 @@ class LocalEngine:
         are not part of the distribution. Returns the tokens ``[B, T]`` and their log-probs
         ``[B, T]`` under ``logits / temperature`` without them (the raw logits when greedy), before
         top-k/top-p: the distribution the trainer scores (``model_providers/logprobs.py::tempered``) and
-        SGLang reports."""
+        SGLang reports. The third value: whether a ``pause`` stopped it early.
+        """
         base, batch = self.model.model, mask.shape[0]
         processors = _sampler(sampling, self.generator)
         scale = sampling.temperature if sampling.temperature > 0 else 1.0
@@ -183,6 +218,8 @@ class LocalEngine:
         finished = torch.zeros(batch, dtype=torch.bool)
         tokens, logprobs = [], []
         for _ in range(sampling.max_new_tokens):
+            if self._abort.is_set():
+                break
             if cache.get_seq_length() > 0:  # continuing from the cache: one token per row
                 mrope = (position + base.rope_deltas)[None].expand(3, -1, -1)
                 feed = {**feed, "position_ids": torch.cat([position[None], mrope])}  # [4, B, 1]: text, t, h, w
@@ -199,7 +236,9 @@ class LocalEngine:
             feed = {"input_ids": token[:, None]}
             mask = torch.cat([mask, mask.new_ones((batch, 1))], dim=1)
             position = position + 1
-        return torch.stack(tokens, dim=1), torch.stack(logprobs, dim=1)
+        if not tokens:  # aborted before the first token
+            return torch.zeros((batch, 0), dtype=torch.long), torch.zeros((batch, 0)), True
+        return torch.stack(tokens, dim=1), torch.stack(logprobs, dim=1), self._abort.is_set() and not finished.all()
 
     def _shared_prefill(self, inputs, copies: int, cache: DynamicCache) -> dict:
         """Run every prompt but its last token once into ``cache``, repeat the cache (or share
@@ -212,6 +251,29 @@ class LocalEngine:
         base = self.model.model
         base.rope_deltas = base.rope_deltas.repeat_interleave(copies, dim=0)
         return {key: value.repeat_interleave(copies, dim=0) for key, value in inputs.items() if key in _PER_TOKEN}
+
+
+def _aborted(request: GenerationRequest, version: int) -> Completion:
+    """A request the pause reached before it started: its response so far, still to continue."""
+    if request.partial is not None:
+        return request.partial.continued(request.partial.text, [], [], "abort", version)
+    return Completion("", [], [], "abort", version)
+
+
+def _append_tokens(inputs, suffixes: list[list[int]], pad_token_id: int):
+    """The processor's left-padded batch with ``suffixes[row]`` (text tokens) after each row's
+    prompt, padded on the left again; the image inputs are unchanged."""
+    mask = inputs["attention_mask"].bool()
+    rows = {key: [inputs[key][row][mask[row]].tolist() + (list(suffixes[row]) if key == "input_ids" else
+                                                          [int(key == "attention_mask")] * len(suffixes[row]))
+                  for row in range(mask.shape[0])] for key in _PER_TOKEN if key in inputs}
+    width = max(len(row) for row in rows["input_ids"])
+    pad = {"input_ids": pad_token_id, "attention_mask": 0, "mm_token_type_ids": 0}
+    out = dict(inputs)
+    for key, values in rows.items():
+        out[key] = torch.tensor([[pad[key]] * (width - len(row)) + row for row in values],
+                                dtype=inputs[key].dtype)
+    return out
 
 
 class _ExponentialRace(LogitsProcessor):

@@ -30,6 +30,7 @@ from megatron_ivr.config.schema import RunConfig
 from megatron_ivr.data.sample import Sample
 from megatron_ivr.prompts import render_prompt
 from megatron_ivr.rollout.engine import GenerationRequest, SamplingParams, reject_stale
+from megatron_ivr.rollout.partial import ContinuingEngine
 from megatron_ivr.training.sampler import EpochSampler
 
 logger = logging.getLogger(__name__)
@@ -48,7 +49,12 @@ class Trajectory:
     advantage: float = 0.0
     rectified: bool = False
     finish_reason: str = "stop"
-    weight_version: int = 0
+    weight_version: int = 0  # the oldest of its tokens' versions (staleness is counted from it)
+    token_versions: list[int] = field(default_factory=list)  # per response token; empty: all weight_version
+
+    def versions(self) -> list[int]:
+        """The policy version that produced each response token."""
+        return list(self.token_versions) if self.token_versions else [self.weight_version] * len(self.response_ids)
 
 
 @dataclass
@@ -91,10 +97,14 @@ def refuse_vision_tokens(groups: list[list], banned: frozenset[int], token_ids=l
 
 class ExperienceMaker:
     def __init__(self, cfg: RunConfig, engine, reward_fn, samples: list[Sample], banned_token_ids=()):
+        # a push during an async generation aborts it: ContinuingEngine continues it on the new weights
+        engine = engine if isinstance(engine, ContinuingEngine) else ContinuingEngine(engine)
         self.cfg, self.engine, self.reward_fn, self.samples = cfg, engine, reward_fn, samples
         self.banned = frozenset(banned_token_ids)  # vision placeholders: a response with one is refused
         self.sampler = EpochSampler(len(samples), cfg.trainer.seed)
         rollout = cfg.rollout
+        # async: the trainer bounds the staleness when it takes the groups (schedule.py)
+        self.max_lag = rollout.max_staleness if rollout.mode == "async" else rollout.max_weight_lag
         self.sampling = SamplingParams(max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature,
                                        top_p=rollout.top_p, n=rollout.n)
         self.ivr = None
@@ -102,8 +112,8 @@ class ExperienceMaker:
             self.ivr = ReReasoningLoop(engine, reward_fn, cfg.algorithm.ivr, cfg.reward.template,
                                        rollout.max_new_tokens, rollout.temperature, rollout.top_p)
 
-    def _sample_groups(self, count: int, step: int, round_index: int, metrics: dict) -> list[_Group]:
-        indices = self.sampler.draw(count)
+    def _sample_groups(self, count: int, step: int, round_index: int, metrics: dict, draw) -> list[_Group]:
+        indices = draw(count)
         samples = [self.samples[i] for i in indices]
         prompts = [render_prompt("response", self.cfg.reward.template, question=s.question) for s in samples]
         requests = [GenerationRequest(p, s.images, s.id) for p, s in zip(prompts, samples)]
@@ -112,7 +122,7 @@ class ExperienceMaker:
         t0 = time.perf_counter()
         completions = self.engine.generate(requests, sampling)
         metrics["time/rollout"] = metrics.get("time/rollout", 0.0) + time.perf_counter() - t0
-        completions, stale = reject_stale(completions, self.engine.weight_version, self.cfg.rollout.max_weight_lag)
+        completions, stale = reject_stale(completions, self.engine.weight_version, self.max_lag)
         metrics["rollout/stale_rejected"] = metrics.get("rollout/stale_rejected", 0) + stale
         completions, refused = refuse_vision_tokens(completions, self.banned)
         metrics["rollout/vision_token_refused"] = metrics.get("rollout/vision_token_refused", 0) + refused
@@ -134,18 +144,21 @@ class ExperienceMaker:
             k += len(group)
         return [g for g in groups if g.responses]
 
-    def make(self, step: int) -> Experience:
+    def make(self, step: int, draw=None) -> Experience:
+        """Step ``step``'s experience (the engine's seed follows ``step``); ``draw(count)`` gives
+        the sample indices of its prompts (the sampler's, by default)."""
         cfg = self.cfg
+        draw = draw or self.sampler.draw
         metrics: dict = {}
         target = cfg.trainer.prompts_per_step
         if cfg.algorithm.dynamic_sampling:
             rounds = iter(range(cfg.algorithm.max_sampling_rounds))
-            groups, ds_metrics = fill_batch(lambda k: self._sample_groups(k, step, next(rounds), metrics),
+            groups, ds_metrics = fill_batch(lambda k: self._sample_groups(k, step, next(rounds), metrics, draw),
                                             lambda g: [r.reward for r in g.responses], target,
                                             cfg.algorithm.max_sampling_rounds)
             metrics.update(ds_metrics)
         else:
-            groups = self._sample_groups(target, step, 0, metrics)
+            groups = self._sample_groups(target, step, 0, metrics, draw)
         on_policy = [g.responses for g in groups]
         rectified: list[list[ScoredResponse]] = [[] for _ in groups]
         if self.ivr is not None and groups:
@@ -176,9 +189,12 @@ class ExperienceMaker:
                     format=score.format if score is not None else 1.0,
                     advantage=advantages[k], rectified=response.rectified,
                     finish_reason=completion.finish_reason if completion is not None else "stop",
-                    weight_version=completion.weight_version if completion is not None else self.engine.weight_version))
+                    weight_version=completion.weight_version if completion is not None else self.engine.weight_version,
+                    token_versions=(completion.versions() if completion is not None
+                                    else [self.engine.weight_version] * len(response.token_ids))))
                 k += 1
         metrics.update(rollout_metrics(trajectories, cfg.rollout.max_new_tokens))
+        metrics.update(self.engine.take_counts())  # continued (interrupted) requests, servers lost
         metrics["data/epoch"] = self.sampler.epoch
         return Experience(trajectories, [g.sample.id for g in groups], metrics)
 
@@ -188,9 +204,9 @@ def broadcast_experience(experience: Optional[Experience]) -> Experience:
 
     - a small header, pickled once: the metrics, sample ids and, per group of responses, its
       prompt text and image sizes; per response its group, length, finish reason and version;
-    - the response token ids, the engine's log-probs and the scalars (advantage, reward,
-      accuracy, format, rectified) as flat tensors, to every rank (every rank lays out the
-      same token rows);
+    - the response token ids, the engine's log-probs, each token's policy version and the
+      scalars (advantage, reward, accuracy, format, rectified) as flat tensors, to every rank
+      (every rank lays out the same token rows);
     - each group's images once, as uint8 pixel tensors, only to the ranks of the first
       pipeline stage, which run the vision tower; later stages get blank images of the same
       size (the token layout and MRoPE positions depend on the size only).
@@ -208,19 +224,21 @@ def broadcast_experience(experience: Optional[Experience]) -> Experience:
                            else torch.empty(total, dtype=torch.int64))
     logprobs = _broadcast(torch.tensor([x for t in ts for x in t.rollout_logprobs], dtype=torch.float64) if mine
                           else torch.empty(total, dtype=torch.float64))
+    versions = _broadcast(torch.tensor([v for t in ts for v in t.versions()], dtype=torch.int64) if mine
+                          else torch.empty(total, dtype=torch.int64))
     scalars = _broadcast(torch.tensor([[t.advantage, t.reward, t.accuracy, t.format, float(t.rectified)] for t in ts],
                                       dtype=torch.float64).reshape(n, 5) if mine
                          else torch.empty((n, 5), dtype=torch.float64))
     images = _group_images(header["groups"], experience)
     if mine:
         return experience
-    token_ids, logprobs = token_ids.split(lengths), logprobs.split(lengths)
+    token_ids, logprobs, versions = token_ids.split(lengths), logprobs.split(lengths), versions.split(lengths)
     trajectories = []
     for k, (group, _, sample_id, finish_reason, version) in enumerate(header["rows"]):
         advantage, reward, accuracy, fmt, rectified = scalars[k].tolist()
         trajectories.append(Trajectory(sample_id, group, header["groups"][group][0], images[group],
                                        token_ids[k].tolist(), logprobs[k].tolist(), reward, accuracy, fmt,
-                                       advantage, bool(rectified), finish_reason, version))
+                                       advantage, bool(rectified), finish_reason, version, versions[k].tolist()))
     return Experience(trajectories, header["sample_ids"], header["metrics"])
 
 
@@ -292,3 +310,23 @@ def rollout_metrics(trajectories: list[Trajectory], max_new_tokens: int) -> dict
         "rollout/weight_version_min": min(t.weight_version for t in on),
         "rollout/weight_version_max": max(t.weight_version for t in on),
     }
+
+
+def staleness_metrics(experience: Experience, step: int) -> dict:
+    """How many versions behind the policy that trains step ``step`` (version ``step - 1``) the
+    on-policy responses are, counted from each response's oldest token: 0 in sync mode, 1 in
+    one_step_off after the first step, up to ``rollout.max_staleness`` in async. Also a
+    histogram (``rollout/staleness_count_<lag>``: responses per lag) and each group's oldest
+    version (``rollout/group_versions``, beside the step's ``samples``)."""
+    on = [t for t in experience.trajectories if not t.rectified]
+    if not on:
+        return {}
+    lags = [step - 1 - min(t.versions(), default=t.weight_version) for t in on]
+    out = {"rollout/staleness_min": min(lags), "rollout/staleness_mean": sum(lags) / len(lags),
+           "rollout/staleness_max": max(lags),
+           "rollout/group_versions": [min((min(t.versions(), default=t.weight_version) for t in on if t.group == g),
+                                          default=None) for g in range(len(experience.sample_ids))]}
+    for lag in sorted(set(lags)):
+        out[f"rollout/staleness_count_{lag}"] = lags.count(lag)
+    out["rollout/partial_responses"] = sum(len(set(t.versions())) > 1 for t in on)
+    return out

@@ -68,8 +68,12 @@ from megatron_ivr.training.experience import Experience, Trajectory
 
 # a micro-batch's report: its loss parts, then DIAGNOSTIC_SUMS, then the largest |delta logp|
 REPORT = ("loss", "kl", "clipped")
+# the rollout/trainer mismatch split by how many versions behind the trainer's policy each token
+# was generated (0, 1, LAG_BUCKETS - 1 or more): async rollouts hold tokens of several versions
+LAG_BUCKETS = 3
 DIAGNOSTIC_SUMS = ("tokens", "entropy", "on_tokens", "abs_diff", "kl", "tis_clipped", "vg", "vg_entropy",
-                   "others", "other_entropy", "w", "scored")
+                   "others", "other_entropy", "w", "scored",
+                   *(f"{kind}_lag{b}" for b in range(LAG_BUCKETS) for kind in ("on_tokens", "abs_diff")))
 
 
 @dataclass
@@ -83,6 +87,7 @@ class MicroBatch:
     sequence_advantages: torch.Tensor  # [N]
     rectified: torch.Tensor  # [N] bool
     rollout_logp: torch.Tensor  # the engine's log-probs, [N, T]
+    token_lag: torch.Tensor  # [N, T]: versions between the policy that generated each token and the trainer's
     # VICRA: the responses its no-image pass scores ([N] bool), their ModelBatch without (or with
     # distorted) images, and its log-probs in the [N, T] layout (0 on the rows not scored)
     vicra_rows: Optional[torch.Tensor] = None
@@ -179,7 +184,9 @@ class RlStep:
                 micro = MicroBatch(
                     group, batch, mask, torch.tensor([trajectories[i].advantage for i in group], device=dev),
                     torch.tensor([trajectories[i].rectified for i in group], device=dev),
-                    pad_responses([trajectories[i].rollout_logprobs for i in group], mask.shape[1]).to(dev))
+                    pad_responses([trajectories[i].rollout_logprobs for i in group], mask.shape[1]).to(dev),
+                    pad_responses([[step - 1 - v for v in trajectories[i].versions()] for i in group],
+                                  mask.shape[1]).long().to(dev))
                 if vicra.enabled:
                     micro.vicra_rows = torch.tensor([scored[i] for i in group], device=dev)
                     rows = [i for i in group if scored[i]]
@@ -288,9 +295,12 @@ class RlStep:
         other = scored & ~grounded
         w = micro.w.double() if micro.w is not None else torch.zeros_like(entropy)
         clipped = ((diff.exp() > cap) & on).sum() if cap is not None else torch.zeros((), device=valid.device)
+        bucket = micro.token_lag.clamp(0, LAG_BUCKETS - 1)
+        by_lag = [part for b in range(LAG_BUCKETS) for part in ((on & (bucket == b)).sum(),
+                                                                 torch.where(bucket == b, diff.abs(), 0.0).sum())]
         sums = torch.stack([valid.sum(), (entropy * valid).sum(), on.sum(), diff.abs().sum(),
                             ((diff.exp() - diff - 1) * on).sum(), clipped, grounded.sum(), (entropy * grounded).sum(),
-                            other.sum(), (entropy * other).sum(), (w * scored).sum(), scored.sum()]).double()
+                            other.sum(), (entropy * other).sum(), (w * scored).sum(), scored.sum(), *by_lag]).double()
         return sums, diff.abs().max() if diff.numel() else torch.zeros((), dtype=torch.float64)
 
     def _reduce(self, reports: list[torch.Tensor]) -> dict:
@@ -317,6 +327,11 @@ class RlStep:
         out.update({"policy/entropy": d["entropy"] / max(d["tokens"], 1.0),
                     "mismatch/abs_logp_diff_mean": d["abs_diff"] / on_tokens, "mismatch/abs_logp_diff_max": host[-1],
                     "mismatch/kl": d["kl"] / on_tokens, "mismatch/tis_clip_share": d["tis_clipped"] / on_tokens})
+        for b in range(LAG_BUCKETS):  # by staleness: only the lags this step holds
+            if d[f"on_tokens_lag{b}"]:
+                label = f"lag{b}" + ("_or_more" if b == LAG_BUCKETS - 1 else "")
+                out[f"mismatch/abs_logp_diff_mean_{label}"] = d[f"abs_diff_lag{b}"] / d[f"on_tokens_lag{b}"]
+                out[f"mismatch/token_share_{label}"] = d[f"on_tokens_lag{b}"] / on_tokens
         if self.cfg.algorithm.vicra.enabled:
             vg_mean = d["vg_entropy"] / d["vg"] if d["vg"] else 0.0
             other_mean = d["other_entropy"] / d["others"] if d["others"] else 0.0

@@ -25,9 +25,17 @@ import time
 from dataclasses import fields
 from typing import Optional
 
-from megatron_ivr.training.experience import Experience, ExperienceMaker, Trajectory
+from megatron_ivr.training.async_schedule import AsyncSchedule
+from megatron_ivr.training.experience import Experience, ExperienceMaker, Trajectory, staleness_metrics
 
 MODES = ("sync", "one_step_off")
+
+
+def make_schedule(maker: ExperienceMaker, mode: str, total_steps: int, max_staleness: int):
+    """The schedule of ``rollout.mode``: sync and one_step_off here, async in async_schedule.py."""
+    if mode == "async":
+        return AsyncSchedule(maker, total_steps, max_staleness)
+    return ExperienceSchedule(maker, mode, total_steps)
 
 
 class ExperienceSchedule:
@@ -115,13 +123,3 @@ class ExperienceSchedule:
         images = {sample.id: sample.images for sample in self.maker.samples}
         trajectories = [Trajectory(**{**row, "images": images[row["sample_id"]]}) for row in pending["trajectories"]]
         self._pending = (pending["step"], Experience(trajectories, pending["sample_ids"], pending["metrics"]))
-
-
-def staleness_metrics(experience: Experience, step: int) -> dict:
-    """How many versions behind the policy that trains step ``step`` (version ``step - 1``) its
-    on-policy responses are: 0 in sync mode, 1 in one_step_off after the first step."""
-    lags = [step - 1 - t.weight_version for t in experience.trajectories if not t.rectified]
-    if not lags:
-        return {}
-    return {"rollout/staleness_min": min(lags), "rollout/staleness_mean": sum(lags) / len(lags),
-            "rollout/staleness_max": max(lags)}

@@ -6,8 +6,9 @@ newest verified checkpoint, then per step ``job.step`` -> log -> save; SIGTERM s
 and write the final policy as a Hugging Face folder. One RL step (``RlJob.step``):
 
     experience   rank 0: prompts -> engine rollouts -> rewards -> [IVR-R1] -> advantages
-                 (experience.py; made at the start of the step, or during the step before
-                 with rollout.mode=one_step_off: schedule.py), then to every trainer rank
+                 (experience.py; made at the start of the step, during the step before with
+                 rollout.mode=one_step_off: schedule.py, or by a generator thread that runs
+                 ahead with rollout.mode=async: async_schedule.py), then to every trainer rank
     train        every rank: log-prob passes, VICRA, the loss, optimizer steps (rl.py)
     sync         the weight bridge pushes the new policy into the engine (bridge/)
 """
@@ -35,7 +36,7 @@ from megatron_ivr.training.datasets import read_training_file
 from megatron_ivr.training.experience import ExperienceMaker, broadcast_experience
 from megatron_ivr.training.loop import Progress, run_job
 from megatron_ivr.training.rl import RlStep
-from megatron_ivr.training.schedule import ExperienceSchedule
+from megatron_ivr.training.schedule import make_schedule
 from megatron_ivr.training.sft import SftJob, reference_samples
 
 logger = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ class RlJob:
             self.reward_fn = RewardFunction(cfg.reward)
             maker = ExperienceMaker(cfg, self.engine, self.reward_fn, dataset.samples,
                                     vision_token_ids(processor.tokenizer))
-            self.schedule = ExperienceSchedule(maker, cfg.rollout.mode, self.total_steps)
+            self.schedule = make_schedule(maker, cfg.rollout.mode, self.total_steps, cfg.rollout.max_staleness)
 
     def step(self, step: int) -> dict:
         experience = broadcast_experience(self.schedule.take(step) if self.rank == 0 else None)

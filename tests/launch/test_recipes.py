@@ -49,18 +49,21 @@ def test_the_demo_config_launches_locally():
     assert cfg.launch.gpus_per_node == 2
 
 
-def test_the_async_recipe_is_the_dapo_recipe_one_step_off():
-    path = CONFIGS[0].parent / "vicra_dapo_qwen2_5_vl_7b_async.yaml"
+@pytest.mark.parametrize("name, mode, staleness", [("vicra_dapo_qwen2_5_vl_7b_async", "one_step_off", 1),
+                                                   ("vicra_dapo_qwen2_5_vl_7b_async2", "async", 2)])
+def test_the_async_recipes_are_the_dapo_recipe_overlapped(name, mode, staleness):
+    path = CONFIGS[0].parent / f"{name}.yaml"
     cfg, base = load_config(path), load_config(path.with_name("vicra_dapo_qwen2_5_vl_7b.yaml"))
-    assert cfg.rollout.mode == "one_step_off" and base.rollout.mode == "sync"
+    assert cfg.rollout.mode == mode and cfg.rollout.max_staleness == staleness and base.rollout.mode == "sync"
     assert cfg.launch.placement == "disaggregated" and cfg.algorithm == base.algorithm
     check_sizing(cfg, "slurm")
 
 
-def test_colocated_servers_keep_sync():
+@pytest.mark.parametrize("name", ["vicra_dapo_qwen2_5_vl_7b_async", "vicra_dapo_qwen2_5_vl_7b_async2"])
+def test_colocated_servers_keep_sync(name):
     from megatron_ivr.config import ConfigError
 
-    cfg = load_config(CONFIGS[0].parent / "vicra_dapo_qwen2_5_vl_7b_async.yaml", ["launch.placement=colocated"])
+    cfg = load_config(CONFIGS[0].parent / f"{name}.yaml", ["launch.placement=colocated"])
     with pytest.raises(ConfigError) as error:
         check_sizing(cfg, "slurm")
     assert error.value.key == "rollout.mode"

@@ -114,6 +114,31 @@ def test_tensor_transport_wraps_updates_and_sets_the_version(servers):
     assert all(s.version == "3" for s in servers)
 
 
+def test_a_lost_server_is_retired_and_the_push_goes_on(servers):
+    """A server whose process died (here: stopped) during a run: the weight push reaches the
+    others and the run goes on; the lost one gets no more requests (it would come back with its
+    checkpoint's weights), so generation does not even retry it. The last server lost is an error."""
+    client = SGLangClient([s.url for s in servers], api_key="secret", retries=2)
+    servers[0].stop()
+    transport = TensorTransport(client, pause_mode="abort")
+    transport.begin(version=4)
+    transport.send(flatten([("lm_head.weight", torch.ones(2, 2))]))
+    transport.finish(version=4)
+    assert client.stats.retired == [servers[0].url] and servers[1].version == "4"
+    assert [p for p, _ in servers[1].requests] == [
+        "/pause_generation", "/begin_weight_update", "/update_weights_from_tensor", "/end_weight_update",
+        "/update_weight_version", "/flush_cache", "/continue_generation"]
+    assert servers[1].requests[0][1] == {"mode": "abort"}  # async: in-flight requests come back partial
+    results = client.generate([{"text": f"p{i}", "sampling_params": {"max_new_tokens": 1}, "rid": f"r{i}"}
+                               for i in range(6)])
+    assert len(results) == 6 and client.stats.requests == 6 and client.stats.retries == 0
+    servers[1].stop()
+    with pytest.raises(SGLangError):
+        client.call_all("/flush_cache", {})  # the last one is never retired: the run stops with the reason
+    client.close()
+    servers.clear()  # both stopped already
+
+
 def test_router_takes_generation_and_workers_take_admin_calls(servers):
     router = FakeSGLang(api_key="secret").start()
     try:

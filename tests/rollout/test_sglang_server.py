@@ -227,3 +227,94 @@ def test_killed_server_loses_no_sample(server, tiny_models):
     assert [len(group) for group in out] == [2] * 16
     assert all(len(c.token_ids) == 256 and len(c.logprobs) == 256 for group in out for c in group)
     assert engine.client.stats.retries >= 1
+
+
+def _push(client, named_tensors, version):
+    """A weight update as the bridge sends it in async mode: the servers paused in ``abort``
+    mode (what is in flight comes back partial), the tensors, the version, continue."""
+    from megatron_ivr.bridge.buckets import bucketize
+    from megatron_ivr.bridge.transports import TensorTransport
+
+    transport = TensorTransport(client, pause_mode="abort")
+    transport.begin(version)
+    for bucket in bucketize(iter(named_tensors), 64 * 1024**2):
+        transport.send(bucket)
+    transport.finish(version)
+
+
+def _scored(model, processor, image, token_ids, banned):
+    """log softmax(logits) without the vision tokens at each of ``token_ids``, teacher-forced
+    after the probe question's prompt (temperature 1)."""
+    text = processor.apply_chat_template(chat_messages("How many objects?", 1), tokenize=False,
+                                         add_generation_prompt=True)
+    inputs = processor(text=[text], images=[image], return_tensors="pt")
+    start = inputs["input_ids"].shape[1]
+    continuation = torch.tensor([token_ids])
+    for key in ("attention_mask", "mm_token_type_ids"):
+        if key in inputs:
+            inputs[key] = torch.cat([inputs[key], torch.full_like(continuation, int(key == "attention_mask"))], 1)
+    inputs["input_ids"] = torch.cat([inputs["input_ids"], continuation], 1)
+    with torch.no_grad():
+        logits = model(**inputs).logits[0, start - 1:-1].float()
+    logp = logits.index_fill(-1, torch.tensor(list(banned)), float("-inf")).log_softmax(-1)
+    return logp.gather(-1, continuation[0][:, None])[:, 0]
+
+
+def test_partial_rollouts_continue_on_the_pushed_weights(server, tiny_models):
+    """A weight push while the server generates (async mode): the in-flight requests are
+    aborted, continued from their partial responses on the new weights (rollout/partial.py), and
+    each token's log-prob is the one of the weights that sampled it: those before the push equal
+    transformers' scoring under the old weights, those after it under the new, within 1e-4."""
+    from safetensors.torch import load_file
+
+    from megatron_ivr.rollout.partial import ContinuingEngine
+
+    path = tiny_models["qwen2_5_vl"]
+    old = load_file(str(Path(path) / "model.safetensors"))
+    generator = torch.Generator().manual_seed(0)
+    new_head = old["lm_head.weight"] + 0.05 * torch.randn(old["lm_head.weight"].shape, generator=generator)
+    engine = engine_for(server, path)
+    _push(engine.client, old.items(), 20)  # the checkpoint's weights, whatever earlier tests pushed
+    payload = engine.payload
+
+    def full_length_payload(*args):  # long enough for the push to land mid-generation
+        body = payload(*args)
+        body["sampling_params"]["ignore_eos"] = True
+        return body
+
+    engine.payload = full_length_payload
+    continuing = ContinuingEngine(engine)
+    requests = [GenerationRequest("How many objects?", [scene()], f"partial{i}") for i in range(4)]
+    results = {}
+    worker = threading.Thread(target=lambda: results.update(out=continuing.generate(
+        requests, SamplingParams(max_new_tokens=192, temperature=1.0, seed=11))))
+    worker.start()
+    deadline = time.monotonic() + 60
+    while engine.client.stats.requests < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    assert worker.is_alive(), "the generation ended before the push: make it longer"
+    _push(engine.client, [("lm_head.weight", new_head)], 21)
+    worker.join(timeout=600)
+    engine.client.close()
+    completions = [group[0] for group in results["out"]]
+    assert continuing.take_counts()["rollout/interrupted"] >= 1
+    processor, banned = load_processor(path), banned_ids(path)
+    old_model, new_model = load_model(path).eval(), load_model(path).eval()
+    with torch.no_grad():
+        new_model.lm_head.weight.copy_(new_head)
+    both = 0
+    for completion in completions:
+        versions = completion.versions()
+        assert len(versions) == len(completion.token_ids) == len(completion.logprobs) == 192
+        assert set(versions) <= {20, 21} and versions == sorted(versions) and completion.finish_reason == "length"
+        switch = versions.index(21) if 21 in versions else len(versions)
+        both += 0 < switch < len(versions)
+        got = torch.tensor(completion.logprobs)
+        old_scores = _scored(old_model, processor, scene(), completion.token_ids, banned)
+        new_scores = _scored(new_model, processor, scene(), completion.token_ids, banned)
+        assert torch.allclose(got[:switch], old_scores[:switch], rtol=0, atol=1e-4)
+        assert torch.allclose(got[switch:], new_scores[switch:], rtol=0, atol=1e-4)
+        if switch < len(versions):  # and the two policies are told apart there
+            assert (got[switch:] - old_scores[switch:]).abs().max().item() > 1e-3
+    assert both >= 1  # at least one response holds tokens of both versions

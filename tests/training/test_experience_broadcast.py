@@ -25,9 +25,10 @@ def _experience():
     gray = Image.fromarray(torch.randint(0, 256, (28, 28), generator=generator, dtype=torch.uint8).numpy())
     trajectories = [
         Trajectory("a", 0, "how many?", images, [5, 6, 7], [-0.1, -0.2, -1 / 3], 1.0, 1.0, 1.0, 0.7071, False,
-                   "stop", 3),
-        Trajectory("a", 0, "how many?", images, [8], [-2.5], 0.0, 0.0, 1.0, -0.7071, True, "length", 3),
-        Trajectory("b", 1, "what color?", [gray], [9, 10], [-0.01, -1e-9], 0.5, 0.0, 1.0, 0.0, False, "stop", 2),
+                   "stop", 2, [2, 3, 3]),  # a partial rollout: a push after its first token
+        Trajectory("a", 0, "how many?", images, [8], [-2.5], 0.0, 0.0, 1.0, -0.7071, True, "length", 3, [3]),
+        Trajectory("b", 1, "what color?", [gray], [9, 10], [-0.01, -1e-9], 0.5, 0.0, 1.0, 0.0, False, "stop", 2,
+                   [2, 2]),
     ]
     return Experience(trajectories, ["a", "b"], {"reward/mean": 0.5, "rollout/responses": 3})
 

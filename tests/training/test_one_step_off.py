@@ -90,12 +90,18 @@ def test_exact_resume_after_sigkill(runs, tmp_path, tiny_models, synthetic_dir):
         assert resumed[step]["optim/grad_norm"] == pytest.approx(expected[step]["optim/grad_norm"], rel=1e-6)
 
 
-def test_colocated_offload_refuses_one_step_off():
+def test_colocated_offload_refuses_the_overlapped_modes():
     from megatron_ivr.config import ConfigError, load_config
 
     with pytest.raises(ConfigError) as error:
         load_config(None, ["rollout.mode=one_step_off", "rollout.offload_during_train=true"])
     assert error.value.key == "rollout.mode"
     with pytest.raises(ConfigError) as error:
-        load_config(None, ["rollout.mode=async"])
+        load_config(None, ["rollout.mode=async", "rollout.offload_during_train=true"])
+    assert error.value.key == "rollout.mode"
+    with pytest.raises(ConfigError) as error:
+        load_config(None, ["rollout.mode=async", "rollout.max_staleness=0"])
+    assert error.value.key == "rollout.max_staleness"
+    with pytest.raises(ConfigError) as error:
+        load_config(None, ["rollout.mode=fully_async"])
     assert error.value.key == "rollout.mode"

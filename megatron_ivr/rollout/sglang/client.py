@@ -6,8 +6,13 @@
   ``retries`` times, so a sample is never lost and never counted twice.
 - ``Authorization: Bearer <api_key>`` on every request when a key is set.
 - Admin endpoints (pause, flush, weight updates, versions) go to every server: the router
-  does not proxy them. With ``router_url``, ``/generate`` goes through sglang-router (which
-  spreads it over the workers) and admin calls go to the worker ``urls``.
+  does not proxy them. A server that cannot be reached by one (its process died) is
+  *retired*: the call goes on with the others, and the server gets no more requests in this
+  run, since one that comes back serves its checkpoint's weights, not the policy's (a retired
+  server rejoining after a full push is not built; with the ``distributed`` transport, whose
+  broadcast group counts every server, a lost server stops the run, which then resumes).
+  With ``router_url``, ``/generate`` goes through sglang-router (which spreads it over the
+  workers) and admin calls go to the worker ``urls``.
 The client runs its own event loop in a background thread so that synchronous trainer code
 can call it.
 """
@@ -17,12 +22,15 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import aiohttp
+
+logger = logging.getLogger(__name__)
 
 
 class SGLangError(RuntimeError):
@@ -34,9 +42,10 @@ class ServerState:
     url: str
     failures: int = 0
     down_until: float = 0.0
+    retired: bool = False  # unreachable during an admin call: never used again (module docstring)
 
     def available(self) -> bool:
-        return time.monotonic() >= self.down_until
+        return not self.retired and time.monotonic() >= self.down_until
 
 
 @dataclass
@@ -44,6 +53,7 @@ class ClientStats:
     requests: int = 0
     retries: int = 0
     failures: dict = field(default_factory=dict)
+    retired: list = field(default_factory=list)  # the URLs of retired servers
 
 
 class SGLangClient:
@@ -85,7 +95,7 @@ class SGLangClient:
 
     # --- requests -------------------------------------------------------------------------
     def _pick(self, exclude: set[str]) -> ServerState:
-        targets = self.generate_targets
+        targets = [s for s in self.generate_targets if not s.retired] or self.generate_targets
         candidates = [s for s in targets if s.available() and s.url not in exclude]
         if not candidates:
             candidates = [s for s in targets if s.url not in exclude] or targets
@@ -139,14 +149,27 @@ class SGLangClient:
 
     def call_all(self, path: str, payload: Optional[dict] = None, method: str = "POST",
                  timeout_s: Optional[float] = None) -> list[Any]:
-        """Send an admin request to every server; raise if any fails."""
+        """Send an admin request to every server in service; raise if any answers with an error.
+        One that cannot be reached is retired (module docstring), unless it is the last."""
+        serving = [s for s in self.servers if not s.retired]
+        if not serving:
+            raise SGLangError(f"{path}: every rollout server was lost ({', '.join(self.stats.retired)})")
+
         async def gather():
-            return await asyncio.gather(*(self._post(s.url, path, payload, timeout_s, method) for s in self.servers))
+            return await asyncio.gather(*(self._post(s.url, path, payload, timeout_s, method) for s in serving),
+                                        return_exceptions=True)
         results = self.run(gather())
-        for server, result in zip(self.servers, results):
-            if isinstance(result, dict) and result.get("success") is False:
+        for server, result in zip(serving, results):
+            if isinstance(result, aiohttp.ClientConnectionError) and len(serving) > 1:
+                server.retired = True
+                self.stats.retired.append(server.url)
+                logger.warning("rollout server %s is unreachable (%s): retired; the run goes on with %d server(s)",
+                               server.url, result, len([s for s in self.servers if not s.retired]))
+            elif isinstance(result, BaseException):
+                raise result if isinstance(result, SGLangError) else SGLangError(f"{server.url}{path}: {result}")
+            elif isinstance(result, dict) and result.get("success") is False:
                 raise SGLangError(f"{server.url}{path}: {result.get('message')}")
-        return results
+        return [r for server, r in zip(serving, results) if not server.retired]
 
     def healthy(self, path: str = "/health_generate", timeout_s: float = 5.0) -> list[bool]:
         async def probe(server):

@@ -3,6 +3,14 @@
 Prompts are rendered with the model's chat template here (one ``<|image_pad|>`` per image;
 the server expands it) and images travel as PNG data URIs. Each of the ``n`` samples of a
 request is its own ``/generate`` call with its own ``rid`` (see client.py for retries).
+
+A partial rollout (a request with ``partial``: the response so far of one that a weight push
+aborted) is sent as token ids: the prompt's (one ``<|image_pad|>`` per image) followed by
+exactly the tokens sampled so far, never their decoded text, which a random or an unlucky
+sample does not tokenize back to. SGLang 0.5.23 keeps such ids only on its multimodal fast
+path (``compose_image_artifacts``), which Qwen3-VL always takes and Qwen2.5-VL takes with a
+preprocessing cache (``--mm-preprocess-cache-size-mb``, which ``server.py`` sets); elsewhere it
+decodes and re-tokenizes the ids. The SGLang tier tests the log-probs after a push.
 """
 
 from __future__ import annotations
@@ -60,7 +68,8 @@ class SGLangEngine:
         return chat_prompt(self.tokenizer, request.text, len(request.images))
 
     def payload(self, request: GenerationRequest, sampling: SamplingParams, sample: int) -> dict:
-        params = {"max_new_tokens": sampling.max_new_tokens, "temperature": sampling.temperature,
+        prefix = request.partial.token_ids if request.partial is not None else []
+        params = {"max_new_tokens": sampling.max_new_tokens - len(prefix), "temperature": sampling.temperature,
                   "top_p": sampling.top_p, "top_k": sampling.top_k, "n": 1}
         if sampling.stop:
             params["stop"] = list(sampling.stop)
@@ -68,8 +77,13 @@ class SGLangEngine:
             params["logit_bias"] = self.logit_bias
         if sampling.seed is not None:
             params["sampling_seed"] = sampling.seed + sample
-        payload = {"text": self.prompt_text(request), "sampling_params": params, "return_logprob": True,
+        payload = {"sampling_params": params, "return_logprob": True,
                    "rid": f"{request.request_id or 'req'}-{sample}-{uuid.uuid4().hex[:8]}"}
+        if prefix:  # a partial rollout continues from exactly its tokens (module docstring)
+            prompt_ids = self.tokenizer(self.prompt_text(request), add_special_tokens=False)["input_ids"]
+            payload["input_ids"] = list(prompt_ids) + list(prefix)
+        else:
+            payload["text"] = self.prompt_text(request)
         if request.images:
             payload["image_data"] = [image_data_uri(image) for image in request.images]
         return payload
@@ -79,11 +93,21 @@ class SGLangEngine:
         results = self.client.generate(payloads)
         out: list[list[Completion]] = [[] for _ in requests]
         for index, result in enumerate(results):
-            out[index // sampling.n].append(to_completion(result))
+            completion, partial = to_completion(result), requests[index // sampling.n].partial
+            if partial is not None:  # the whole response: the partial one, then what was generated now
+                text = self.tokenizer.decode(partial.token_ids + completion.token_ids, skip_special_tokens=True)
+                completion = partial.continued(text, completion.token_ids, completion.logprobs,
+                                               completion.finish_reason, completion.weight_version)
+            out[index // sampling.n].append(completion)
         return out
 
     def health(self) -> list[bool]:
         return self.client.healthy()
+
+    def counters(self) -> dict:
+        """Servers lost for the rest of the run (client.py retires them), requests retried elsewhere."""
+        stats = self.client.stats
+        return {"rollout/servers_lost": len(stats.retired), "rollout/request_retries": stats.retries}
 
     def pause(self, mode: str = "abort") -> None:
         self.client.call_all("/pause_generation", {"mode": mode})

@@ -3,7 +3,9 @@
 Servers bind to 127.0.0.1 unless told otherwise. The multimodal embedding cache is
 disabled (``SGLANG_VLM_CACHE_SIZE_MB=0``): it is keyed by image hash and survives weight
 updates, so a vision-tower update would otherwise be silently ignored for images seen
-before. On CPU the CPU engine and its flags are used (docs/rollout.md).
+before. The preprocessing cache (pixels and grids, no weights) is on: with it SGLang builds a
+Qwen2.5-VL prompt from token ids as given, which a partial rollout needs (sglang/engine.py).
+On CPU the CPU engine and its flags are used (docs/rollout.md).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ SERVER_BOOTSTRAP = ("import os, runpy, sys; key = os.environ.pop('" + API_KEY_EN
                     "sys.argv = ['sglang.launch_server', *sys.argv[1:], '--api-key', key]; "
                     "runpy.run_module('sglang.launch_server', run_name='__main__', alter_sys=True)")
 
+# content-addressed image preprocessing (no weights in it): the path that keeps given token ids
+PREPROCESS_CACHE_FLAGS = ["--mm-preprocess-cache-size-mb", "64"]
 CPU_FLAGS = ["--device", "cpu", "--attention-backend", "torch_native", "--mm-attention-backend", "sdpa",
              "--disable-cuda-graph", "--disable-overlap-schedule"]
 
@@ -61,7 +65,7 @@ class ServerSpec:
             args += ["--max-total-tokens", str(self.max_total_tokens)]
         if self.device == "cpu":
             args += CPU_FLAGS
-        return args + list(self.extra_args)
+        return args + PREPROCESS_CACHE_FLAGS + list(self.extra_args)
 
     def env_overrides(self) -> dict:
         """What a server needs on top of its environment (the launch scripts export the same):

@@ -18,6 +18,7 @@ from megatron_ivr.model_providers.state_dict_adapter import (
     ConversionError,
     QwenVLStateDictAdapter,
     detect_key_style,
+    expert_index,
     shard,
     to_global_name,
     unshard,
@@ -35,7 +36,8 @@ def build_model(hf_config, dtype: torch.dtype = torch.float32, fp8: Optional[str
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
     on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
     config = family.transformer_config(hf_config, tp=tp, pp=pp, params_dtype=dtype, fp8=fp8,
-                                       use_cpu_initialization=not on_gpu)
+                                       use_cpu_initialization=not on_gpu,
+                                       ep=ps.get_expert_model_parallel_world_size())
     model = QwenVLModel(family, hf_config, config, layer_spec(config, use_transformer_engine),
                         pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
     _cast_parameters(model, dtype)
@@ -91,11 +93,11 @@ def load_hf_weights(model: QwenVLModel, checkpoint: HFCheckpoint, progress=None)
     ``progress(message)`` is called about every 10% of the tensors."""
     adapter = adapter_for(model, detect_key_style(checkpoint.names()))
     tp_rank, tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
-    offset = model.layer_offset()
+    offset, experts = model.layer_offset(), expert_offset(model)
     params = list(model.named_parameters())
     step = max(1, len(params) // 10)
     for index, (local_name, param) in enumerate(params, start=1):
-        name = to_global_name(local_name, offset)
+        name = to_global_name(local_name, offset, experts)
         if progress is not None and (index % step == 0 or index == len(params)):
             progress(f"[convert] {index}/{len(params)} tensors")
         try:
@@ -108,14 +110,39 @@ def load_hf_weights(model: QwenVLModel, checkpoint: HFCheckpoint, progress=None)
     return adapter
 
 
+def expert_offset(model: QwenVLModel) -> int:
+    """The global index of this rank's first expert (expert parallelism; 0 for dense models)."""
+    experts = model.config.num_moe_experts or 0
+    return ps.get_expert_model_parallel_rank() * (experts // ps.get_expert_model_parallel_world_size())
+
+
+def takes_part_in_gathers() -> bool:
+    """The ranks that hold one whole copy of a stage between them: data-parallel rank 0's TP
+    group, and with expert parallelism its expert-parallel peers (the other data-parallel
+    ranks of its first expert replica, which hold the other experts)."""
+    if ps.get_expert_model_parallel_world_size() > 1:
+        return ps.get_expert_data_parallel_rank() == 0
+    return ps.get_data_parallel_rank() == 0
+
+
 @torch.no_grad()
 def iter_canonical(model: QwenVLModel) -> Iterator[tuple[str, torch.Tensor]]:
-    """This stage's full (TP-gathered) tensors under canonical names; TP-collective."""
+    """This stage's full (TP-gathered) tensors under canonical names; TP-collective, and for
+    the experts EP-collective: each expert weight comes with its peers' (one per EP rank)."""
     group, size = ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_world_size()
-    offset = model.layer_offset()
+    ep_size = ps.get_expert_model_parallel_world_size()
+    offset, experts = model.layer_offset(), expert_offset(model)
+    local_experts = (model.config.num_moe_experts or 0) // ep_size
     for local_name, param in model.named_parameters():
-        name = to_global_name(local_name, offset)
-        yield name, unshard(name, param.detach(), param, group, size)
+        name = to_global_name(local_name, offset, experts)
+        full = unshard(name, param.detach(), param, group, size)
+        if ep_size == 1 or expert_index(name) is None:
+            yield name, full
+            continue
+        parts = [torch.empty_like(full) for _ in range(ep_size)]
+        dist.all_gather(parts, full.contiguous(), group=ps.get_expert_model_parallel_group())
+        for rank, part in enumerate(parts):
+            yield to_global_name(local_name, offset, rank * local_experts), part
 
 
 @torch.no_grad()
@@ -123,10 +150,10 @@ def iter_stage_hf_weights(model: QwenVLModel, key_style: str = "legacy") -> Iter
     """This pipeline stage's weights as HF ``(name, tensor)`` pairs, yielded on the stage's
     leader (TP rank 0 of data-parallel rank 0); the stage's other TP ranks take part in the
     gathers and yield nothing, data-parallel replicas do nothing. Collective within the stage."""
-    if ps.get_data_parallel_rank() != 0:
+    if not takes_part_in_gathers():
         return
     adapter = adapter_for(model, key_style)
-    tp_leader = ps.get_tensor_model_parallel_rank() == 0
+    tp_leader = is_stage_leader()
     for name, full in iter_canonical(model):
         if not tp_leader or (name == "language.output_layer.weight" and adapter.tied_embeddings):
             continue
@@ -147,11 +174,11 @@ def iter_hf_weights(model: QwenVLModel, key_style: str = "legacy") -> Iterator[t
     every rank must exhaust the iterator (it is collective). Memory: one full tensor at a
     time. Data-parallel replicas (same weights) take no part.
     """
-    if ps.get_data_parallel_rank() != 0:
+    if not takes_part_in_gathers():
         return
     ranks = dist.get_process_group_ranks(ps.get_pipeline_model_parallel_group())
     root, me = ranks[0], dist.get_rank()
-    tp_leader = ps.get_tensor_model_parallel_rank() == 0
+    tp_leader = is_stage_leader()
     my_stage = ps.get_pipeline_model_parallel_rank()
     for stage in range(ps.get_pipeline_model_parallel_world_size()):
         if stage == my_stage:

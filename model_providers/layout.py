@@ -9,9 +9,20 @@ from megatron_ivr.config.schema import TrainerConfig
 from megatron_ivr.model_providers.qwen_vl import transformer_engine_available
 
 
-def layout_problems(text_config, vision_config, tp: int, pp: int, world: int) -> list[str]:
-    """Every reason why (tp, pp) cannot hold this model on ``world`` processes."""
+def layout_problems(text_config, vision_config, tp: int, pp: int, world: int, ep: int = 1) -> list[str]:
+    """Every reason why (tp, pp, ep) cannot hold this model on ``world`` processes."""
     problems = []
+    experts = int(getattr(text_config, "num_experts", 0) or 0)
+    if ep > 1 and not experts:
+        problems.append(f"parallel.expert_parallel={ep} needs a mixture-of-experts model; this one is dense")
+    if experts and experts % ep:
+        problems.append(f"parallel.expert_parallel={ep} must divide the model's num_experts ({experts})")
+    if ep > 1 and world % (tp * pp) == 0 and (world // pp) % ep:
+        problems.append(f"parallel.expert_parallel={ep} must divide the {world // pp} processes of a pipeline stage")
+    if experts and tp > 1:
+        problems.append(f"parallel.tensor_parallel={tp}: a mixture-of-experts model trains at tensor_parallel=1 "
+                        "here (megatron-core needs sequence parallelism with MoE and TP, which this model does not "
+                        "run yet); split the experts with parallel.expert_parallel instead")
     if world % (tp * pp):
         problems.append(f"parallel.tensor_parallel x parallel.pipeline_parallel = {tp} x {pp} = {tp * pp} does not "
                         f"divide the number of processes ({world}); data parallel size = world / (tp x pp)")
@@ -37,7 +48,7 @@ def check_layout(cfg, world: int, model_path: str) -> None:
     hf_config = AutoConfig.from_pretrained(model_path)
     text = getattr(hf_config, "text_config", hf_config)
     problems = layout_problems(text, getattr(hf_config, "vision_config", None), cfg.parallel.tensor_parallel,
-                               cfg.parallel.pipeline_parallel, world)
+                               cfg.parallel.pipeline_parallel, world, cfg.parallel.expert_parallel)
     if problems:
         raise ConfigError(f"parallel layout does not fit {model_path}: " + "; ".join(problems), key="parallel")
 

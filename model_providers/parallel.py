@@ -64,12 +64,15 @@ def init_parallel(parallel: ParallelismConfig | None = None, seed: int = 0) -> N
         dist.init_process_group("cpu:gloo,cuda:nccl" if use_cuda else "gloo")
     world = dist.get_world_size()
     parallel = parallel or ParallelismConfig()
-    tp, pp = parallel.tensor_parallel, parallel.pipeline_parallel
+    tp, pp, ep = parallel.tensor_parallel, parallel.pipeline_parallel, parallel.expert_parallel
     if world % (tp * pp):
         raise ValueError(f"world size {world} is not a multiple of tp*pp = {tp * pp}")
+    if (world // pp) % ep:
+        raise ValueError(f"parallel.expert_parallel={ep} must divide the {world // pp} ranks of a pipeline stage")
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                             expert_model_parallel_size=ep)
     model_parallel_cuda_manual_seed(seed)
 
 

@@ -16,6 +16,7 @@ import logging
 
 import torch
 from megatron.core.tensor_parallel import random as mp_random
+from megatron.core.transformer.moe import moe_utils, token_dispatcher
 
 logger = logging.getLogger(__name__)
 
@@ -45,9 +46,14 @@ def _patch_cuda_sync() -> None:
     torch.cuda.empty_cache = lambda: None
     torch.cuda.current_stream = lambda device=None: _NullStream()
     torch.cuda.stream = lambda stream=None: contextlib.nullcontext()
+    torch.cuda.Stream = _NullStream  # the MoE token dispatcher makes one (a class: annotations use it)
+    torch.cuda.Event = _NullEvent
 
 
 class _NullStream:
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
     def wait_stream(self, other) -> None:
         pass
 
@@ -55,7 +61,26 @@ class _NullStream:
         pass
 
     def record_event(self, event=None):
-        return None
+        return event if event is not None else _NullEvent()
+
+
+class _NullEvent:
+    """A recorded point on a CPU "stream": everything before it has already happened."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def record(self, stream=None) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def wait(self, stream=None) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
 
 
 _FACTORIES = ("zeros", "ones", "empty", "full", "tensor", "arange", "as_tensor", "rand", "randn", "randint",
@@ -144,6 +169,28 @@ def _patch_tensor_type_names() -> None:
     torch.Tensor.type = type_
 
 
+def _patch_moe_router_without_te() -> None:
+    """megatron-core 0.16.1's MoE router tests ``te_general_gemm is not None``, a name its
+    ``moe_utils`` defines only when Transformer Engine imports (NameError on CPU): define it
+    as absent, so the router takes its plain matmul path."""
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
+def _patch_moe_split_sizes() -> None:
+    """The MoE all-to-all dispatcher moves its split sizes to the host as numpy arrays, which
+    ``all_to_all_single`` takes, only when they are on a GPU; on a CPU they stay tensors,
+    which the collective refuses (TypeError): convert them as the GPU path does."""
+    original = moe_utils.maybe_move_tensor_to_cpu
+
+    def to_host(tensor, as_numpy: bool = False, record_stream: bool = False):
+        if as_numpy and torch.is_tensor(tensor) and not tensor.is_cuda:
+            return tensor.numpy()
+        return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    moe_utils.maybe_move_tensor_to_cpu = token_dispatcher.maybe_move_tensor_to_cpu = to_host
+
+
 PATCHES = {
     "cuda_device_queries": _patch_cuda_device_queries,
     "cuda_rng": _patch_cuda_rng,
@@ -151,6 +198,8 @@ PATCHES = {
     "cuda_literals": _patch_cuda_literals,
     "tensor_cuda": _patch_tensor_cuda,
     "tensor_type_names": _patch_tensor_type_names,
+    "moe_router_without_te": _patch_moe_router_without_te,
+    "moe_split_sizes": _patch_moe_split_sizes,
 }
 
 

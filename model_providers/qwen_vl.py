@@ -49,6 +49,8 @@ class QwenVLFamily:
     vision_class: str  # transformers vision tower class name
     mrope_layout: str  # "contiguous" | "interleaved"
     deepstack: bool
+    qk_norm: bool = False
+    moe: bool = False  # every decoder MLP a mixture of experts (megatron-core's MoELayer)
 
     def transformers_class(self, name: str):
         import transformers
@@ -60,7 +62,7 @@ class QwenVLFamily:
 
     def transformer_config(self, hf_config, tp: int = 1, pp: int = 1, params_dtype=torch.float32,
                            fp8: Optional[str] = None, use_cpu_initialization: bool = True,
-                           random_init: bool = False):
+                           random_init: bool = False, ep: int = 1):
         """megatron-core ``TransformerConfig`` of the language decoder (see the mapping in
         docs/models.md). ``random_init=False`` skips drawing random weights that a checkpoint
         load overwrites anyway (megatron still allocates and tags the TP shards)."""
@@ -73,7 +75,7 @@ class QwenVLFamily:
             normalization="RMSNorm", layernorm_epsilon=text.rms_norm_eps,
             gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
             add_qkv_bias=bool(getattr(text, "attention_bias", self.name == "qwen2_5_vl")),
-            qk_layernorm=self.name == "qwen3_vl",
+            qk_layernorm=self.qk_norm,
             hidden_dropout=0.0, attention_dropout=0.0,
             tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=False,
             params_dtype=params_dtype, pipeline_dtype=params_dtype,
@@ -84,6 +86,8 @@ class QwenVLFamily:
             persist_layer_norm=False, gradient_accumulation_fusion=False, variable_seq_lengths=True,
             moe_token_dispatcher_type="alltoall",  # (dense model) the default rejects variable lengths
         )
+        if self.moe:
+            kwargs.update(moe_config(text, ep))
         if not random_init:
             kwargs.update(init_method=_skip_init, output_layer_init_method=_skip_init,
                           embedding_init_method=_skip_init)
@@ -91,6 +95,25 @@ class QwenVLFamily:
             kwargs.update(fp8="hybrid" if fp8 == "delayed" else "e4m3",
                           fp8_recipe="delayed" if fp8 == "delayed" else "blockwise")
         return TransformerConfig(**kwargs)
+
+
+def moe_config(text, ep: int) -> dict:
+    """megatron-core's MoE fields for a Qwen3 MoE text config (docs/models.md). The router is
+    transformers': softmax over the experts, the top k, renormalized to sum to 1, which is
+    megatron's softmax score function taken after the top-k selection (``moe_router_pre_softmax``
+    off: softmax over the k chosen logits). No auxiliary load-balancing loss: RL fine-tuning
+    keeps the router of the pretrained model, as the anchors do (verl and slime's Qwen3 MoE RL
+    recipes set the aux loss coefficient to 0), and a balancing term would pull the policy away
+    from the engine's routing, the largest source of train/rollout mismatch in MoE models.
+    Experts run sequentially (one local MLP each) without grouped GEMM: the CPU path."""
+    if list(getattr(text, "mlp_only_layers", []) or []) or getattr(text, "decoder_sparse_step", 1) != 1:
+        raise ValueError("only models whose every decoder layer is a mixture of experts are supported "
+                         f"(mlp_only_layers={text.mlp_only_layers}, decoder_sparse_step={text.decoder_sparse_step})")
+    return dict(num_moe_experts=text.num_experts, moe_router_topk=text.num_experts_per_tok,
+                moe_ffn_hidden_size=text.moe_intermediate_size, moe_router_score_function="softmax",
+                moe_router_pre_softmax=False, moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0,
+                moe_grouped_gemm=False, moe_token_dispatcher_type="alltoall", expert_model_parallel_size=ep,
+                moe_router_dtype="fp32")
 
 
 def _skip_init(weight: torch.Tensor) -> torch.Tensor:
@@ -108,9 +131,12 @@ def layer_spec(config, use_transformer_engine: Optional[bool] = None):
     """Transformer Engine layers when TE is importable (FP8-capable), the local spec otherwise."""
     if use_transformer_engine is None:
         use_transformer_engine = transformer_engine_available()
+    experts = config.num_moe_experts
     if use_transformer_engine:
-        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=config.qk_layernorm)
+        return get_gpt_layer_with_transformer_engine_spec(num_experts=experts, moe_grouped_gemm=experts is not None,
+                                                          qk_layernorm=config.qk_layernorm)
+    spec = get_gpt_layer_local_spec(num_experts=experts, moe_grouped_gemm=False, normalization="RMSNorm",
+                                    qk_layernorm=config.qk_layernorm)
     spec.submodules.self_attention.submodules.core_attention = _sdpa_attention_class()
     return spec
 

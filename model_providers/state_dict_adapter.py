@@ -17,6 +17,14 @@ Layouts.
 - Tied embeddings (Qwen3-VL small models): no ``lm_head.weight`` in HF; the last stage's
   ``output_layer.weight`` is loaded from ``embed_tokens`` and never exported.
 - The vision tower is the transformers module itself: ``vision.X`` is ``visual.X``.
+- Mixture of experts (Qwen3-VL-MoE): the router ``mlp.router.weight`` is HF's ``mlp.gate.weight``;
+  expert ``e``'s ``linear_fc1`` (``[gate; up]``, ``[2I, H]``) and ``linear_fc2`` (``[H, I]``) are
+  slices of HF's fused ``mlp.experts.gate_up_proj`` and ``mlp.experts.down_proj``. On disk (the
+  released checkpoints, SGLang's loader) those are ``[E, H, 2I]`` and ``[E, I, H]``; transformers
+  holds them transposed in memory and its ``save_pretrained`` writes that layout. Both are read
+  (told apart by shape; a square one is taken as the disk layout), exports write the disk
+  layout. Canonical names carry the **global** expert index; an expert-parallel rank's local
+  index converts with the ``expert_offset`` of :func:`to_global_name`.
 
 HF key styles: ``legacy`` (``model.layers.*``, ``visual.*``: what transformers writes for
 Qwen2.5-VL) and ``nested`` (``model.language_model.layers.*``, ``model.visual.*``: Qwen3-VL).
@@ -28,11 +36,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
 LAYER_RE = re.compile(r"^language\.decoder\.layers\.(\d+)\.(.+)$")
+EXPERT_RE = re.compile(r"^(.*mlp\.experts\.local_experts\.)(\d+)(\..+)$")
+EXPERT_HF = {"linear_fc1.weight": "mlp.experts.gate_up_proj", "linear_fc2.weight": "mlp.experts.down_proj"}
 
 # Megatron layer suffix -> (HF layer suffixes, how they combine)
 LAYER_MAP: dict[str, tuple[tuple[str, ...], str]] = {
@@ -49,6 +60,7 @@ LAYER_MAP: dict[str, tuple[tuple[str, ...], str]] = {
     "mlp.linear_fc1.layer_norm_weight": (("post_attention_layernorm.weight",), "copy"),
     "mlp.linear_fc1.weight": (("mlp.gate_proj.weight", "mlp.up_proj.weight"), "glu"),
     "mlp.linear_fc2.weight": (("mlp.down_proj.weight",), "copy"),
+    "mlp.router.weight": (("mlp.gate.weight",), "copy"),
 }
 KEY_STYLES = {
     "legacy": {"language": "model.", "vision": "visual."},
@@ -75,12 +87,23 @@ def _shift_layer(name: str, shift: int) -> str:
     return name if not match else f"language.decoder.layers.{int(match.group(1)) + shift}.{match.group(2)}"
 
 
-def to_global_name(local_name: str, layer_offset: int) -> str:
-    return _shift_layer(local_name, layer_offset)
+def _shift_expert(name: str, shift: int) -> str:
+    match = EXPERT_RE.match(name)
+    return name if not match or not shift else f"{match.group(1)}{int(match.group(2)) + shift}{match.group(3)}"
 
 
-def to_local_name(global_name: str, layer_offset: int) -> str:
-    return _shift_layer(global_name, -layer_offset)
+def to_global_name(local_name: str, layer_offset: int, expert_offset: int = 0) -> str:
+    return _shift_expert(_shift_layer(local_name, layer_offset), expert_offset)
+
+
+def to_local_name(global_name: str, layer_offset: int, expert_offset: int = 0) -> str:
+    return _shift_expert(_shift_layer(global_name, -layer_offset), -expert_offset)
+
+
+def expert_index(name: str) -> Optional[int]:
+    """The (global, in a canonical name) expert index of an expert weight, else None."""
+    match = EXPERT_RE.match(name)
+    return int(match.group(2)) if match else None
 
 
 @dataclass
@@ -90,13 +113,21 @@ class QwenVLStateDictAdapter:
     head_dim: int
     tied_embeddings: bool
     key_style: str = "legacy"
+    num_experts: int = 0  # mixture of experts: the experts per layer (0: dense)
+    hidden_size: int = 0
+    expert_ffn_size: int = 0  # I: each expert's intermediate size
+    # experts' canonical tensors collected until a layer's fused HF tensor is complete (to_hf)
+    _pending: dict = field(default_factory=dict, repr=False)
+    _read_cache: dict = field(default_factory=dict, repr=False)  # the last fused HF tensor read
 
     @classmethod
     def from_hf_config(cls, hf_config, key_style: str = "legacy") -> QwenVLStateDictAdapter:
         text = hf_config.text_config
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         return cls(text.num_attention_heads, text.num_key_value_heads, head_dim,
-                   bool(getattr(hf_config, "tie_word_embeddings", False)), key_style)
+                   bool(getattr(hf_config, "tie_word_embeddings", False)), key_style,
+                   int(getattr(text, "num_experts", 0) or 0), text.hidden_size,
+                   int(getattr(text, "moe_intermediate_size", 0) or 0))
 
     # --- names ------------------------------------------------------------------------
     def _prefix(self, part: str) -> str:
@@ -117,6 +148,9 @@ class QwenVLStateDictAdapter:
         if match and match.group(2) in LAYER_MAP:
             suffixes, how = LAYER_MAP[match.group(2)]
             return tuple(f"{lang}layers.{match.group(1)}.{s}" for s in suffixes), how
+        expert = EXPERT_RE.match(match.group(2)) if match else None
+        if expert and expert.group(3)[1:] in EXPERT_HF:
+            return (f"{lang}layers.{match.group(1)}.{EXPERT_HF[expert.group(3)[1:]]}",), "expert"
         raise ConversionError(f"no Hugging Face mapping for Megatron tensor {name!r}")
 
     # --- tensors ------------------------------------------------------------------------
@@ -127,6 +161,8 @@ class QwenVLStateDictAdapter:
     def to_megatron(self, name: str, read: Callable[[str], torch.Tensor]) -> torch.Tensor:
         """The full canonical tensor ``name``, reading HF tensors with ``read(hf_name)``."""
         hf, how = self.hf_names(name)
+        if how == "expert":
+            return self._expert_from_fused(name, hf[0], read)
         tensors = [read(n) for n in hf]
         if how == "copy":
             return tensors[0]
@@ -144,11 +180,40 @@ class QwenVLStateDictAdapter:
         v = v.reshape(groups, kv_rows, *v.shape[1:])
         return torch.cat([q, k, v], dim=1).reshape(-1, *q.shape[2:])
 
+    def _expert_from_fused(self, name: str, hf_name: str, read) -> torch.Tensor:
+        """Expert ``e``'s matrix out of the fused HF tensor, in either layout (module docstring)."""
+        if hf_name not in self._read_cache:
+            self._read_cache.clear()  # one fused tensor at a time: a layer's experts are read in a row
+            self._read_cache[hf_name] = read(hf_name)
+        fused = self._read_cache[hf_name]
+        if fused.dim() != 3 or fused.shape[0] != self.num_experts:
+            raise ConversionError(f"{hf_name}: checkpoint shape {tuple(fused.shape)}, but the model config has "
+                                  f"{self.num_experts} experts: expected ({self.num_experts}, ., .)")
+        hidden, ffn = self.hidden_size, self.expert_ffn_size
+        canonical = (2 * ffn, hidden) if name.endswith("linear_fc1.weight") else (hidden, ffn)
+        matrix = fused[expert_index(name)]
+        if tuple(matrix.shape) == canonical[::-1]:  # the disk layout (also when square)
+            return matrix.t().contiguous()
+        if tuple(matrix.shape) == canonical:  # transformers' in-memory layout
+            return matrix.contiguous()
+        raise ConversionError(f"{hf_name}: checkpoint shape {tuple(fused.shape)} does not hold ({self.num_experts}, "
+                              f"{canonical[1]}, {canonical[0]}) or ({self.num_experts}, {canonical[0]}, "
+                              f"{canonical[1]}) for {name}")
+
     def to_hf(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-        """HF ``(name, tensor)`` pairs of the full canonical tensor ``name``."""
+        """HF ``(name, tensor)`` pairs of the full canonical tensor ``name``; for an expert,
+        nothing until the layer's last expert of the kind arrives, then the fused tensor."""
         hf, how = self.hf_names(name)
         if how == "copy":
             return [(hf[0], tensor)]
+        if how == "expert":
+            experts = self._pending.setdefault(hf[0], {})
+            experts[expert_index(name)] = tensor
+            if len(experts) < self.num_experts:
+                return []
+            del self._pending[hf[0]]
+            stacked = torch.stack([experts[e] for e in range(self.num_experts)])
+            return [(hf[0], stacked.transpose(1, 2).contiguous())]  # the disk layout
         if how == "glu":
             gate, up = tensor.chunk(2, dim=0)
             return [(hf[0], gate.contiguous()), (hf[1], up.contiguous())]

@@ -22,14 +22,31 @@ def synthetic_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory):
-    """{family: folder} for tiny Qwen2.5-VL and Qwen3-VL with a BPE tokenizer."""
-    from megatron_ivr.config.schema import SyntheticDataConfig, TinyModelConfig
+def tiny_tokenizer():
+    from megatron_ivr.config.schema import SyntheticDataConfig
     from megatron_ivr.data.synthetic.generate import synthetic_corpus
-    from megatron_ivr.models.tiny import make_tiny_model
     from megatron_ivr.models.tokenizer import train_bpe_tokenizer
 
+    return train_bpe_tokenizer(synthetic_corpus(SyntheticDataConfig(), count=300), 400)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, tiny_tokenizer):
+    """{family: folder} for tiny Qwen2.5-VL and Qwen3-VL with a BPE tokenizer."""
+    from megatron_ivr.config.schema import TinyModelConfig
+    from megatron_ivr.models.tiny import make_tiny_model
+
     out = tmp_path_factory.mktemp("models")
-    tokenizer = train_bpe_tokenizer(synthetic_corpus(SyntheticDataConfig(), count=300), 400)
-    return {family: make_tiny_model(family, TinyModelConfig(), tokenizer, out / family, 3136, 12544)
+    return {family: make_tiny_model(family, TinyModelConfig(), tiny_tokenizer, out / family, 3136, 12544)
             for family in ("qwen2_5_vl", "qwen3_vl")}
+
+
+@pytest.fixture(scope="session")
+def tiny_moe_model(tmp_path_factory, tiny_tokenizer):
+    """A tiny Qwen3-VL-MoE folder: 8 experts per layer, 2 per token, the fused expert tensors
+    in the released checkpoints' layout."""
+    from megatron_ivr.config.schema import TinyModelConfig
+    from megatron_ivr.models.tiny import make_tiny_model
+
+    return make_tiny_model("qwen3_vl_moe", TinyModelConfig(), tiny_tokenizer,
+                           tmp_path_factory.mktemp("models") / "qwen3_vl_moe", 3136, 12544)

@@ -93,7 +93,7 @@ class ModelConfig:
     path: str = "runs/demo/models/qwen2_5_vl_tiny"
     # None: read from the folder's config.json; set, it is checked against the folder (and
     # sft.init_path) before anything loads
-    family: Optional[Literal["qwen2_5_vl", "qwen3_vl"]] = None
+    family: Optional[Literal["qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"]] = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
 
@@ -111,6 +111,11 @@ class TinyModelConfig:
     num_kv_heads: int = 2
     vision_depth: int = 2
     vision_hidden_size: int = 32
+    # qwen3_vl_moe: experts per layer, experts per token, each expert's intermediate size
+    # (3/4 of hidden_size when None: unequal to 2 x hidden, so the fused layouts are told apart)
+    num_experts: int = 8
+    experts_per_token: int = 2
+    expert_intermediate_size: Optional[int] = None
     # None: the family's own (1e6 / 5e6). With a tiny head_dim those leave MRoPE's height and
     # width slots with frequencies so low that the cells of a small image are indistinguishable
     rope_theta: Optional[float] = None
@@ -121,8 +126,10 @@ class TinyModelConfig:
                      "vision_hidden_size"):
             _check(getattr(self, name) >= 1, f"{prefix}.{name}", f"must be >= 1, got {getattr(self, name)}")
         for fam in self.families:
-            _check(fam in ("qwen2_5_vl", "qwen3_vl"), f"{prefix}.families",
-                   f"unknown family {fam!r}; choose from qwen2_5_vl, qwen3_vl")
+            _check(fam in ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"), f"{prefix}.families",
+                   f"unknown family {fam!r}; choose from qwen2_5_vl, qwen3_vl, qwen3_vl_moe")
+        _check(1 <= self.experts_per_token <= self.num_experts, f"{prefix}.experts_per_token",
+               f"must be in [1, num_experts={self.num_experts}]")
         _check(self.hidden_size % self.num_heads == 0, f"{prefix}.hidden_size",
                "must be divisible by num_heads")
         _check(self.num_heads % self.num_kv_heads == 0, f"{prefix}.num_kv_heads",
@@ -287,11 +294,14 @@ class ParallelismConfig:
 
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
+    # mixture-of-experts models: the experts split over this many ranks of the data-parallel
+    # group (megatron-core's expert model parallelism); 1 for dense models
+    expert_parallel: int = 1
     # (context parallelism is not supported for Qwen-VL yet: docs/models.md)
     fp8: Optional[Literal["delayed", "blockwise"]] = None
 
     def validate(self, prefix: str = "parallel") -> None:
-        for name in ("tensor_parallel", "pipeline_parallel"):
+        for name in ("tensor_parallel", "pipeline_parallel", "expert_parallel"):
             _check(getattr(self, name) >= 1, f"{prefix}.{name}", "must be >= 1")
 
 

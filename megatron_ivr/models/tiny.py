@@ -11,17 +11,21 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import (
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
+    Qwen3VLMoeConfig,
+    Qwen3VLMoeForConditionalGeneration,
 )
 
 from megatron_ivr.config.schema import TinyModelConfig
 from megatron_ivr.models.processor import PATCH_SIZE, make_processor, model_family, save_processor
 
-MODEL_CLASSES = {"qwen2_5_vl": Qwen2_5_VLForConditionalGeneration, "qwen3_vl": Qwen3VLForConditionalGeneration}
+MODEL_CLASSES = {"qwen2_5_vl": Qwen2_5_VLForConditionalGeneration, "qwen3_vl": Qwen3VLForConditionalGeneration,
+                 "qwen3_vl_moe": Qwen3VLMoeForConditionalGeneration}
 
 
 def _mrope_section(head_dim: int) -> list[int]:
@@ -52,12 +56,17 @@ def tiny_config(family: str, cfg: TinyModelConfig, tokenizer):
                                    "mrope_section": _mrope_section(head_dim)}
         vision.update(window_size=56, fullatt_block_indexes=[cfg.vision_depth - 1])
         return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **token_ids)
-    if family == "qwen3_vl":
+    if family in ("qwen3_vl", "qwen3_vl_moe"):
         text.update(head_dim=head_dim)
         text["rope_parameters"] = {"rope_type": "default", "rope_theta": cfg.rope_theta or 5000000.0,
                                    "mrope_section": _mrope_section(head_dim), "mrope_interleaved": True}
         vision.update(num_position_embeddings=64, deepstack_visual_indexes=[0])
-        return Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **token_ids)
+        if family == "qwen3_vl":
+            return Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **token_ids)
+        text.update(num_experts=cfg.num_experts, num_experts_per_tok=cfg.experts_per_token,
+                    moe_intermediate_size=cfg.expert_intermediate_size or cfg.hidden_size * 3 // 4,
+                    decoder_sparse_step=1, mlp_only_layers=[])
+        return Qwen3VLMoeConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **token_ids)
     raise ValueError(f"unknown model family {family!r}; choose from {list(MODEL_CLASSES)}")
 
 
@@ -70,8 +79,21 @@ def make_tiny_model(family: str, cfg: TinyModelConfig, tokenizer, output_dir: st
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(str(output_dir))
+    if family == "qwen3_vl_moe":
+        _experts_in_disk_layout(output_dir / "model.safetensors")
     save_processor(make_processor(family, tokenizer, min_pixels, max_pixels), family, output_dir)
     return output_dir
+
+
+def _experts_in_disk_layout(path: Path) -> None:
+    """Write the fused expert tensors as the released Qwen3-VL-MoE checkpoints hold them
+    (``gate_up_proj [E, H, 2I]``, ``down_proj [E, I, H]``; SGLang's loader expects it), not in
+    transformers' in-memory layout, which ``save_pretrained`` writes; transformers reads both."""
+    tensors = load_file(str(path))
+    for name, tensor in tensors.items():
+        if name.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
+            tensors[name] = tensor.transpose(1, 2).contiguous()
+    save_file(tensors, str(path), metadata={"format": "pt"})
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32):

@@ -122,13 +122,18 @@ class LocalEngine:
         pass
 
     def update_weights(self, named_tensors, version: int) -> None:
-        """Load Hugging Face-named tensors in place; every name must exist (none dropped)."""
+        """Load Hugging Face-named tensors in place; every name must exist (none dropped). Fused
+        expert tensors come in the checkpoints' layout (``[E, H, 2I]``) and are transposed into
+        transformers' (``[E, 2I, H]``), as its loader does."""
         params = dict(self.model.named_parameters())
         with torch.no_grad():
             for name, tensor in named_tensors:
                 if name not in params:
                     raise KeyError(f"update_weights: unknown parameter {name!r}")
-                params[name].copy_(tensor)
+                param = params[name]
+                if tensor.dim() == 3 and ".experts." in name and tensor.shape != param.shape:
+                    tensor = tensor.transpose(1, 2)
+                param.copy_(tensor)
         self._weight_version = version
 
     @torch.inference_mode()

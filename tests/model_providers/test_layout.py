@@ -22,3 +22,13 @@ def test_deepstack_layers_must_sit_on_the_first_stage():
     vision = SimpleNamespace(deepstack_visual_indexes=[0, 1, 2])
     problems = layout_problems(TEXT, vision, tp=1, pp=2, world=2)
     assert any("deepstack feeds the first 3" in p for p in problems)
+
+
+def test_expert_parallel_layouts():
+    moe = SimpleNamespace(**vars(TEXT), num_experts=8)
+    assert layout_problems(moe, None, tp=1, pp=2, world=4, ep=2) == []
+    assert "this one is dense" in " ".join(layout_problems(TEXT, None, tp=1, pp=1, world=2, ep=2))
+    assert "must divide the model's num_experts (8)" in " ".join(layout_problems(moe, None, tp=1, pp=1, world=3, ep=3))
+    assert "must divide the 3 processes of a pipeline stage" in " ".join(
+        layout_problems(moe, None, tp=1, pp=1, world=3, ep=2))
+    assert "trains at tensor_parallel=1" in " ".join(layout_problems(moe, None, tp=2, pp=1, world=2))

@@ -37,11 +37,12 @@ FAMILIES = ("qwen2_5_vl", "qwen3_vl")
 TOL = 1e-5
 
 
-def run_worker(out: Path, tp: int, pp: int, model_dirs: list[Path]) -> dict:
+def run_worker(out: Path, tp: int, pp: int, model_dirs: list[Path], ep: int = 1, nproc: int = 0) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(tp * pp),
-               "--master_port", str(_free_port()), str(WORKER), str(out), str(tp), str(pp), *map(str, model_dirs)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc or tp * pp),
+               "--master_port", str(_free_port()), str(WORKER), str(out), str(tp), str(pp), str(ep),
+               *map(str, model_dirs)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     if result.returncode != 0:
         raise AssertionError(f"worker failed (tp={tp}, pp={pp}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
@@ -64,34 +65,34 @@ def layout_run(request, tiny_models, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def references(tiny_models):
+    return {family: transformers_reference(tiny_models[family], family) for family in FAMILIES}
+
+
+def transformers_reference(path: Path, family: str) -> dict:
     """transformers' log-probs, entropies, no-image log-probs and gradient norm."""
-    refs = {}
-    for family in FAMILIES:
-        path = tiny_models[family]
-        model, processor = load_model(path).eval(), load_processor(path)
-        hf_config = HFCheckpoint(path).config()
-        with_image, without_image = parity_items()
-        out = {}
-        for key, items in (("with", with_image), ("without", without_image)):
-            rows_lp, rows_ent = [], []
-            for item in items:
-                batch = build_model_batch(processor, get_provider(family), hf_config, [item])
-                kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.extra["attention_mask"],
-                              mm_token_type_ids=batch.extra["mm_token_type_ids"])
-                if item.images:
-                    kwargs.update(pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw)
-                logits = model(**kwargs).logits[0]
-                logp = logits.log_softmax(-1)
-                token_logp = logp.gather(-1, batch.targets[0][:, None])[:, 0] * batch.loss_mask[0]
-                if key == "with":
-                    (-token_logp.sum()).backward()  # the same loss as the Megatron worker
-                rows_lp.append(token_logp.detach())
-                rows_ent.append((-(logp.exp() * logp).sum(-1) * batch.loss_mask[0]).detach())
-            out[key] = (rows_lp, rows_ent)
-        grad_norm = torch.sqrt(sum(p.grad.double().pow(2).sum() for p in model.parameters() if p.grad is not None))
-        refs[family] = {"logprobs": out["with"][0], "entropy": out["with"][1], "logprobs_no_image": out["without"][0],
-                        "grad_norm": grad_norm.item()}
-    return refs
+    model, processor = load_model(path).eval(), load_processor(path)
+    hf_config = HFCheckpoint(path).config()
+    with_image, without_image = parity_items()
+    out = {}
+    for key, items in (("with", with_image), ("without", without_image)):
+        rows_lp, rows_ent = [], []
+        for item in items:
+            batch = build_model_batch(processor, get_provider(family), hf_config, [item])
+            kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.extra["attention_mask"],
+                          mm_token_type_ids=batch.extra["mm_token_type_ids"])
+            if item.images:
+                kwargs.update(pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw)
+            logits = model(**kwargs).logits[0]
+            logp = logits.log_softmax(-1)
+            token_logp = logp.gather(-1, batch.targets[0][:, None])[:, 0] * batch.loss_mask[0]
+            if key == "with":
+                (-token_logp.sum()).backward()  # the same loss as the Megatron worker
+            rows_lp.append(token_logp.detach())
+            rows_ent.append((-(logp.exp() * logp).sum(-1) * batch.loss_mask[0]).detach())
+        out[key] = (rows_lp, rows_ent)
+    grad_norm = torch.sqrt(sum(p.grad.double().pow(2).sum() for p in model.parameters() if p.grad is not None))
+    return {"logprobs": out["with"][0], "entropy": out["with"][1], "logprobs_no_image": out["without"][0],
+            "grad_norm": grad_norm.item()}
 
 
 def _max_diff(padded: torch.Tensor, rows: list[torch.Tensor]) -> float:

@@ -54,6 +54,21 @@ def test_cuda_sync_calls_are_no_ops():
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     torch.cuda.current_stream().wait_stream(None)
+    side = torch.cuda.Stream()  # the MoE token dispatcher's device-to-host stream
+    side.wait_stream(torch.cuda.current_stream())
+    event = torch.cuda.current_stream().record_event()
+    event.synchronize()
+    assert event.query() and isinstance(torch.cuda.Event(), torch.cuda.Event)
+
+
+def test_moe_router_and_split_sizes_without_te():
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    assert moe_utils.te_general_gemm is None  # the router's plain matmul path, not a NameError
+    splits = token_dispatcher.maybe_move_tensor_to_cpu(torch.tensor([3, 1]), as_numpy=True)
+    assert splits.tolist() == [3, 1] and not torch.is_tensor(splits)  # what all_to_all_single takes
+    kept = token_dispatcher.maybe_move_tensor_to_cpu(torch.tensor([3, 1]))
+    assert torch.is_tensor(kept)
 
 
 def test_cuda_literals_in_megatron_modules():

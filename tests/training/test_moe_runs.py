@@ -1,0 +1,68 @@
+"""The tiny Qwen3-VL-MoE end to end on CPU (8 experts, top-2; IVR-R1 + VICRA, the in-process
+engine): RL at EP2 trains the same samples with the same losses (1e-5) and gradient norms
+(1e-5 relative) as at EP1; after every push the engine's log-probs equal the trainer's (the
+bridge gathers the experts over EP, 1e-5); a run stopped after its step-2 checkpoint and
+resumed at EP2 continues exactly; SFT runs at EP2; an MoE layout at TP2 is refused before
+anything starts. Parity with transformers: tests/model_providers/test_moe_parity.py."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from tests.training.runs import RL_OVERRIDES, clean_env, command, run, step_records, write_config
+
+STEPS = RL_OVERRIDES  # three RL steps
+
+
+@pytest.fixture(scope="module")
+def ep1(tmp_path_factory, tiny_moe_model, synthetic_dir):
+    run_dir = tmp_path_factory.mktemp("moe_ep1")
+    run("train", write_config(run_dir, tiny_moe_model, synthetic_dir), STEPS)
+    return step_records(run_dir / "logs")
+
+
+def test_rl_at_ep2_equals_ep1(ep1, tmp_path, tiny_moe_model, synthetic_dir):
+    run("train", write_config(tmp_path, tiny_moe_model, synthetic_dir), STEPS + ["parallel.expert_parallel=2"],
+        nproc=2)
+    ep2 = step_records(tmp_path / "logs")
+    assert sorted(ep2) == sorted(ep1) == [1, 2, 3]
+    for step, record in ep1.items():
+        other = ep2[step]
+        assert other["samples"] == record["samples"]
+        assert other["throughput/response_tokens"] == record["throughput/response_tokens"]
+        assert other["loss/total"] == pytest.approx(record["loss/total"], abs=1e-5)
+        assert other["optim/grad_norm"] == pytest.approx(record["optim/grad_norm"], rel=1e-5)
+        for records in (record, other):  # the engine serves exactly the trainer's policy (experts included)
+            assert records["mismatch/abs_logp_diff_max"] <= 1e-5 and records["weight_sync/version"] == step
+    assert ep1[2]["loss/total"] != ep1[1]["loss/total"]  # it trains
+
+
+def test_resume_at_ep2_continues_exactly(ep1, tmp_path, tiny_moe_model, synthetic_dir):
+    config = write_config(tmp_path, tiny_moe_model, synthetic_dir)
+    first = [o for o in STEPS if not o.startswith("trainer.steps")] + ["trainer.steps=2", "checkpoint.save_interval=1",
+                                                                       "parallel.expert_parallel=2"]
+    run("train", config, first, nproc=2)
+    result = run("train", config, STEPS + ["parallel.expert_parallel=2"], nproc=2)  # 3 steps: resumes at 2
+    assert "resumed from" in result.stdout and "step 2" in result.stdout
+    resumed = step_records(tmp_path / "logs")
+    assert resumed[3]["samples"] == ep1[3]["samples"]
+    assert resumed[3]["loss/total"] == pytest.approx(ep1[3]["loss/total"], abs=1e-5)
+    assert resumed[3]["optim/grad_norm"] == pytest.approx(ep1[3]["optim/grad_norm"], rel=1e-5)
+
+
+def test_sft_at_ep2(tmp_path, tiny_moe_model, synthetic_dir):
+    run("sft", write_config(tmp_path, tiny_moe_model, synthetic_dir), ["parallel.expert_parallel=2",
+                                                                      "logging.progress=false"], nproc=2)
+    records = step_records(tmp_path / "sft" / "logs")
+    assert sorted(records) == [1, 2, 3, 4] and all(r["sft/loss"] > 0 for r in records.values())
+    assert (tmp_path / "sft" / "hf" / "model.safetensors").exists()
+
+
+def test_tp2_is_refused_for_moe_before_anything_starts(tmp_path, tiny_moe_model, synthetic_dir):
+    result = subprocess.run(command("train", write_config(tmp_path, tiny_moe_model, synthetic_dir),
+                                    STEPS + ["parallel.tensor_parallel=2"], nproc=2),
+                            env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "trains at tensor_parallel=1" in result.stdout + result.stderr

@@ -32,8 +32,9 @@ MODES = ("local", "slurm", "docker")
 
 
 def check_sizing(cfg: RunConfig, mode: str) -> None:
-    """The trainer's world (nodes x gpus_per_node) must hold whole TP x PP model replicas,
-    and on GPUs a TP group must stay inside a node (its all-reduces run on NVLink)."""
+    """The trainer's world (nodes x gpus_per_node) must hold whole TP x PP model replicas whose
+    stages split evenly into expert-parallel groups, and on GPUs a TP group must stay inside a
+    node (its all-reduces run on NVLink)."""
     launch, parallel = cfg.launch, cfg.parallel
     world = (1 if mode != "slurm" else launch.nodes) * launch.gpus_per_node
     model_parallel = parallel.tensor_parallel * parallel.pipeline_parallel
@@ -41,6 +42,10 @@ def check_sizing(cfg: RunConfig, mode: str) -> None:
         raise ConfigError(f"launch.gpus_per_node: the trainer has {world} processes (launch.nodes x "
                           f"launch.gpus_per_node), not a multiple of parallel.tensor_parallel x "
                           f"parallel.pipeline_parallel = {model_parallel}", key="launch.gpus_per_node")
+    if (world // parallel.pipeline_parallel) % parallel.expert_parallel:
+        raise ConfigError(f"parallel.expert_parallel={parallel.expert_parallel} must divide the "
+                          f"{world // parallel.pipeline_parallel} trainer processes of a pipeline stage",
+                          key="parallel.expert_parallel")
     if mode != "local" and launch.gpus_per_node % parallel.tensor_parallel:
         raise ConfigError(f"parallel.tensor_parallel={parallel.tensor_parallel} must divide launch.gpus_per_node="
                           f"{launch.gpus_per_node} (a TP group stays inside one node)", key="parallel.tensor_parallel")

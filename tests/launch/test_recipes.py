@@ -67,3 +67,16 @@ def test_colocated_servers_keep_sync(name):
     with pytest.raises(ConfigError) as error:
         check_sizing(cfg, "slurm")
     assert error.value.key == "rollout.mode"
+
+
+def test_the_moe_recipe_splits_the_experts_and_refuses_a_bad_split():
+    from megatron_ivr.config import ConfigError
+
+    path = CONFIGS[0].parent / "ivr_r1_qwen3_vl_30b_a3b.yaml"
+    cfg = load_config(path)
+    assert cfg.model.family == "qwen3_vl_moe" and cfg.parallel.expert_parallel == 8
+    assert cfg.parallel.tensor_parallel == 1 and cfg.launch.placement == "disaggregated"
+    check_sizing(cfg, "slurm")
+    with pytest.raises(ConfigError) as error:
+        check_sizing(load_config(path, ["parallel.expert_parallel=3"]), "slurm")
+    assert error.value.key == "parallel.expert_parallel"

@@ -19,23 +19,28 @@ from tests.training.runs import RL_OVERRIDES, run, step_records, write_config
 pytestmark = MARKS
 
 
+def run_with_a_server(model, synthetic_dir, tmp_path, steps: int, overrides: list[str], nproc: int = 1) -> dict:
+    """``steps`` RL steps (RL_OVERRIDES) with rollouts from one SGLang server started for them;
+    the step records."""
+    spec = ServerSpec(model_path=str(model), port=free_port(), python=PYTHON, log_path=str(tmp_path / "server.log"))
+    manager = ServerManager([spec], startup_timeout_s=600).start()
+    try:
+        config = write_config(tmp_path / "run", model, synthetic_dir)
+        run("train", config, [o for o in RL_OVERRIDES if not o.startswith("trainer.steps")] + [
+            f"trainer.steps={steps}", "rollout.backend=sglang", f"rollout.server_urls=[{spec.url}]", *overrides],
+            nproc=nproc, timeout=900)
+    finally:
+        manager.shutdown()
+    return step_records(tmp_path / "run" / "logs")
+
+
 @pytest.mark.parametrize("transport, nproc, layout", [
     ("tensor", 1, []),
     ("distributed", 2, ["parallel.pipeline_parallel=2"]),  # per-stage broadcast groups
 ])
 def test_two_rl_steps_with_sglang_rollouts(tiny_models, synthetic_dir, tmp_path, transport, nproc, layout):
-    model = tiny_models["qwen2_5_vl"]
-    spec = ServerSpec(model_path=str(model), port=free_port(), python=PYTHON, log_path=str(tmp_path / "server.log"))
-    manager = ServerManager([spec], startup_timeout_s=600).start()
-    try:
-        config = write_config(tmp_path / "run", model, synthetic_dir)
-        overrides = [o for o in RL_OVERRIDES if not o.startswith("trainer.steps")] + [
-            "trainer.steps=2", "rollout.backend=sglang", f"rollout.server_urls=[{spec.url}]",
-            f"rollout.weight_transport={transport}", *layout]
-        run("train", config, overrides, nproc=nproc, timeout=900)
-    finally:
-        manager.shutdown()
-    steps = step_records(tmp_path / "run" / "logs")
+    steps = run_with_a_server(tiny_models["qwen2_5_vl"], synthetic_dir, tmp_path, 2,
+                              [f"rollout.weight_transport={transport}", *layout], nproc)
     assert steps[1]["rollout/weight_version_max"] == 0
     assert steps[2]["rollout/weight_version_min"] == steps[2]["rollout/weight_version_max"] == 1
     assert steps[1]["weight_sync/version"] == 1 and steps[2]["weight_sync/version"] == 2
@@ -44,18 +49,8 @@ def test_two_rl_steps_with_sglang_rollouts(tiny_models, synthetic_dir, tmp_path,
 
 
 def test_async_rl_with_sglang_rollouts(tiny_models, synthetic_dir, tmp_path):
-    model = tiny_models["qwen2_5_vl"]
-    spec = ServerSpec(model_path=str(model), port=free_port(), python=PYTHON, log_path=str(tmp_path / "server.log"))
-    manager = ServerManager([spec], startup_timeout_s=600).start()
-    try:
-        config = write_config(tmp_path / "run", model, synthetic_dir)
-        overrides = [o for o in RL_OVERRIDES if not o.startswith("trainer.steps")] + [
-            "trainer.steps=3", "rollout.backend=sglang", f"rollout.server_urls=[{spec.url}]",
-            "rollout.weight_transport=tensor", "rollout.mode=async", "rollout.max_staleness=1"]
-        run("train", config, overrides, timeout=900)
-    finally:
-        manager.shutdown()
-    steps = step_records(tmp_path / "run" / "logs")
+    steps = run_with_a_server(tiny_models["qwen2_5_vl"], synthetic_dir, tmp_path, 3, [
+        "rollout.weight_transport=tensor", "rollout.mode=async", "rollout.max_staleness=1"])
     assert sorted(steps) == [1, 2, 3]
     for step, record in steps.items():
         assert all(step - 1 - v <= 1 for v in record["rollout/group_versions"])

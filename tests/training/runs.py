@@ -3,9 +3,12 @@ synthetic data, and the `megatron-ivr` command alone or under torchrun."""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -73,3 +76,46 @@ def run(subcommand: str, config: Path, overrides: list[str], nproc: int = 1, tim
 def step_records(log_dir: Path) -> dict[int, dict]:
     """The last record of each step (a resumed run may log a step twice)."""
     return {int(r["step"]): r for r in read_metrics(log_dir / "metrics.jsonl") if "step" in r}
+
+
+def wait_for(predicate, process, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        if process.poll() is not None:
+            raise AssertionError(f"the run ended early: {process.communicate()}")
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+def logged_steps(log_dir) -> set:
+    path = log_dir / "metrics.jsonl"
+    if not path.exists():
+        return set()
+    return {json.loads(line)["step"] for line in path.read_text().splitlines() if '"step"' in line}
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL torchrun and its workers (which it starts in their own process groups)."""
+    import psutil
+
+    parent = psutil.Process(pid)
+    processes = parent.children(recursive=True) + [parent]
+    for proc in processes:
+        proc.send_signal(signal.SIGKILL)
+    psutil.wait_procs(processes, timeout=30)
+
+
+def kill_after_step(config: Path, overrides: list[str], log_dir: Path, step: int, nproc: int = 1) -> None:
+    """Start ``megatron-ivr train``, SIGKILL it (every process) as soon as ``step`` is logged
+    (after that step's checkpoint: the next step is under way), and check that no later step
+    was logged."""
+    process = subprocess.Popen(command("train", config, overrides, nproc), env=clean_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: step in logged_steps(log_dir), process, 300)
+        kill_tree(process.pid)
+    finally:
+        process.wait()
+    assert step + 1 not in logged_steps(log_dir)

@@ -7,13 +7,10 @@ rollouts: tests/rollout/test_partial.py; the schedule: tests/training/test_async
 
 from __future__ import annotations
 
-import subprocess
-
 import pytest
 
 from megatron_ivr.training.sampler import EpochSampler
-from tests.training.runs import RL_OVERRIDES, clean_env, command, run, step_records, write_config
-from tests.training.test_rl_runs import _kill_tree, _logged_steps, _wait_for
+from tests.training.runs import RL_OVERRIDES, kill_after_step, run, step_records, write_config
 
 STEPS, PROMPTS = 4, 4  # RL_OVERRIDES: trainer.prompts_per_step=4
 ASYNC = RL_OVERRIDES + [f"trainer.steps={STEPS}", "rollout.mode=async"]
@@ -65,14 +62,7 @@ def test_sigkill_and_resume_trains_every_drawn_prompt_once(tmp_path, tiny_models
     lists them), so the prompts trained over both runs are the sampler's order, each once."""
     overrides = ASYNC + ["rollout.max_staleness=2", "checkpoint.save_interval=2"]
     config = write_config(tmp_path, tiny_models["qwen2_5_vl"], synthetic_dir)
-    process = subprocess.Popen(command("train", config, overrides), env=clean_env(), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE)
-    try:
-        _wait_for(lambda: 2 in _logged_steps(tmp_path / "logs"), process, 300)
-        _kill_tree(process.pid)
-    finally:
-        process.wait()
-    assert 3 not in _logged_steps(tmp_path / "logs")
+    kill_after_step(config, overrides, tmp_path / "logs", 2)
     result = run("train", config, overrides)
     assert "resumed from" in result.stdout and "step 2" in result.stdout
     records = step_records(tmp_path / "logs")

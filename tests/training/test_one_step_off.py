@@ -5,12 +5,9 @@ The schedule itself: tests/training/test_schedule.py."""
 
 from __future__ import annotations
 
-import subprocess
-
 import pytest
 
-from tests.training.runs import RL_OVERRIDES, clean_env, command, run, step_records, write_config
-from tests.training.test_rl_runs import _kill_tree, _logged_steps, _wait_for
+from tests.training.runs import RL_OVERRIDES, kill_after_step, run, step_records, write_config
 
 ONE_STEP_OFF = RL_OVERRIDES + ["trainer.steps=4", "rollout.mode=one_step_off"]
 
@@ -71,14 +68,7 @@ def test_exact_resume_after_sigkill(runs, tmp_path, tiny_models, synthetic_dir):
     expected = runs["one_step_off"]
     overrides = ONE_STEP_OFF + ["checkpoint.save_interval=2"]
     config = write_config(tmp_path, tiny_models["qwen2_5_vl"], synthetic_dir)
-    process = subprocess.Popen(command("train", config, overrides), env=clean_env(), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE)
-    try:
-        _wait_for(lambda: 2 in _logged_steps(tmp_path / "logs"), process, 300)
-        _kill_tree(process.pid)
-    finally:
-        process.wait()
-    assert 3 not in _logged_steps(tmp_path / "logs")
+    kill_after_step(config, overrides, tmp_path / "logs", 2)
     result = run("train", config, overrides)
     assert "resumed from" in result.stdout and "step 2" in result.stdout
     resumed = step_records(tmp_path / "logs")

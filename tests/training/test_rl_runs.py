@@ -7,13 +7,22 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.training.runs import RL_OVERRIDES, clean_env, command, run, step_records, write_config
+from tests.training.runs import (
+    RL_OVERRIDES,
+    clean_env,
+    command,
+    kill_after_step,
+    logged_steps,
+    run,
+    step_records,
+    wait_for,
+    write_config,
+)
 
 LAYOUTS = {  # name: (processes, overrides)
     "tp1": (1, []),
@@ -112,35 +121,6 @@ def test_layout_invariance(layout, reference_run, tmp_path, tiny_models, synthet
             assert other["batch/rows"] == other["batch/micro_batches"] and other["batch/shared_prompt_savings"] == 0
 
 
-def _wait_for(predicate, process, timeout: float) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        if process.poll() is not None:
-            raise AssertionError(f"the run ended early: {process.communicate()}")
-        time.sleep(0.05)
-    raise AssertionError("timed out")
-
-
-def _logged_steps(log_dir) -> set:
-    path = log_dir / "metrics.jsonl"
-    if not path.exists():
-        return set()
-    return {json.loads(line)["step"] for line in path.read_text().splitlines() if '"step"' in line}
-
-
-def _kill_tree(pid: int) -> None:
-    """SIGKILL torchrun and its workers (which it starts in their own process groups)."""
-    import psutil
-
-    parent = psutil.Process(pid)
-    processes = parent.children(recursive=True) + [parent]
-    for proc in processes:
-        proc.send_signal(signal.SIGKILL)
-    psutil.wait_procs(processes, timeout=30)
-
-
 def test_exact_resume_after_sigkill(tmp_path, tiny_models, synthetic_dir):
     """2 processes (TP2). The uninterrupted run and a run killed (SIGKILL, every process) in
     step 3 after the step-2 checkpoint and then resumed train the same samples with the same
@@ -152,14 +132,7 @@ def test_exact_resume_after_sigkill(tmp_path, tiny_models, synthetic_dir):
 
     broken = tmp_path / "broken"
     config = write_config(broken, tiny_models["qwen2_5_vl"], synthetic_dir)
-    process = subprocess.Popen(command("train", config, overrides, nproc=2), env=clean_env(),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        _wait_for(lambda: 2 in _logged_steps(broken / "logs"), process, 300)  # logged after its checkpoint
-        _kill_tree(process.pid)  # step 3 is under way
-    finally:
-        process.wait()
-    assert 3 not in _logged_steps(broken / "logs")
+    kill_after_step(config, overrides, broken / "logs", 2, nproc=2)  # step 2 logged after its checkpoint
     result = run("train", config, overrides, nproc=2)
     assert "resumed from" in result.stdout and "step 2" in result.stdout
     resumed = step_records(broken / "logs")
@@ -175,14 +148,14 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, tiny_models, synthetic_dir):
     overrides = RL_OVERRIDES + ["trainer.steps=50"]
     process = subprocess.Popen(command("train", config, overrides), env=clean_env(),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for(lambda: 1 in _logged_steps(tmp_path / "logs"), process, 300)
+    wait_for(lambda: 1 in logged_steps(tmp_path / "logs"), process, 300)
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 0, stderr[-4000:]
     assert "stopped by signal" in stdout
     saved = sorted((tmp_path / "checkpoints").glob("step_*/COMPLETE"))
     assert len(saved) == 1
-    last = max(_logged_steps(tmp_path / "logs"))
+    last = max(logged_steps(tmp_path / "logs"))
     assert saved[0].parent.name == f"step_{last:08d}" and last < 50
 
 

@@ -260,6 +260,9 @@ def _scored(model, processor, image, token_ids, banned):
     return logp.gather(-1, continuation[0][:, None])[:, 0]
 
 
+LONG = 1024  # tokens per response in the partial-rollout test
+
+
 def test_partial_rollouts_continue_on_the_pushed_weights(server, tiny_models):
     """A weight push while the server generates (async mode): the in-flight requests are
     aborted, continued from their partial responses on the new weights (rollout/partial.py), and
@@ -286,13 +289,14 @@ def test_partial_rollouts_continue_on_the_pushed_weights(server, tiny_models):
     continuing = ContinuingEngine(engine)
     requests = [GenerationRequest("How many objects?", [scene()], f"partial{i}") for i in range(4)]
     results = {}
+    # 1,024 tokens each: an idle CI machine generated 4 x 192 before a push 0.5 s in (seen)
     worker = threading.Thread(target=lambda: results.update(out=continuing.generate(
-        requests, SamplingParams(max_new_tokens=192, temperature=1.0, seed=11))))
+        requests, SamplingParams(max_new_tokens=LONG, temperature=1.0, seed=11))))
     worker.start()
     deadline = time.monotonic() + 60
     while engine.client.stats.requests < 4 and time.monotonic() < deadline:
         time.sleep(0.05)
-    time.sleep(0.5)
+    time.sleep(0.2)
     assert worker.is_alive(), "the generation ended before the push: make it longer"
     _push(engine.client, [("lm_head.weight", new_head)], 21)
     worker.join(timeout=600)
@@ -306,7 +310,7 @@ def test_partial_rollouts_continue_on_the_pushed_weights(server, tiny_models):
     both = 0
     for completion in completions:
         versions = completion.versions()
-        assert len(versions) == len(completion.token_ids) == len(completion.logprobs) == 192
+        assert len(versions) == len(completion.token_ids) == len(completion.logprobs) == LONG
         assert set(versions) <= {20, 21} and versions == sorted(versions) and completion.finish_reason == "length"
         switch = versions.index(21) if 21 in versions else len(versions)
         both += 0 < switch < len(versions)

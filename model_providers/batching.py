@@ -55,6 +55,9 @@ class ScoredSequence:
     prompt: str  # user text, without chat markup
     images: list[Image.Image] = field(default_factory=list)
     response_ids: list[int] = field(default_factory=list)
+    # MoE: the engine's k experts per layer for every token it fed (the prompt, then the response
+    # but its last token), ``[P + R - 1, layers, k]``; None: the trainer routes by itself
+    routed_experts: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -72,6 +75,7 @@ class Encoded:
 
     prompt: EncodedPrompt
     response_ids: list[int]
+    routed_experts: Optional[torch.Tensor] = None  # as ScoredSequence's, its length checked
 
     @property
     def length(self) -> int:
@@ -122,7 +126,13 @@ class PromptCache:
 
 
 def encode(prompts: PromptCache, item: ScoredSequence) -> Encoded:
-    return Encoded(prompts(item.prompt, item.images), list(item.response_ids))
+    prompt = prompts(item.prompt, item.images)
+    routed = item.routed_experts
+    if routed is not None and routed.shape[0] != len(prompt.ids) + len(item.response_ids) - 1:
+        raise ValueError(f"the engine routed {routed.shape[0]} tokens of a sequence of {len(prompt.ids)} prompt and "
+                         f"{len(item.response_ids)} response tokens (it feeds all but the last response token): "
+                         "the engine's prompt is not the trainer's")
+    return Encoded(prompt, list(item.response_ids), routed)
 
 
 def encode_all(prompts: PromptCache, items: list[ScoredSequence]) -> list[Encoded]:
@@ -273,6 +283,7 @@ def collate(family, hf_config, items: list[Encoded], pad_id: int, pad_to_multipl
     index_cols = torch.zeros((len(items), max(longest, 1)), dtype=torch.long)
     response_mask = torch.zeros((len(items), max(longest, 1)), dtype=torch.float32)
     pixel_values, grids = [], []
+    routed = _RoutingLayout(items, shape)
     count = 0
     for r, row in enumerate(rows):
         cursor = 0
@@ -280,6 +291,7 @@ def collate(family, hf_config, items: list[Encoded], pad_id: int, pad_to_multipl
             prompt, unit_pos = items[unit[0]].prompt, next(unit_positions)
             p = len(prompt.ids) - 1  # the shared prefix: the prompt without its last token
             span = slice(cursor, cursor + p)
+            routed.prefix(r, span, unit)
             input_ids[r, span] = torch.tensor(prompt.ids[:-1])
             mm_types[r, span] = torch.tensor(prompt.mm_types[:-1])
             positions[:, r, span] = unit_pos[:, :p]
@@ -296,6 +308,7 @@ def collate(family, hf_config, items: list[Encoded], pad_id: int, pad_to_multipl
                 loss_mask[r, cursor:cursor + len(response)] = 1.0  # position t scores token t + 1
                 index_rows[i], index_cols[i, :len(response)] = r, torch.arange(cursor, cursor + len(response))
                 response_mask[i, :len(response)] = 1.0
+                routed.branch(r, cursor, i, p)
                 cursor += n
             if prompt.pixel_values is not None:
                 pixel_values.append(prompt.pixel_values)
@@ -307,6 +320,7 @@ def collate(family, hf_config, items: list[Encoded], pad_id: int, pad_to_multipl
         mask = BlockMask.from_segments(unit_id, branch_id)
     extra = {"attention_mask": attention, "mm_token_type_ids": mm_types,
              "response_lengths": [len(item.response_ids) for item in items]}
+    extra.update(routed.extra())
     if packing.thd:
         lengths = [unit_length(items, unit) for unit in units]
         cu_seqlens = thd_boundaries(lengths, width)
@@ -319,6 +333,37 @@ def collate(family, hf_config, items: list[Encoded], pad_id: int, pad_to_multipl
     return ModelBatch(input_ids, positions, loss_mask, torch.cat(pixel_values) if pixel_values else None,
                       torch.cat(grids) if grids else None, attention_mask=mask, cu_seqlens=cu_seqlens,
                       response_index=(index_rows, index_cols), response_mask=response_mask, extra=extra)
+
+
+class _RoutingLayout:
+    """The engine's expert choices (``Encoded.routed_experts``) laid out like the tokens of a
+    collated batch: ``routed_experts [B, S, layers, k]`` and ``routing_known [B, S]``. A shared
+    prefix takes the unit's first routed member's prompt routing; a branch, its prompt's last
+    token and its response tokens but the last (which the engine never fed)."""
+
+    def __init__(self, items: list[Encoded], shape: tuple[int, int]):
+        self.items = items
+        sample = next((item.routed_experts for item in items if item.routed_experts is not None), None)
+        self.experts = self.known = None
+        if sample is not None:
+            self.experts = torch.zeros((*shape, *sample.shape[1:]), dtype=sample.dtype)
+            self.known = torch.zeros(shape, dtype=torch.bool)
+
+    def prefix(self, row: int, span: slice, unit: list[int]) -> None:
+        source = next((self.items[i].routed_experts for i in unit if self.items[i].routed_experts is not None), None)
+        if self.experts is not None and source is not None:
+            self.experts[row, span] = source[:span.stop - span.start]
+            self.known[row, span] = True
+
+    def branch(self, row: int, cursor: int, item: int, prefix_length: int) -> None:
+        source = self.items[item].routed_experts
+        if self.experts is not None and source is not None:
+            fed = source[prefix_length:]  # the prompt's last token, then the response tokens fed
+            self.experts[row, cursor:cursor + fed.shape[0]] = fed
+            self.known[row, cursor:cursor + fed.shape[0]] = True
+
+    def extra(self) -> dict:
+        return {} if self.experts is None else {"routed_experts": self.experts, "routing_known": self.known}
 
 
 def thd_boundaries(lengths: list[int], width: int) -> torch.Tensor:

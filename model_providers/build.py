@@ -28,16 +28,18 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def build_model(hf_config, dtype: torch.dtype = torch.float32, fp8: Optional[str] = None,
-                use_transformer_engine: Optional[bool] = None, on_gpu: Optional[bool] = None) -> QwenVLModel:
+                use_transformer_engine: Optional[bool] = None, on_gpu: Optional[bool] = None,
+                moe_aux_loss_coeff: float = 0.0) -> QwenVLModel:
     """This rank's stage of the model, for the TP/PP groups already initialized; on the GPU
     when one is available (``on_gpu=False``: built and initialized on the CPU, or on the meta
-    device inside ``torch.device("meta")``)."""
+    device inside ``torch.device("meta")``). ``moe_aux_loss_coeff``: ``qwen_vl.moe_config``."""
     family = get_provider(hf_config.model_type)
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
     on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
     config = family.transformer_config(hf_config, tp=tp, pp=pp, params_dtype=dtype, fp8=fp8,
                                        use_cpu_initialization=not on_gpu,
-                                       ep=ps.get_expert_model_parallel_world_size())
+                                       ep=ps.get_expert_model_parallel_world_size(),
+                                       moe_aux_loss_coeff=moe_aux_loss_coeff)
     model = QwenVLModel(family, hf_config, config, layer_spec(config, use_transformer_engine),
                         pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
     _cast_parameters(model, dtype)

@@ -51,6 +51,9 @@ def check_layout(cfg, world: int, model_path: str) -> None:
                                cfg.parallel.pipeline_parallel, world, cfg.parallel.expert_parallel)
     if problems:
         raise ConfigError(f"parallel layout does not fit {model_path}: " + "; ".join(problems), key="parallel")
+    if cfg.algorithm.routing_replay != "off" and not getattr(text, "num_experts", 0):
+        raise ConfigError(f"algorithm.routing_replay={cfg.algorithm.routing_replay} needs a mixture-of-experts model; "
+                          f"{model_path} is dense", key="algorithm.routing_replay")
 
 
 def check_packing(trainer: TrainerConfig) -> None:

@@ -24,6 +24,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_ivr.model_providers.block_attention import BlockMask
 from megatron_ivr.model_providers.parallel import device
+from megatron_ivr.model_providers.routing import RoutingTargets
 
 
 @dataclass
@@ -79,7 +80,17 @@ class ModelBatch:
         return dict(input_ids=self.input_ids, position_ids=self.position_ids, attention_mask=mask,
                     pixel_values=self.pixel_values, image_grid_thw=self.image_grid_thw,
                     image_mask=(types == 1) if types is not None else None, cu_seqlens=self.cu_seqlens,
-                    max_seqlen=self.extra.get("max_seqlen"))
+                    max_seqlen=self.extra.get("max_seqlen"), routing=self.routing())
+
+    def routing(self) -> RoutingTargets:
+        """What an MoE model's routers take from this batch (``routing.py``): the engine's expert
+        choices where collate laid them out (``routed_experts``, ``routing_known``), replayed when
+        ``routing_replay`` is set; the real tokens, which the router statistics count (unless
+        ``routing_measured`` is False)."""
+        extra = self.extra
+        return RoutingTargets(extra.get("routed_experts"), extra.get("routing_known"), extra.get("attention_mask"),
+                              replay=bool(extra.get("routing_replay", False)),
+                              measure=bool(extra.get("routing_measured", True)))
 
 
 def vocab_parallel_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

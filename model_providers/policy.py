@@ -49,13 +49,13 @@ class Policy:
 
 
 def load_policy(model_path: str, dtype: str = "float32", optim: Optional[OptimizerFields] = None,
-                schedule_steps: int = 1, fp8: Optional[str] = None) -> Policy:
+                schedule_steps: int = 1, fp8: Optional[str] = None, moe_aux_loss_coeff: float = 0.0) -> Policy:
     """Build this rank's stage and load the HF weights; with ``optim`` (the run's ``trainer`` or
     ``sft`` config), make it trainable, its learning rate scheduled over ``schedule_steps``
-    optimizer steps."""
+    optimizer steps. ``moe_aux_loss_coeff``: the MoE load-balancing loss (``model.moe_aux_loss_coeff``)."""
     checkpoint = HFCheckpoint(model_path)
     hf_config = checkpoint.config()
-    model = build_model(hf_config, dtype=DTYPES[dtype], fp8=fp8)
+    model = build_model(hf_config, dtype=DTYPES[dtype], fp8=fp8, moe_aux_loss_coeff=moe_aux_loss_coeff)
     adapter = load_hf_weights(model, checkpoint)
     policy = Policy(model, hf_config, get_provider(hf_config.model_type), adapter.key_style)
     if optim is None:

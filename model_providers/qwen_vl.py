@@ -39,6 +39,7 @@ from torch import nn
 
 from megatron_ivr.model_providers.block_attention import BlockMask, block_attention
 from megatron_ivr.model_providers.rope import QwenMRoPE
+from megatron_ivr.model_providers.routing import RoutingTargets, install_router_hooks, set_targets
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ class QwenVLFamily:
 
     def transformer_config(self, hf_config, tp: int = 1, pp: int = 1, params_dtype=torch.float32,
                            fp8: Optional[str] = None, use_cpu_initialization: bool = True,
-                           random_init: bool = False, ep: int = 1):
+                           random_init: bool = False, ep: int = 1, moe_aux_loss_coeff: float = 0.0):
         """megatron-core ``TransformerConfig`` of the language decoder (see the mapping in
         docs/models.md). ``random_init=False`` skips drawing random weights that a checkpoint
         load overwrites anyway (megatron still allocates and tags the TP shards)."""
@@ -87,7 +88,7 @@ class QwenVLFamily:
             moe_token_dispatcher_type="alltoall",  # (dense model) the default rejects variable lengths
         )
         if self.moe:
-            kwargs.update(moe_config(text, ep))
+            kwargs.update(moe_config(text, ep, moe_aux_loss_coeff))
         if not random_init:
             kwargs.update(init_method=_skip_init, output_layer_init_method=_skip_init,
                           embedding_init_method=_skip_init)
@@ -97,7 +98,7 @@ class QwenVLFamily:
         return TransformerConfig(**kwargs)
 
 
-def moe_config(text, ep: int) -> dict:
+def moe_config(text, ep: int, aux_loss_coeff: float = 0.0) -> dict:
     """megatron-core's MoE fields for a Qwen3 MoE text config (docs/models.md). The router is
     transformers': softmax over the experts, the top k, renormalized to sum to 1, which is
     megatron's softmax score function taken after the top-k selection (``moe_router_pre_softmax``
@@ -105,13 +106,16 @@ def moe_config(text, ep: int) -> dict:
     keeps the router of the pretrained model, as the anchors do (verl and slime's Qwen3 MoE RL
     recipes set the aux loss coefficient to 0), and a balancing term would pull the policy away
     from the engine's routing, the largest source of train/rollout mismatch in MoE models.
+    ``aux_loss_coeff > 0`` (``model.moe_aux_loss_coeff``) adds megatron's switch-style
+    load-balancing loss with that coefficient (e.g. for SFT on a new task mix).
     Experts run sequentially (one local MLP each) without grouped GEMM: the CPU path."""
     if list(getattr(text, "mlp_only_layers", []) or []) or getattr(text, "decoder_sparse_step", 1) != 1:
         raise ValueError("only models whose every decoder layer is a mixture of experts are supported "
                          f"(mlp_only_layers={text.mlp_only_layers}, decoder_sparse_step={text.decoder_sparse_step})")
     return dict(num_moe_experts=text.num_experts, moe_router_topk=text.num_experts_per_tok,
                 moe_ffn_hidden_size=text.moe_intermediate_size, moe_router_score_function="softmax",
-                moe_router_pre_softmax=False, moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0,
+                moe_router_pre_softmax=False, moe_aux_loss_coeff=aux_loss_coeff,
+                moe_router_load_balancing_type="aux_loss" if aux_loss_coeff > 0 else "none",
                 moe_grouped_gemm=False, moe_token_dispatcher_type="alltoall", expert_model_parallel_size=ep,
                 moe_router_dtype="fp32")
 
@@ -259,6 +263,8 @@ class QwenVLModel(_megatron_module()):
                 self.vision = vision_class._from_config(vision_config, dtype=config.params_dtype)
             for param in self.vision.parameters():  # replicated on TP ranks: count once in norms
                 param.tensor_model_parallel = False
+        # MoE: a hook in each router's replay slot (routing replay, router statistics: routing.py)
+        self.router_hooks = install_router_hooks(self.language.decoder.layers) if family.moe else []
         self._deepstack: Optional[tuple[torch.Tensor, list[torch.Tensor]]] = None
         self.deepstack_layers = 0
         if family.deepstack:
@@ -330,17 +336,21 @@ class QwenVLModel(_megatron_module()):
         return embeddings
 
     def forward(self, input_ids, position_ids, attention_mask, pixel_values=None, image_grid_thw=None,
-                image_mask=None, cu_seqlens=None, max_seqlen=None):
+                image_mask=None, cu_seqlens=None, max_seqlen=None, routing: Optional[RoutingTargets] = None):
         """``cu_seqlens`` (THD packing: one row, ``B = 1``): the boundaries of the sequences
         in the row, ending at its length; ``attention_mask`` is then None. ``max_seqlen``: the
-        longest of them when the caller knows it on the host (else read from ``cu_seqlens``)."""
+        longest of them when the caller knows it on the host (else read from ``cu_seqlens``).
+        ``routing`` (MoE): the engine's expert choices to replay or compare with, and which
+        tokens the router statistics count (routing.py)."""
         decoder_input = self.embed(input_ids, pixel_values, image_grid_thw, image_mask) if self.pre_process else None
+        set_targets(self.router_hooks, routing, self.layer_offset(), input_ids.shape[1])
         try:
             return self.language(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                                  decoder_input=decoder_input,
                                  packed_seq_params=thd_params(cu_seqlens, max_seqlen))
         finally:
             self._deepstack = None
+            set_targets(self.router_hooks, None, 0, 0)
 
 
 def thd_params(cu_seqlens: Optional[torch.Tensor], max_seqlen: Optional[int] = None):

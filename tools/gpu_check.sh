@@ -13,7 +13,10 @@
 # Steps: versions -> synthetic data and tiny models -> megatron-core vs transformers parity
 # (tests/model_providers/test_parity.py at TP1, the model on CUDA with NCCL, the reference
 # on CPU) -> SFT on CUDA -> RL with IVR-R1 + VICRA (checkpoint, then resume) -> bf16 RL ->
-# packed rows -> FP8 (with TE) -> HF -> Megatron -> HF round trip (bit-exact) -> greedy evaluation of the SFT and RL policies.
+# packed rows -> FP8 (with TE) -> HF -> Megatron -> HF round trip (bit-exact) -> greedy evaluation of the SFT and RL policies
+# -> Qwen3-VL-MoE (not run on a GPU yet): parity at EP1, RL with routing replay recording the CPU
+# engine's experts against the CUDA trainer's (routing/mismatch), and the Transformer Engine spec's
+# grouped-GEMM experts where TE is installed (docs/models.md, "What was verified where").
 set -u
 OUT=${1:-runs/gpu_check}
 RUN=runs/gpu_check_run
@@ -72,7 +75,21 @@ bad = [k for k in a if k not in b or not a[k].equal(b[k])]
 print(len(a), \"tensors,\", len(bad), \"differ\", bad[:5]); sys.exit(1 if bad or a.keys() != b.keys() else 0)'"
 step eval_sft 120 $MIVR eval -c $CFG "${paths[@]}" logging.dir=$RUN/eval/sft eval.max_samples=128
 step eval_rl 120 $MIVR eval -c $CFG "${paths[@]}" model.path=$RUN/rl/hf logging.dir=$RUN/eval/rl eval.max_samples=128
-for run in rl rl_bf16; do
+# Qwen3-VL-MoE: the tiny MoE model; parity with transformers at EP1 (the local spec, sequential
+# experts); RL in record mode: the in-process engine (CPU) reports its experts and the CUDA trainer
+# counts the tokens it routes elsewhere (routing/mismatch in metrics.jsonl); then the same with TE,
+# whose spec runs the experts as one grouped GEMM (the adapter names only sequential experts:
+# expected to fail loading until it maps TEGroupedMLP's linear_fc1.weight<e> names)
+moe=(model.path=$RUN/models/qwen3_vl_moe_tiny "tiny_model.families=[qwen3_vl_moe]")
+step moe_models 120 $MIVR model tiny -c $CFG "${paths[@]}" "${moe[@]}"
+step moe_parity 300 python3 -m pytest -q -p no:cacheprovider tests/model_providers/test_moe_parity.py -k ep1
+step moe_train 240 $MIVR train $CFG "${paths[@]}" "${moe[@]}" algorithm.routing_replay=record trainer.steps=2 \
+    checkpoint.dir=$RUN/rl_moe/checkpoints logging.dir=$RUN/rl_moe/logs trainer.export_dir=null
+step moe_train_te 240 bash -c 'python3 -c "import transformer_engine" 2>/dev/null || \
+    { echo "no Transformer Engine: skipped"; exit 0; }; exec "$@"' _ $MIVR train $CFG "${paths[@]}" "${moe[@]}" \
+    model.dtype=bfloat16 trainer.share_prompts=false algorithm.routing_replay=replay trainer.steps=2 \
+    checkpoint.dir=$RUN/rl_moe_te/checkpoints logging.dir=$RUN/rl_moe_te/logs trainer.export_dir=null
+for run in rl rl_bf16 rl_moe rl_moe_te; do
     cp "$RUN/$run/logs/metrics.jsonl" "$LOGS/metrics_$run.jsonl" 2>/dev/null
 done
 for policy in sft rl; do

@@ -95,6 +95,13 @@ class ModelConfig:
     # sft.init_path) before anything loads
     family: Optional[Literal["qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"]] = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # MoE: megatron's load-balancing loss coefficient in training (RL and SFT). 0 by default: RL
+    # keeps the pretrained router, as verl and slime do; a balancing term pulls the trainer's
+    # routing away from the engine's (docs/models.md)
+    moe_aux_loss_coeff: float = 0.0
+
+    def validate(self, prefix: str = "model") -> None:
+        _check(self.moe_aux_loss_coeff >= 0, f"{prefix}.moe_aux_loss_coeff", "must be >= 0")
 
 
 @dataclass
@@ -265,6 +272,11 @@ class AlgorithmConfig:
     max_sampling_rounds: int = 3
     overlong_shaping: bool = False
     overlong_cache: int = 32
+    # MoE (docs/models.md, "Routing replay"): off; record: the engine returns the experts it
+    # chose per token and layer, and the trainer reports how often its own choice differs
+    # (routing/mismatch); replay: the trainer's passes with the image (old, training, reference
+    # log-probs) also route those tokens to the engine's experts
+    routing_replay: Literal["off", "record", "replay"] = "off"
     vicra: VicraConfig = field(default_factory=VicraConfig)
     ivr: IvrConfig = field(default_factory=IvrConfig)
 
@@ -536,6 +548,9 @@ class RunConfig:
             component = getattr(self, name)
             if hasattr(component, "validate"):
                 component.validate(name)
+        _check(self.algorithm.routing_replay == "off" or self.rollout.backend == "local", "algorithm.routing_replay",
+               f"{self.algorithm.routing_replay} needs the local engine's expert choices; the SGLang client does not "
+               "ask SGLang for them yet (docs/models.md, \"Routing replay\"): set algorithm.routing_replay=off")
 
 
 def _check_finite(node, prefix: str) -> None:

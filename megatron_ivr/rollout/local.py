@@ -29,11 +29,16 @@ has so far (finish reason ``abort``), then holds the engine until ``resume``; a 
 ``partial`` response continues it, the prefix fed as response tokens (exactly the ids, no
 re-tokenization), so the tokens after the push are sampled from, and scored under, the new
 weights.
+
+For routing replay (MoE) the engine records the k experts each router chose for every token
+it fed (:class:`_RouterRecorder`, forward hooks on transformers' routers) and returns them per
+response (``Completion.routed_experts``).
 """
 
 from __future__ import annotations
 
 import threading
+from contextlib import contextmanager
 from typing import Optional
 
 import torch
@@ -79,6 +84,7 @@ class LocalEngine:
         self._abort = threading.Event()  # set by pause(): the running generate returns at its next token
         self._serving = threading.Lock()  # held by generate, and by a pause until its resume
         self._paused = False
+        self._routers = _RouterRecorder(model)
 
     @classmethod
     def from_pretrained(cls, path, batch_size: int = 16) -> LocalEngine:
@@ -167,13 +173,15 @@ class LocalEngine:
         sampling = SamplingParams(**{**sampling.__dict__, "max_new_tokens": max(max(budgets), 1)})
         version = self._weight_version
         cache = growing_cache(self.model, sampling.max_new_tokens, share_prefix=self.shares_prompt_kv)
-        with attending(cache):
+        with attending(cache), self._routers.recording(sampling.return_routed_experts):
             if copies > 1:  # the cache holds all but the last prompt token, once per prompt
                 inputs = self._shared_prefill(inputs, copies, cache)
                 first = {"input_ids": inputs["input_ids"][:, -1:]}
             else:  # the whole prompt, images included, in the first forward
                 first = self._prefill_inputs(inputs)
             new_tokens, token_logprobs, aborted = self._decode(first, inputs["attention_mask"], cache, sampling)
+            routed = self._routers.per_row(inputs["attention_mask"], copies)
+        prompt_lengths = inputs["attention_mask"].sum(-1)
         completions = []
         for row, request in enumerate(requests):
             ids = new_tokens[row, :max(budgets[row], 0)].tolist()
@@ -186,8 +194,12 @@ class LocalEngine:
             for stop in sampling.stop:
                 if stop in text:
                     text, finish = text[:text.index(stop)], "stop"
-            completions.append(request.partial.continued(text, ids, logprobs, finish, version) if request.partial
-                               else Completion(text, ids, logprobs, finish, version))
+            experts = None
+            if routed is not None:  # the prompt (and a partial's response so far), then the new tokens but the last
+                experts = routed[row][:int(prompt_lengths[row]) + len(ids) - 1]
+            completions.append(request.partial.continued(text, ids, logprobs, finish, version, experts)
+                               if request.partial else Completion(text, ids, logprobs, finish, version,
+                                                                  routed_experts=experts))
         return completions
 
     def _prefill_inputs(self, inputs) -> dict:
@@ -252,10 +264,74 @@ class LocalEngine:
         Runs inside ``generate``'s inference mode."""
         prefix = {key: value[:, :-1] if key in _PER_TOKEN else value for key, value in inputs.items()}
         self.model(**prefix, **{_CACHE_KWARG: cache}, use_cache=True)
+        self._routers.repeat_last(copies)
         share_prompt(cache, copies, prefix["attention_mask"])
         base = self.model.model
         base.rope_deltas = base.rope_deltas.repeat_interleave(copies, dim=0)
         return {key: value.repeat_interleave(copies, dim=0) for key, value in inputs.items() if key in _PER_TOKEN}
+
+
+class _RouterRecorder:
+    """The k experts transformers' MoE routers (each decoder layer's ``mlp.gate``) choose in
+    every forward of a generation, while :meth:`recording`; ``per_row`` puts them together per
+    row as the tokens were fed. A dense model has no routers: nothing is recorded."""
+
+    def __init__(self, model):
+        self.gates = [module.gate for module in model.modules()
+                      if hasattr(module, "gate") and hasattr(module, "experts")]
+        self.forwards: Optional[list[list[torch.Tensor]]] = None  # per forward, per layer: [B, S, k]
+        self._shape: Optional[tuple[int, int]] = None
+
+    @contextmanager
+    def recording(self, enabled: bool):
+        if not enabled or not self.gates:
+            self.forwards = None
+            yield
+            return
+        self.forwards = []
+        handles = [gate.register_forward_hook(self._hook(layer)) for layer, gate in enumerate(self.gates)]
+        pre = self.gates[0].register_forward_pre_hook(self._start)
+        try:
+            yield
+        finally:
+            pre.remove()
+            for handle in handles:
+                handle.remove()
+
+    def _start(self, module, args) -> None:
+        self.forwards.append([None] * len(self.gates))
+
+    def _hook(self, layer: int):
+        def hook(module, args, output):
+            self.forwards[-1][layer] = output[2].to(torch.int16)  # router_indices [tokens, k]
+        return hook
+
+    def repeat_last(self, copies: int) -> None:
+        """The last forward was a shared prefill: its rows stand for ``copies`` rows each."""
+        if self.forwards:
+            self.forwards[-1] = [("repeat", copies, indices) for indices in self.forwards[-1]]
+
+    def per_row(self, prompt_mask: torch.Tensor, copies: int) -> Optional[list[torch.Tensor]]:
+        """Per row, ``[fed tokens, layers, k]``: the prompt's tokens (its left padding dropped)
+        then one per decode step; the caller cuts it at the response's last token."""
+        if self.forwards is None:
+            return None
+        rows = prompt_mask.shape[0]
+        steps = []
+        for forward in self.forwards:
+            layers = []
+            for entry in forward:
+                if isinstance(entry, tuple):
+                    _, repeat, indices = entry
+                    indices = indices.reshape(rows // repeat, -1, indices.shape[-1]).repeat_interleave(repeat, dim=0)
+                else:
+                    indices = entry.reshape(rows, -1, entry.shape[-1])
+                layers.append(indices)
+            steps.append(torch.stack(layers, dim=2))  # [B, S_f, layers, k]
+        fed = torch.cat(steps, dim=1)
+        padding = prompt_mask.shape[1] - prompt_mask.sum(-1)  # left padding of each row's prompt
+        self.forwards = None
+        return [fed[row, int(padding[row]):] for row in range(rows)]
 
 
 def _aborted(request: GenerationRequest, version: int) -> Completion:

@@ -51,6 +51,8 @@ class Trajectory:
     finish_reason: str = "stop"
     weight_version: int = 0  # the oldest of its tokens' versions (staleness is counted from it)
     token_versions: list[int] = field(default_factory=list)  # per response token; empty: all weight_version
+    # MoE routing replay: the engine's experts per fed token and layer (``Completion.routed_experts``)
+    routed_experts: Optional[torch.Tensor] = None
 
     def versions(self) -> list[int]:
         """The policy version that produced each response token."""
@@ -106,7 +108,8 @@ class ExperienceMaker:
         # async: the trainer bounds the staleness when it takes the groups (schedule.py)
         self.max_lag = rollout.max_staleness if rollout.mode == "async" else rollout.max_weight_lag
         self.sampling = SamplingParams(max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature,
-                                       top_p=rollout.top_p, n=rollout.n)
+                                       top_p=rollout.top_p, n=rollout.n,
+                                       return_routed_experts=cfg.algorithm.routing_replay != "off")
         self.ivr = None
         if cfg.algorithm.ivr.enabled:
             self.ivr = ReReasoningLoop(engine, reward_fn, cfg.algorithm.ivr, cfg.reward.template,
@@ -191,7 +194,8 @@ class ExperienceMaker:
                     finish_reason=completion.finish_reason if completion is not None else "stop",
                     weight_version=completion.weight_version if completion is not None else self.engine.weight_version,
                     token_versions=(completion.versions() if completion is not None
-                                    else [self.engine.weight_version] * len(response.token_ids))))
+                                    else [self.engine.weight_version] * len(response.token_ids)),
+                    routed_experts=completion.routed_experts if completion is not None else None))
                 k += 1
         metrics.update(rollout_metrics(trajectories, cfg.rollout.max_new_tokens))
         metrics.update(self.engine.take_counts())  # continued (interrupted) requests, servers lost
@@ -229,6 +233,7 @@ def broadcast_experience(experience: Optional[Experience]) -> Experience:
     scalars = _broadcast(torch.tensor([[t.advantage, t.reward, t.accuracy, t.format, float(t.rectified)] for t in ts],
                                       dtype=torch.float64).reshape(n, 5) if mine
                          else torch.empty((n, 5), dtype=torch.float64))
+    routed = _broadcast_routing(header["routing"], ts, n)
     images = _group_images(header["groups"], experience)
     if mine:
         return experience
@@ -238,7 +243,8 @@ def broadcast_experience(experience: Optional[Experience]) -> Experience:
         advantage, reward, accuracy, fmt, rectified = scalars[k].tolist()
         trajectories.append(Trajectory(sample_id, group, header["groups"][group][0], images[group],
                                        token_ids[k].tolist(), logprobs[k].tolist(), reward, accuracy, fmt,
-                                       advantage, bool(rectified), finish_reason, version, versions[k].tolist()))
+                                       advantage, bool(rectified), finish_reason, version, versions[k].tolist(),
+                                       routed[k]))
     return Experience(trajectories, header["sample_ids"], header["metrics"])
 
 
@@ -255,7 +261,26 @@ def _header(experience: Experience) -> dict:
               for g, t in _first_of_groups(experience).items()}
     rows = [(t.group, len(t.response_ids), t.sample_id, t.finish_reason, t.weight_version)
             for t in experience.trajectories]
-    return {"metrics": experience.metrics, "sample_ids": experience.sample_ids, "groups": groups, "rows": rows}
+    routed = [t.routed_experts for t in experience.trajectories]
+    sample = next((r for r in routed if r is not None), None)
+    routing = None if sample is None else {  # per response its routed tokens (-1: none), and [layers, k]
+        "tokens": [-1 if r is None else r.shape[0] for r in routed], "shape": tuple(sample.shape[1:])}
+    return {"metrics": experience.metrics, "sample_ids": experience.sample_ids, "groups": groups, "rows": rows,
+            "routing": routing}
+
+
+def _broadcast_routing(routing: Optional[dict], trajectories: Optional[list[Trajectory]], n: int) -> list:
+    """Each of the ``n`` responses' engine routing (MoE routing replay) on every rank: one
+    int32 tensor (gloo has no int16; rank 0 passes its ``trajectories``)."""
+    if routing is None:
+        return [None] * n
+    counts = [max(c, 0) for c in routing["tokens"]]
+    if trajectories is not None:
+        flat = torch.cat([t.routed_experts for t in trajectories if t.routed_experts is not None]).to(torch.int32)
+    else:
+        flat = torch.empty((sum(counts), *routing["shape"]), dtype=torch.int32)
+    parts = _broadcast(flat.contiguous()).to(torch.int16).split(counts)
+    return [None if c < 0 else part for c, part in zip(routing["tokens"], parts)]
 
 
 def _broadcast(tensor: torch.Tensor, group=None) -> torch.Tensor:

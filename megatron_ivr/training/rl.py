@@ -63,6 +63,7 @@ from megatron_ivr.model_providers.logprobs import (
 from megatron_ivr.model_providers.optimizer import global_loss_scale, train_step
 from megatron_ivr.model_providers.parallel import device
 from megatron_ivr.model_providers.qwen_vl import causal_mask, token_alignment, transformer_engine_available
+from megatron_ivr.model_providers.routing import reset_statistics, routing_metrics
 from megatron_ivr.models.tokenizer import vision_token_ids
 from megatron_ivr.training.experience import Experience, Trajectory
 
@@ -150,7 +151,8 @@ class RlStep:
         pad_id = self.processor.tokenizer.pad_token_id
         packing = Packing.from_config(cfg.trainer, transformer_engine_available())
         prompts = PromptCache(self.processor)
-        items = encode_all(prompts, [ScoredSequence(t.prompt, t.images, t.response_ids) for t in trajectories])
+        items = encode_all(prompts, [ScoredSequence(t.prompt, t.images, t.response_ids, t.routed_experts)
+                                     for t in trajectories])
         dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         groups = sorted({t.group for t in trajectories})
         mini = cfg.trainer.mini_batches
@@ -180,6 +182,7 @@ class RlStep:
             for group in plan[dp_rank::dp_size]:
                 batch = collate(self.policy.family, self.policy.hf_config, [items[i] for i in group], pad_id,
                                 self.token_alignment, packing).to(dev)
+                batch.extra["routing_replay"] = cfg.algorithm.routing_replay == "replay"
                 mask = batch.response_mask
                 micro = MicroBatch(
                     group, batch, mask, torch.tensor([trajectories[i].advantage for i in group], device=dev),
@@ -191,9 +194,12 @@ class RlStep:
                     micro.vicra_rows = torch.tensor([scored[i] for i in group], device=dev)
                     rows = [i for i in group if scored[i]]
                     if rows:
+                        # routed by the trainer itself and not counted in the router statistics:
+                                        # how the routing depends on the image is part of what VICRA measures
                         micro.no_image = collate(self.policy.family, self.policy.hf_config,
                                                  [no_image_items[i] for i in rows], pad_id, self.token_alignment,
                                                  packing).to(dev)
+                        micro.no_image.extra["routing_measured"] = False
                 mine.append(micro)
             out.append(mine)
         stats = layout_stats(items, [group for plan in plans for group in plan], packing)
@@ -207,6 +213,8 @@ class RlStep:
         reference pass; finishes each micro-batch whose old log-probs are known."""
         t0 = time.perf_counter()
         micros = [m for mini in minis for m in mini]
+        if not on_policy:  # the router statistics of the old policy's pass with the image
+            reset_statistics(self.policy.model.router_hooks)
         sweep = []
         for micro in micros:  # old log-probs and the VICRA pass share one sweep
             if not on_policy:
@@ -272,14 +280,28 @@ class RlStep:
         trajectories = experience.trajectories
         minis, totals, metrics = self._micro_batches(trajectories, step)
         metrics["time/logprob_passes"] = self._score(minis, self.on_policy)
+        if self.policy.family.moe and not self.on_policy:  # counted in the sweep
+            metrics.update(self._routing_metrics())
         t0 = time.perf_counter()
+        if self.on_policy:  # the training forward is the old policy's pass with the image
+            reset_statistics(self.policy.model.router_hooks)
         trained = [self._train(mini, mini_totals) for mini, mini_totals in zip(minis, totals)]
         metrics["time/train"] = time.perf_counter() - t0
+        if self.policy.family.moe and self.on_policy:
+            metrics.update(self._routing_metrics())
         metrics.update(self._reduce([report for report, _ in trained]))
         metrics.update({"optim/grad_norm": sum(r["grad_norm"] for _, r in trained) / len(trained),
                         "optim/lr": sum(r["lr"] for _, r in trained) / len(trained),
                         "optim/updated": sum(float(r["updated"]) for _, r in trained) / len(trained)})
         return metrics
+
+    def _routing_metrics(self) -> dict:
+        """Router statistics of the old policy's pass with the image (model_providers/routing.py):
+        the share of tokens routed to other experts than the engine's (routing replay on) and the
+        experts' load; collective."""
+        model, text = self.policy.model, self.policy.hf_config.text_config
+        return routing_metrics(model.router_hooks, model.layer_offset(), text.num_hidden_layers, text.num_experts,
+                               device())
 
     @torch.no_grad()
     def _diagnostic_sums(self, micro: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -125,7 +125,7 @@ def run_rl(cfg: RunConfig) -> int:
         check_packing(trainer)
         processor = load_processor(cfg.model.path)
         policy = load_policy(cfg.model.path, cfg.model.dtype, trainer, trainer.steps * trainer.mini_batches,
-                             cfg.parallel.fp8)
+                             cfg.parallel.fp8, cfg.model.moe_aux_loss_coeff)
         reference = load_policy(cfg.model.path, cfg.model.dtype) if cfg.algorithm.beta > 0 else None
         job = RlJob(cfg, policy, processor, reference, rank)
         writer = run_writer(cfg, cfg.logging.dir, rank)
@@ -157,7 +157,8 @@ def run_sft(cfg: RunConfig) -> int:
         datasets = [read_training_file(cfg, path, sft.init_path, processor,
                                        lambda s: sample_prompt(s, cfg.reward.template)) for path in sft.data_paths]
         reference_samples(cfg, datasets)  # before the model loads
-        policy = load_policy(sft.init_path, cfg.model.dtype, sft, sft.steps, cfg.parallel.fp8)
+        policy = load_policy(sft.init_path, cfg.model.dtype, sft, sft.steps, cfg.parallel.fp8,
+                             cfg.model.moe_aux_loss_coeff)
         job = SftJob(cfg, policy, processor, datasets)
         writer = run_writer(cfg, str(out / "logs"), rank)
         progress = Progress("sft", job.total_steps, (("sft/loss", "loss"), ("sft/lr", "lr")),

@@ -100,6 +100,13 @@ def test_settings_the_trainer_cannot_honour_are_refused_by_key(override, key):
     assert info.value.key == key
 
 
+def test_routing_replay_needs_the_engine_that_reports_routing():
+    load_config(None, ["algorithm.routing_replay=replay"])  # the local engine: fine
+    with pytest.raises(ConfigError, match="SGLang client does not ask") as info:
+        load_config(None, ["algorithm.routing_replay=record", "rollout.backend=sglang"])
+    assert info.value.key == "algorithm.routing_replay"
+
+
 @pytest.mark.parametrize("override, key", [
     ("trainer.lr=.inf", "trainer.lr"), ("trainer.lr=inf", "trainer.lr"),
     ("reward.grader_timeout_s=.inf", "reward.grader_timeout_s"), ("sft.lr=.nan", "sft.lr"),
@@ -111,6 +118,8 @@ def test_settings_the_trainer_cannot_honour_are_refused_by_key(override, key):
     ("data.shuffle_seed=1", "data.shuffle_seed"), ("rollout.host=0.0.0.0", "rollout.host"),  # removed: unused
     ("parallel.context_parallel=1", "parallel.context_parallel"), ("logging.jsonl=false", "logging.jsonl"),
     ("logging.interval=5", "logging.interval"), ("model.family=llama", "model.family"),
+    ("model.moe_aux_loss_coeff=-0.1", "model.moe_aux_loss_coeff"),
+    ("algorithm.routing_replay=always", "algorithm.routing_replay"),
 ])
 def test_out_of_range_and_removed_keys_are_refused_by_key(override, key):
     with pytest.raises(ConfigError) as info:

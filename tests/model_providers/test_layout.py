@@ -1,6 +1,9 @@
 from types import SimpleNamespace
 
-from megatron_ivr.model_providers.layout import layout_problems
+import pytest
+
+from megatron_ivr.config import ConfigError, load_config
+from megatron_ivr.model_providers.layout import check_layout, layout_problems
 
 TEXT = SimpleNamespace(num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=256,
                        vocab_size=512)
@@ -32,3 +35,10 @@ def test_expert_parallel_layouts():
     assert "must divide the 3 processes of a pipeline stage" in " ".join(
         layout_problems(moe, None, tp=1, pp=1, world=3, ep=2))
     assert "trains at tensor_parallel=1" in " ".join(layout_problems(moe, None, tp=2, pp=1, world=2))
+
+
+def test_routing_replay_is_refused_for_a_dense_model(tiny_models):
+    cfg = load_config(None, ["algorithm.routing_replay=record"])
+    with pytest.raises(ConfigError, match="needs a mixture-of-experts model") as info:
+        check_layout(cfg, 1, str(tiny_models["qwen3_vl"]))
+    assert info.value.key == "algorithm.routing_replay"

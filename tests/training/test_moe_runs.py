@@ -1,9 +1,11 @@
 """The tiny Qwen3-VL-MoE end to end on CPU (8 experts, top-2; IVR-R1 + VICRA, the in-process
 engine): RL at EP2 trains the same samples with the same losses (1e-5) and gradient norms
 (1e-5 relative) as at EP1; after every push the engine's log-probs equal the trainer's (the
-bridge gathers the experts over EP, 1e-5); a run stopped after its step-2 checkpoint and
-resumed at EP2 continues exactly; SFT runs at EP2; an MoE layout at TP2 is refused before
-anything starts. Parity with transformers: tests/model_providers/test_moe_parity.py."""
+bridge gathers the experts over EP, 1e-5), and the trainer routes every token to the engine's
+experts (routing replay: mismatch 0, the router statistics equal at EP1 and EP2); a run
+stopped after its step-2 checkpoint and resumed at EP2 continues exactly; SFT runs at EP2; an
+MoE layout at TP2 is refused before anything starts. Parity with transformers:
+tests/model_providers/test_moe_parity.py."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import pytest
 
 from tests.training.runs import RL_OVERRIDES, clean_env, command, run, step_records, write_config
 
-STEPS = RL_OVERRIDES  # three RL steps
+STEPS = RL_OVERRIDES + ["algorithm.routing_replay=replay"]  # three RL steps, the engine's routing replayed
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +38,11 @@ def test_rl_at_ep2_equals_ep1(ep1, tmp_path, tiny_moe_model, synthetic_dir):
         assert other["optim/grad_norm"] == pytest.approx(record["optim/grad_norm"], rel=1e-5)
         for records in (record, other):  # the engine serves exactly the trainer's policy (experts included)
             assert records["mismatch/abs_logp_diff_max"] <= 1e-5 and records["weight_sync/version"] == step
+            # and routes as the trainer does: every fed token's experts known, none different (fp32 CPU)
+            assert records["routing/known_tokens"] > 100
+            assert records["routing/mismatch"] == records["routing/mismatch_layer0"] == 0.0
+        for key in ("routing/known_tokens", "moe/load_max_over_mean", "moe/idle_expert_share"):
+            assert other[key] == pytest.approx(record[key], abs=1e-12)  # counted once per token at EP2
     assert ep1[2]["loss/total"] != ep1[1]["loss/total"]  # it trains
 
 

@@ -95,6 +95,7 @@ def load_hf_weights(model: QwenVLModel, checkpoint: HFCheckpoint, progress=None)
     ``progress(message)`` is called about every 10% of the tensors."""
     adapter = adapter_for(model, detect_key_style(checkpoint.names()))
     tp_rank, tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+    etp_rank, etp_size = ps.get_expert_tensor_parallel_rank(), ps.get_expert_tensor_parallel_world_size()
     offset, experts = model.layer_offset(), expert_offset(model)
     params = list(model.named_parameters())
     step = max(1, len(params) // 10)
@@ -108,7 +109,8 @@ def load_hf_weights(model: QwenVLModel, checkpoint: HFCheckpoint, progress=None)
             raise ConversionError(f"{name}: missing in {checkpoint.path}: {exc}") from None
         except RuntimeError as exc:  # reshape of a tensor with the wrong size
             raise ConversionError(f"{name}: checkpoint tensors do not fit the model config ({exc})") from None
-        param.copy_(shard(name, full, param, tp_rank, tp_size).to(param.dtype))
+        rank, size = (etp_rank, etp_size) if expert_index(name) is not None else (tp_rank, tp_size)
+        param.copy_(shard(name, full, param, rank, size).to(param.dtype))
     return adapter
 
 
@@ -132,13 +134,16 @@ def iter_canonical(model: QwenVLModel) -> Iterator[tuple[str, torch.Tensor]]:
     """This stage's full (TP-gathered) tensors under canonical names; TP-collective, and for
     the experts EP-collective: each expert weight comes with its peers' (one per EP rank)."""
     group, size = ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_world_size()
+    # an expert is split over the expert-tensor-parallel group (of size 1 here: qwen_vl.moe_config)
+    expert_group, expert_size = ps.get_expert_tensor_parallel_group(), ps.get_expert_tensor_parallel_world_size()
     ep_size = ps.get_expert_model_parallel_world_size()
     offset, experts = model.layer_offset(), expert_offset(model)
     local_experts = (model.config.num_moe_experts or 0) // ep_size
     for local_name, param in model.named_parameters():
         name = to_global_name(local_name, offset, experts)
-        full = unshard(name, param.detach(), param, group, size)
-        if ep_size == 1 or expert_index(name) is None:
+        is_expert = expert_index(name) is not None
+        full = unshard(name, param.detach(), param, *((expert_group, expert_size) if is_expert else (group, size)))
+        if ep_size == 1 or not is_expert:
             yield name, full
             continue
         parts = [torch.empty_like(full) for _ in range(ep_size)]

@@ -19,10 +19,6 @@ def layout_problems(text_config, vision_config, tp: int, pp: int, world: int, ep
         problems.append(f"parallel.expert_parallel={ep} must divide the model's num_experts ({experts})")
     if ep > 1 and world % (tp * pp) == 0 and (world // pp) % ep:
         problems.append(f"parallel.expert_parallel={ep} must divide the {world // pp} processes of a pipeline stage")
-    if experts and tp > 1:
-        problems.append(f"parallel.tensor_parallel={tp}: a mixture-of-experts model trains at tensor_parallel=1 "
-                        "here (megatron-core needs sequence parallelism with MoE and TP, which this model does not "
-                        "run yet); split the experts with parallel.expert_parallel instead")
     if world % (tp * pp):
         problems.append(f"parallel.tensor_parallel x parallel.pipeline_parallel = {tp} x {pp} = {tp * pp} does not "
                         f"divide the number of processes ({world}); data parallel size = world / (tp x pp)")

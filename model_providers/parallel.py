@@ -71,8 +71,9 @@ def init_parallel(parallel: ParallelismConfig | None = None, seed: int = 0) -> N
         raise ValueError(f"parallel.expert_parallel={ep} must divide the {world // pp} ranks of a pipeline stage")
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+    # experts whole on their rank (qwen_vl.moe_config): at TP > 1 the expert-parallel ranks span the TP ranks
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                             expert_model_parallel_size=ep)
+                                             expert_model_parallel_size=ep, expert_tensor_parallel_size=1)
     model_parallel_cuda_manual_seed(seed)
 
 

@@ -19,11 +19,13 @@ whether it has QKV bias, QK-norm and deepstack. One code path serves both.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from megatron.core import tensor_parallel
 from megatron.core.enums import Fp8Recipe, ModelType
 from megatron.core.fp8_utils import get_fp8_align_size
 from megatron.core.models.gpt import GPTModel
@@ -35,6 +37,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from torch import nn
 
 from megatron_ivr.model_providers.block_attention import BlockMask, block_attention
@@ -78,7 +81,10 @@ class QwenVLFamily:
             add_qkv_bias=bool(getattr(text, "attention_bias", self.name == "qwen2_5_vl")),
             qk_layernorm=self.qk_norm,
             hidden_dropout=0.0, attention_dropout=0.0,
-            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=False,
+            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+            # megatron-core's MoE layer at TP > 1 needs the sequence split over the TP ranks
+            # between the attention and MLP blocks; dense models keep whole sequences
+            sequence_parallel=tp > 1 and self.moe,
             params_dtype=params_dtype, pipeline_dtype=params_dtype,
             bf16=params_dtype == torch.bfloat16, fp16=params_dtype == torch.float16,
             use_cpu_initialization=use_cpu_initialization,  # initialization also sets the TP attributes
@@ -102,7 +108,9 @@ def moe_config(text, ep: int, aux_loss_coeff: float = 0.0) -> dict:
     """megatron-core's MoE fields for a Qwen3 MoE text config (docs/models.md). The router is
     transformers': softmax over the experts, the top k, renormalized to sum to 1, which is
     megatron's softmax score function taken after the top-k selection (``moe_router_pre_softmax``
-    off: softmax over the k chosen logits). No auxiliary load-balancing loss: RL fine-tuning
+    off: softmax over the k chosen logits). Experts are not split by tensor parallelism
+    (``expert_tensor_parallel_size=1``): at TP > 1 the expert-parallel ranks span the TP ranks
+    too. No auxiliary load-balancing loss: RL fine-tuning
     keeps the router of the pretrained model, as the anchors do (verl and slime's Qwen3 MoE RL
     recipes set the aux loss coefficient to 0), and a balancing term would pull the policy away
     from the engine's routing, the largest source of train/rollout mismatch in MoE models.
@@ -117,6 +125,7 @@ def moe_config(text, ep: int, aux_loss_coeff: float = 0.0) -> dict:
                 moe_router_pre_softmax=False, moe_aux_loss_coeff=aux_loss_coeff,
                 moe_router_load_balancing_type="aux_loss" if aux_loss_coeff > 0 else "none",
                 moe_grouped_gemm=False, moe_token_dispatcher_type="alltoall", expert_model_parallel_size=ep,
+                expert_tensor_parallel_size=1,  # each expert whole on its rank; experts split by EP
                 moe_router_dtype="fp32")
 
 
@@ -132,7 +141,8 @@ def _import_model_class(family: str, name: str):
 
 
 def layer_spec(config, use_transformer_engine: Optional[bool] = None):
-    """Transformer Engine layers when TE is importable (FP8-capable), the local spec otherwise."""
+    """Transformer Engine layers when TE is importable (FP8-capable), the local spec otherwise
+    (this stage's layers and final norm, with norms that take sequence parallelism)."""
     if use_transformer_engine is None:
         use_transformer_engine = transformer_engine_available()
     experts = config.num_moe_experts
@@ -141,8 +151,23 @@ def layer_spec(config, use_transformer_engine: Optional[bool] = None):
                                                           qk_layernorm=config.qk_layernorm)
     spec = get_gpt_layer_local_spec(num_experts=experts, moe_grouped_gemm=False, normalization="RMSNorm",
                                     qk_layernorm=config.qk_layernorm)
-    spec.submodules.self_attention.submodules.core_attention = _sdpa_attention_class()
-    return spec
+    layer = spec.submodules
+    layer.self_attention.submodules.core_attention = _sdpa_attention_class()
+    layer.input_layernorm = layer.pre_mlp_layernorm = RMSNorm
+    if config.qk_layernorm:
+        layer.self_attention.submodules.q_layernorm = layer.self_attention.submodules.k_layernorm = RMSNorm
+    return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config), layer_norm=RMSNorm)
+
+
+class RMSNorm(torch.nn.RMSNorm):
+    """torch's RMSNorm, as megatron-core's local spec builds it (``WrappedTorchNorm``, which
+    refuses sequence parallelism), with sequence parallelism: its weight is then marked
+    ``sequence_parallel``, and megatron's ``finalize_model_grads`` sums its gradient over the
+    tensor-parallel ranks, each of which normalized its own share of the sequence."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **unused):
+        super().__init__(hidden_size, eps=eps)
+        self.weight.sequence_parallel = config.sequence_parallel
 
 
 def _sdpa_attention_class():
@@ -201,14 +226,14 @@ def _cached_thd_mask(packed_seq_params, length: int) -> torch.Tensor:
     return mask
 
 
-def token_alignment(fp8: Optional[str]) -> int:
+def token_alignment(fp8: Optional[str], tp: int = 1) -> int:
     """How many tokens a row is padded to a multiple of: FP8 GEMMs of Transformer Engine need
-    the token dimension aligned (megatron-core's ``get_fp8_align_size``: 16, 32 for MXFP8);
-    1 without FP8. Right padding changes no real token's output (causal attention; packed
-    rows mask it or give it a sequence of its own)."""
-    if fp8 is None:
-        return 1
-    return get_fp8_align_size(Fp8Recipe(fp8))
+    the token dimension aligned (megatron-core's ``get_fp8_align_size``: 16, 32 for MXFP8), and
+    sequence parallelism (MoE at TP > 1) splits each row's tokens evenly over the ``tp``
+    ranks. Right padding changes no real token's output (causal attention; packed rows mask it
+    or give it a sequence of its own)."""
+    fp8_align = 1 if fp8 is None else get_fp8_align_size(Fp8Recipe(fp8))
+    return math.lcm(fp8_align, tp)
 
 
 def transformer_engine_available() -> bool:
@@ -248,6 +273,7 @@ class QwenVLModel(_megatron_module()):
             pre_process=pre_process, post_process=post_process, parallel_output=True,
             share_embeddings_and_output_weights=bool(getattr(hf_config, "tie_word_embeddings", False)),
             position_embedding_type="mrope", rotary_base=text.rope_parameters["rope_theta"],
+            scatter_embedding_sequence_parallel=False,  # embed() scatters, after the image features are in
         )
         # Qwen's MRoPE layouts replace megatron's contiguous-only MultimodalRotaryEmbedding
         self.language.rotary_pos_emb = QwenMRoPE(config.kv_channels, text.rope_parameters["rope_theta"],
@@ -265,11 +291,25 @@ class QwenVLModel(_megatron_module()):
                 param.tensor_model_parallel = False
         # MoE: a hook in each router's replay slot (routing replay, router statistics: routing.py)
         self.router_hooks = install_router_hooks(self.language.decoder.layers) if family.moe else []
+        if family.moe:
+            self._mark_expert_parameters()
         self._deepstack: Optional[tuple[torch.Tensor, list[torch.Tensor]]] = None
         self.deepstack_layers = 0
         if family.deepstack:
             self.deepstack_layers = len(hf_config.vision_config.deepstack_visual_indexes)
             self._install_deepstack_hooks()
+
+    def _mark_expert_parameters(self) -> None:
+        """Every expert weight is reduced over megatron's expert-data-parallel group, also at
+        expert parallel 1. megatron-core marks expert weights as dense (``allreduce``: reduced
+        over the data-parallel group) unless ``expert_model_parallel_size > 1``, which holds when
+        experts are split like the dense layers (expert TP = TP). Here experts are whole on each
+        rank (expert TP 1): at TP > 1 every TP rank holds a replica that saw only its share of
+        the sequence, and the replicas are the expert-data-parallel group, not the
+        data-parallel one."""
+        for module in self.language.decoder.layers:
+            for param in module.mlp.experts.parameters():
+                param.allreduce = False
 
     # --- pipeline plumbing -------------------------------------------------------------
     def set_input_tensor(self, input_tensor) -> None:
@@ -307,9 +347,15 @@ class QwenVLModel(_megatron_module()):
                 return output
             mask, features = self._deepstack  # mask [B, S] of image positions, features[index] [N, H]
             hidden = output[0] if isinstance(output, tuple) else output
-            hidden = hidden.clone()
-            seq_first = hidden.transpose(0, 1)  # [B, S, H] view
-            seq_first[mask] = seq_first[mask] + features[index].to(hidden.dtype)
+            if self.config.sequence_parallel:  # this rank holds a share of the sequence: add that share
+                added = torch.zeros((mask.shape[1], mask.shape[0], hidden.shape[-1]), dtype=hidden.dtype,
+                                    device=hidden.device)
+                added.transpose(0, 1)[mask] = features[index].to(hidden.dtype)
+                hidden = hidden + tensor_parallel.scatter_to_sequence_parallel_region(added)
+            else:
+                hidden = hidden.clone()
+                seq_first = hidden.transpose(0, 1)  # [B, S, H] view
+                seq_first[mask] = seq_first[mask] + features[index].to(hidden.dtype)
             return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
         return hook
 
@@ -318,11 +364,17 @@ class QwenVLModel(_megatron_module()):
         """Word embeddings ``[S, B, H]`` with image features scattered into image positions.
         ``image_mask [B, S]`` says which positions are image placeholders (the processor's
         ``mm_token_type_ids == 1``); without it, every ``<|image_pad|>`` id is one, which is
-        wrong when a sampled response contains that token."""
+        wrong when a sampled response contains that token. With sequence parallelism, this
+        tensor-parallel rank's share of the sequence, ``[S / tp, B, H]``."""
         embeddings = self.language.embedding(input_ids=input_ids, position_ids=None)
         self._deepstack = None
-        if pixel_values is None:
-            return embeddings
+        if pixel_values is not None:
+            embeddings = self._merge_images(embeddings, input_ids, pixel_values, image_grid_thw, image_mask)
+        if self.config.sequence_parallel:  # each TP rank keeps its share of the sequence
+            embeddings = tensor_parallel.scatter_to_sequence_parallel_region(embeddings)
+        return embeddings
+
+    def _merge_images(self, embeddings, input_ids, pixel_values, image_grid_thw, image_mask):
         output = self.vision(pixel_values.to(self.config.params_dtype), grid_thw=image_grid_thw, return_dict=True)
         features = output.pooler_output
         mask = input_ids == self.image_token_id if image_mask is None else image_mask.bool()
@@ -342,6 +394,10 @@ class QwenVLModel(_megatron_module()):
         longest of them when the caller knows it on the host (else read from ``cu_seqlens``).
         ``routing`` (MoE): the engine's expert choices to replay or compare with, and which
         tokens the router statistics count (routing.py)."""
+        tp = self.config.tensor_model_parallel_size
+        if self.config.sequence_parallel and input_ids.shape[1] % tp:
+            raise ValueError(f"rows of {input_ids.shape[1]} tokens do not split over {tp} tensor-parallel ranks "
+                             f"(sequence parallelism): pad them to a multiple of {tp} (token_alignment)")
         decoder_input = self.embed(input_ids, pixel_values, image_grid_thw, image_mask) if self.pre_process else None
         set_targets(self.router_hooks, routing, self.layer_offset(), input_ids.shape[1])
         try:

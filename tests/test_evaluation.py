@@ -20,9 +20,12 @@ def test_summarize_by_family():
     assert summary["eval/test/count/accuracy"] == 0.5 and summary["eval/test/compare/count"] == 1
 
 
-def test_evaluate_tiny_model(tiny_models, synthetic_dir, tmp_path):
+@pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_vl_moe"])
+def test_evaluate_tiny_model(request, synthetic_dir, tmp_path, family):
+    path = request.getfixturevalue("tiny_moe_model") if family == "qwen3_vl_moe" else \
+        request.getfixturevalue("tiny_models")[family]
     cfg = load_config("configs/demo_cpu.yaml", [
-        f"model.path={tiny_models['qwen3_vl']}", "model.family=qwen3_vl",
+        f"model.path={path}", f"model.family={family}",
         f"data.test_path={synthetic_dir / 'test.jsonl'}", f"logging.dir={tmp_path}",
         "eval.max_samples=8", "eval.batch_size=4", "eval.max_new_tokens=8",
     ])

@@ -135,7 +135,7 @@ class RlStep:
         self.cfg, self.policy, self.processor, self.reference = cfg, policy, processor, reference
         self.temperature = cfg.rollout.temperature  # the trajectories' sampling temperature (> 0)
         self.banned = tuple(vision_token_ids(processor.tokenizer))  # never sampled: not in the distribution
-        self.token_alignment = token_alignment(cfg.parallel.fp8)  # rows padded to a multiple (FP8 GEMMs)
+        self.token_alignment = token_alignment(cfg.parallel.fp8, cfg.parallel.tensor_parallel)  # rows padded: FP8, SP
 
     # --- batches --------------------------------------------------------------------------
     @property

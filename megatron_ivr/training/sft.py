@@ -60,7 +60,7 @@ class SftJob:
         self.samples = reference_samples(cfg, datasets)
         self.total_steps = cfg.sft.steps
         self.sampler = EpochSampler(len(self.samples), cfg.trainer.seed)
-        self.token_alignment = token_alignment(cfg.parallel.fp8)  # rows padded to a multiple (FP8 GEMMs)
+        self.token_alignment = token_alignment(cfg.parallel.fp8, cfg.parallel.tensor_parallel)  # rows padded: FP8, SP
         self.data_metrics = {}
         for index, dataset in enumerate(datasets):
             self.data_metrics.update(dataset.metrics(f"data/sft/{index}"))

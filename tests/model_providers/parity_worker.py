@@ -31,7 +31,7 @@ def main() -> None:
     from megatron_ivr.model_providers.logprobs import forward_logprobs
     from megatron_ivr.model_providers.optimizer import train_step, wrap_for_training
     from megatron_ivr.model_providers.parallel import init_parallel
-    from megatron_ivr.model_providers.qwen_vl import causal_mask
+    from megatron_ivr.model_providers.qwen_vl import causal_mask, token_alignment
     from megatron_ivr.models.processor import load_processor
 
     init_parallel(ParallelismConfig(tensor_parallel=tp, pipeline_parallel=pp, expert_parallel=ep))
@@ -47,8 +47,9 @@ def main() -> None:
         adapter = load_hf_weights(model, checkpoint)
         processor = load_processor(model_dir)
         with_image, without_image = parity_items()
-        batch = build_model_batch(processor, family, hf_config, with_image)
-        no_image = build_model_batch(processor, family, hf_config, without_image)
+        align = token_alignment(None, tp)  # sequence parallelism (MoE at TP > 1) splits rows evenly
+        batch = build_model_batch(processor, family, hf_config, with_image, pad_to_multiple=align)
+        no_image = build_model_batch(processor, family, hf_config, without_image, pad_to_multiple=align)
         model.eval()
         with torch.no_grad():
             record = forward_logprobs(model, [batch], causal_mask, with_entropy=True)[0]
@@ -56,15 +57,18 @@ def main() -> None:
             # THD packing (Transformer Engine's format, through the local spec's attention): every
             # sample, with and without its images, back to back in one row
             both = with_image + without_image
-            plain = build_model_batch(processor, family, hf_config, both)
+            plain = build_model_batch(processor, family, hf_config, both, pad_to_multiple=align)
             thd = build_model_batch(processor, family, hf_config, both, pad_to_multiple=16,
                                     packing=Packing(pack_length=10_000, thd=True))
             thd_diff = (thd.responses(forward_logprobs(model, [thd], causal_mask)[0]["logprobs"])
                         - plain.responses(forward_logprobs(model, [plain], causal_mask)[0]["logprobs"])).abs().max()
-        exported = gather_hf_weights(model, adapter.key_style)  # before the step changes the weights
-        # one step through megatron's DDP, finalize_model_grads and distributed optimizer
-        ddp, optimizer = wrap_for_training(model, TrainerConfig(lr=1e-4, grad_clip=1e9))
+        # before the step changes the weights (in place: copies, not views of the parameters)
+        exported = {k: v.clone() for k, v in (gather_hf_weights(model, adapter.key_style) or {}).items()}
+        # one step through megatron's DDP and finalize_model_grads (the distributed optimizer's
+        # step: test_data_parallel.py); its reduced gradients, every tensor, exported as HF tensors
+        ddp, optimizer = wrap_for_training(model, TrainerConfig(lr=1e-4, grad_clip=1e9), distributed_optimizer=False)
         norm = train_step(ddp, optimizer, [batch], causal_mask)["grad_norm"]
+        grads = gather_hf_gradients(model, "nested")  # named as transformers' modules are
         # the replicated vision tower must get identical gradients on every TP rank
         vision_spread = 0.0
         if ps.is_pipeline_first_stage() and tp > 1:
@@ -77,6 +81,7 @@ def main() -> None:
             torch.save({"logprobs": record["logprobs"].cpu(), "entropy": record["entropy"].cpu(),
                         "logprobs_no_image": record_no_image["logprobs"].cpu()}, out / f"{name}.pt")
             write_hf_folder(exported.items(), out / f"{name}_export", model_dir)
+            torch.save({key: value.cpu() for key, value in grads.items()}, out / f"{name}_grads.pt")
             results[name] = {"grad_norm": norm, "thd_max_diff": thd_diff.item()}
         spread = torch.tensor([vision_spread])
         dist.all_reduce(spread, op=dist.ReduceOp.MAX)
@@ -86,6 +91,21 @@ def main() -> None:
         (out / "results.json").write_text(json.dumps(results))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def gather_hf_gradients(model, key_style: str) -> dict:
+    """Each parameter's reduced gradient (``main_grad``) under its HF name on rank 0: the
+    weights' own gather (TP shards, experts over EP, stages), run on the gradients."""
+    from megatron_ivr.model_providers.build import gather_hf_weights
+
+    weights = {param: param.data for param in model.parameters()}
+    for param in weights:
+        param.data = param.main_grad.to(param.dtype)
+    try:
+        return gather_hf_weights(model, key_style)
+    finally:
+        for param, data in weights.items():
+            param.data = data
 
 
 if __name__ == "__main__":

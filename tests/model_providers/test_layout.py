@@ -34,7 +34,7 @@ def test_expert_parallel_layouts():
     assert "must divide the model's num_experts (8)" in " ".join(layout_problems(moe, None, tp=1, pp=1, world=3, ep=3))
     assert "must divide the 3 processes of a pipeline stage" in " ".join(
         layout_problems(moe, None, tp=1, pp=1, world=3, ep=2))
-    assert "trains at tensor_parallel=1" in " ".join(layout_problems(moe, None, tp=2, pp=1, world=2))
+    assert layout_problems(moe, None, tp=2, pp=1, world=2, ep=2) == []  # sequence parallel, experts over TP ranks
 
 
 def test_routing_replay_is_refused_for_a_dense_model(tiny_models):

@@ -1,11 +1,13 @@
 """Qwen3-VL-MoE on Megatron-Core (megatron-core's MoE layer: transformers' router, sequential
 experts) against ``Qwen3VLMoeForConditionalGeneration`` in fp32, 8 experts, top-2, images of
-two sizes, at EP1, EP2 (the experts split over two ranks), PP2 and EP2 x PP2: per-token log-probs,
-entropies and the no-image pass within 1e-5, the gradient norm within 1e-5 relative, THD
-packing equal to one row per sequence, and HF -> Megatron (this layout) -> HF bit-exact for
-every tensor, the fused expert tensors included (in the released checkpoints' layout).
-TP2 needs megatron's sequence parallelism with MoE, which this model does not run yet
-(docs/models.md)."""
+two sizes, at EP1, EP2 (the experts split over two ranks), PP2, EP2 x PP2, TP2 (sequence
+parallelism, which megatron-core needs for MoE at TP > 1) and TP2 with the experts split over
+the same two ranks (EP2 x TP2): per-token log-probs, entropies and the no-image pass within
+1e-5, the gradient norm within 1e-5 relative and every tensor's gradient within 1e-4 of its
+largest entry, THD packing equal to one row per sequence, the
+replicated vision tower's gradients equal on the TP ranks, and HF -> Megatron (this layout) ->
+HF bit-exact for every tensor, the fused expert tensors included (in the released
+checkpoints' layout)."""
 
 from __future__ import annotations
 
@@ -13,10 +15,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.model_providers.test_parity import TOL, _max_diff, run_worker, transformers_reference
+from tests.model_providers.test_parity import (
+    TOL,
+    _max_diff,
+    gradient_mismatches,
+    run_worker,
+    transformers_reference,
+)
 
 # tp, pp, ep, processes
-LAYOUTS = {"ep1": (1, 1, 1, 1), "ep2": (1, 1, 2, 2), "pp2": (1, 2, 1, 2), "ep2pp2": (1, 2, 2, 4)}
+LAYOUTS = {"ep1": (1, 1, 1, 1), "ep2": (1, 1, 2, 2), "pp2": (1, 2, 1, 2), "ep2pp2": (1, 2, 2, 4),
+           "tp2": (2, 1, 1, 2), "tp2ep2": (2, 1, 2, 2)}
 
 
 @pytest.fixture(scope="module")
@@ -38,11 +47,13 @@ def test_logprobs_entropy_and_no_image_pass_match_transformers(layout_run, refer
     assert _max_diff(got["entropy"], reference["entropy"]) <= TOL, name
     assert _max_diff(got["logprobs_no_image"], reference["logprobs_no_image"]) <= TOL, name
     assert results["thd_max_diff"] <= TOL, name
+    assert results["vision_grad_spread"] == 0.0, name  # identical on every TP rank (sequence parallel too)
 
 
-def test_gradient_norm_matches_transformers(layout_run, reference):
-    name, _, results = layout_run
+def test_gradients_match_transformers(layout_run, reference):
+    name, out, results = layout_run
     assert abs(results["grad_norm"] - reference["grad_norm"]) / reference["grad_norm"] <= TOL, name
+    assert gradient_mismatches(out / "qwen3_vl_moe_grads.pt", reference) == [], name
 
 
 def test_round_trip_is_bit_exact(layout_run, tiny_moe_model):

@@ -1,19 +1,16 @@
 """The tiny Qwen3-VL-MoE end to end on CPU (8 experts, top-2; IVR-R1 + VICRA, the in-process
-engine): RL at EP2 trains the same samples with the same losses (1e-5) and gradient norms
-(1e-5 relative) as at EP1; after every push the engine's log-probs equal the trainer's (the
-bridge gathers the experts over EP, 1e-5), and the trainer routes every token to the engine's
-experts (routing replay: mismatch 0, the router statistics equal at EP1 and EP2); a run
-stopped after its step-2 checkpoint and resumed at EP2 continues exactly; SFT runs at EP2; an
-MoE layout at TP2 is refused before anything starts. Parity with transformers:
-tests/model_providers/test_moe_parity.py."""
+engine): RL at EP2, TP2 and TP2 x EP2 trains the same samples with the same losses (1e-5) and
+gradient norms (1e-5 relative) as at EP1; after every push the engine's log-probs equal the
+trainer's (the bridge gathers the experts over EP, 1e-5), and the trainer routes every token
+to the engine's experts (routing replay: mismatch 0, the router statistics equal at every
+layout); a run stopped after its step-2 checkpoint and resumed at EP2 continues exactly; SFT
+runs at EP2 and TP2. Parity with transformers: tests/model_providers/test_moe_parity.py."""
 
 from __future__ import annotations
 
-import subprocess
-
 import pytest
 
-from tests.training.runs import RL_OVERRIDES, clean_env, command, run, step_records, write_config
+from tests.training.runs import RL_OVERRIDES, run, step_records, write_config
 
 STEPS = RL_OVERRIDES + ["algorithm.routing_replay=replay"]  # three RL steps, the engine's routing replayed
 
@@ -25,13 +22,17 @@ def ep1(tmp_path_factory, tiny_moe_model, synthetic_dir):
     return step_records(run_dir / "logs")
 
 
-def test_rl_at_ep2_equals_ep1(ep1, tmp_path, tiny_moe_model, synthetic_dir):
-    run("train", write_config(tmp_path, tiny_moe_model, synthetic_dir), STEPS + ["parallel.expert_parallel=2"],
-        nproc=2)
-    ep2 = step_records(tmp_path / "logs")
-    assert sorted(ep2) == sorted(ep1) == [1, 2, 3]
+@pytest.mark.parametrize("layout", [["parallel.expert_parallel=2"], ["parallel.tensor_parallel=2"],
+                                    ["parallel.tensor_parallel=2", "parallel.expert_parallel=2"]],
+                         ids=["ep2", "tp2", "tp2ep2"])
+def test_rl_at_two_processes_equals_one(ep1, tmp_path, tiny_moe_model, synthetic_dir, layout):
+    """EP2 (the experts split), TP2 (sequence parallel, every expert on both ranks) and TP2 with
+    the experts split over the same two ranks."""
+    run("train", write_config(tmp_path, tiny_moe_model, synthetic_dir), STEPS + layout, nproc=2)
+    other_layout = step_records(tmp_path / "logs")
+    assert sorted(other_layout) == sorted(ep1) == [1, 2, 3]
     for step, record in ep1.items():
-        other = ep2[step]
+        other = other_layout[step]
         assert other["samples"] == record["samples"]
         assert other["throughput/response_tokens"] == record["throughput/response_tokens"]
         assert other["loss/total"] == pytest.approx(record["loss/total"], abs=1e-5)
@@ -42,7 +43,7 @@ def test_rl_at_ep2_equals_ep1(ep1, tmp_path, tiny_moe_model, synthetic_dir):
             assert records["routing/known_tokens"] > 100
             assert records["routing/mismatch"] == records["routing/mismatch_layer0"] == 0.0
         for key in ("routing/known_tokens", "moe/load_max_over_mean", "moe/idle_expert_share"):
-            assert other[key] == pytest.approx(record[key], abs=1e-12)  # counted once per token at EP2
+            assert other[key] == pytest.approx(record[key], abs=1e-12)  # each token counted once
     assert ep1[2]["loss/total"] != ep1[1]["loss/total"]  # it trains
 
 
@@ -59,17 +60,9 @@ def test_resume_at_ep2_continues_exactly(ep1, tmp_path, tiny_moe_model, syntheti
     assert resumed[3]["optim/grad_norm"] == pytest.approx(ep1[3]["optim/grad_norm"], rel=1e-5)
 
 
-def test_sft_at_ep2(tmp_path, tiny_moe_model, synthetic_dir):
-    run("sft", write_config(tmp_path, tiny_moe_model, synthetic_dir), ["parallel.expert_parallel=2",
-                                                                      "logging.progress=false"], nproc=2)
+@pytest.mark.parametrize("layout", ["parallel.expert_parallel=2", "parallel.tensor_parallel=2"])
+def test_sft_at_two_processes(tmp_path, tiny_moe_model, synthetic_dir, layout):
+    run("sft", write_config(tmp_path, tiny_moe_model, synthetic_dir), [layout, "logging.progress=false"], nproc=2)
     records = step_records(tmp_path / "sft" / "logs")
     assert sorted(records) == [1, 2, 3, 4] and all(r["sft/loss"] > 0 for r in records.values())
     assert (tmp_path / "sft" / "hf" / "model.safetensors").exists()
-
-
-def test_tp2_is_refused_for_moe_before_anything_starts(tmp_path, tiny_moe_model, synthetic_dir):
-    result = subprocess.run(command("train", write_config(tmp_path, tiny_moe_model, synthetic_dir),
-                                    STEPS + ["parallel.tensor_parallel=2"], nproc=2),
-                            env=clean_env(), capture_output=True, text=True, timeout=300)
-    assert result.returncode != 0
-    assert "trains at tensor_parallel=1" in result.stdout + result.stderr

@@ -42,10 +42,11 @@ def check_sizing(cfg: RunConfig, mode: str) -> None:
         raise ConfigError(f"launch.gpus_per_node: the trainer has {world} processes (launch.nodes x "
                           f"launch.gpus_per_node), not a multiple of parallel.tensor_parallel x "
                           f"parallel.pipeline_parallel = {model_parallel}", key="launch.gpus_per_node")
-    if (world // parallel.pipeline_parallel) % parallel.expert_parallel:
-        raise ConfigError(f"parallel.expert_parallel={parallel.expert_parallel} must divide the "
-                          f"{world // parallel.pipeline_parallel} trainer processes of a pipeline stage",
-                          key="parallel.expert_parallel")
+    experts = parallel.expert_parallel * parallel.expert_tensor_parallel
+    if (world // parallel.pipeline_parallel) % experts:
+        raise ConfigError(f"parallel.expert_parallel x parallel.expert_tensor_parallel = {parallel.expert_parallel} x "
+                          f"{parallel.expert_tensor_parallel} must divide the {world // parallel.pipeline_parallel} "
+                          "trainer processes of a pipeline stage", key="parallel.expert_parallel")
     if mode != "local" and launch.gpus_per_node % parallel.tensor_parallel:
         raise ConfigError(f"parallel.tensor_parallel={parallel.tensor_parallel} must divide launch.gpus_per_node="
                           f"{launch.gpus_per_node} (a TP group stays inside one node)", key="parallel.tensor_parallel")

@@ -95,11 +95,12 @@ def cmd_convert(args) -> int:
     from megatron_ivr.model_providers.convert import hf_to_megatron, megatron_to_hf
 
     if args.direction == "hf-to-megatron":
-        out = hf_to_megatron(args.src, args.out, tp=args.tp, pp=args.pp, ep=args.ep, dtype=args.dtype,
+        out = hf_to_megatron(args.src, args.out, tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp, dtype=args.dtype,
                              writers=args.writers,
                              overwrite=args.overwrite)
     else:
-        out = megatron_to_hf(args.src, args.out, tp=args.tp, pp=args.pp, ep=args.ep, overwrite=args.overwrite)
+        out = megatron_to_hf(args.src, args.out, tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp,
+                             overwrite=args.overwrite)
     print(f"wrote {out}")
     return 0
 
@@ -197,10 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--overwrite", action="store_true",
                          help="replace OUT if it holds an earlier output of the same kind (the new one swapped in "
                               "atomically, then the old one deleted)")
-    convert.add_argument("--tp", type=int, default=1, help="tensor-parallel size (processes = tp * pp * ep)")
+    convert.add_argument("--tp", type=int, default=1,
+                         help="tensor-parallel size (processes = pp * lcm(tp, ep * etp))")
     convert.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
     convert.add_argument("--ep", type=int, default=1,
-                         help="expert-parallel size, mixture-of-experts models (processes = tp * pp * ep)")
+                         help="expert-parallel size, mixture-of-experts models")
+    convert.add_argument("--etp", type=int, default=1,
+                         help="expert-tensor-parallel size, mixture-of-experts models: each expert over etp ranks")
     convert.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                          help="parameter dtype of the Megatron checkpoint")
     convert.add_argument("--writers", type=int, default=4,

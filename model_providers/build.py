@@ -39,7 +39,8 @@ def build_model(hf_config, dtype: torch.dtype = torch.float32, fp8: Optional[str
     config = family.transformer_config(hf_config, tp=tp, pp=pp, params_dtype=dtype, fp8=fp8,
                                        use_cpu_initialization=not on_gpu,
                                        ep=ps.get_expert_model_parallel_world_size(),
-                                       moe_aux_loss_coeff=moe_aux_loss_coeff)
+                                       moe_aux_loss_coeff=moe_aux_loss_coeff,
+                                       etp=ps.get_expert_tensor_parallel_world_size())
     model = QwenVLModel(family, hf_config, config, layer_spec(config, use_transformer_engine),
                         pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
     _cast_parameters(model, dtype)
@@ -134,7 +135,7 @@ def iter_canonical(model: QwenVLModel) -> Iterator[tuple[str, torch.Tensor]]:
     """This stage's full (TP-gathered) tensors under canonical names; TP-collective, and for
     the experts EP-collective: each expert weight comes with its peers' (one per EP rank)."""
     group, size = ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_world_size()
-    # an expert is split over the expert-tensor-parallel group (of size 1 here: qwen_vl.moe_config)
+    # an expert is split over the expert-tensor-parallel group (parallel.expert_tensor_parallel)
     expert_group, expert_size = ps.get_expert_tensor_parallel_group(), ps.get_expert_tensor_parallel_world_size()
     ep_size = ps.get_expert_model_parallel_world_size()
     offset, experts = model.layer_offset(), expert_offset(model)

@@ -22,6 +22,7 @@ tokenizer and processor files so an export needs nothing else.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -75,33 +76,43 @@ def _log(message: str) -> None:
         print(message, flush=True)
 
 
-def _hf_to_megatron_rank(hf_dir: str, tmp_dir: str, tp: int, pp: int, dtype: str, writers: int, ep: int = 1) -> None:
-    init_parallel(ParallelismConfig(tensor_parallel=tp, pipeline_parallel=pp, expert_parallel=ep))
+def processes(tp: int, pp: int, ep: int = 1, etp: int = 1) -> int:
+    """The fewest processes that hold the layout: whole TP x PP replicas whose stages split
+    into EP x expert-TP groups."""
+    return pp * math.lcm(tp, ep * etp)
+
+
+def _hf_to_megatron_rank(hf_dir: str, tmp_dir: str, tp: int, pp: int, dtype: str, writers: int, ep: int = 1,
+                         etp: int = 1) -> None:
+    init_parallel(ParallelismConfig(tensor_parallel=tp, pipeline_parallel=pp, expert_parallel=ep,
+                                    expert_tensor_parallel=etp))
     checkpoint = HFCheckpoint(hf_dir)
     start = time.time()
     model = build_empty_model(checkpoint.config(), dtype=DTYPES[dtype])  # every parameter is loaded below
     total = sum(1 for _ in model.parameters())
-    _log(f"[convert] built stage models (tp={tp}, pp={pp}, ep={ep}); loading {total} tensors on rank 0's stage")
+    _log(f"[convert] built stage models (tp={tp}, pp={pp}, ep={ep}, etp={etp}); loading {total} tensors on rank "
+         "0's stage")
     adapter = load_hf_weights(model, checkpoint, progress=_log)
     _log(f"[convert] loaded in {time.time() - start:.1f}s; saving the distributed checkpoint")
     dist_checkpointing.save(model.sharded_state_dict(), tmp_dir,
                             sharded_strategy=TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=writers))
     if dist.get_rank() == 0:
-        meta = {"family": model.family.name, "tp": tp, "pp": pp, "ep": ep, "dtype": dtype,
+        meta = {"family": model.family.name, "tp": tp, "pp": pp, "ep": ep, "etp": etp, "dtype": dtype,
                 "key_style": adapter.key_style, "source": str(hf_dir)}
         (Path(tmp_dir) / META_NAME).write_text(json.dumps(meta, indent=2))
     dist.barrier()
 
 
 def _megatron_to_hf_rank(ckpt_dir: str, out_dir: str, tp: int, pp: int, max_shard_bytes: int,
-                         overwrite: bool, ep: int = 1) -> None:
+                         overwrite: bool, ep: int = 1, etp: int = 1) -> None:
     from transformers import AutoConfig
 
-    init_parallel(ParallelismConfig(tensor_parallel=tp, pipeline_parallel=pp, expert_parallel=ep))
+    init_parallel(ParallelismConfig(tensor_parallel=tp, pipeline_parallel=pp, expert_parallel=ep,
+                                    expert_tensor_parallel=etp))
     meta = json.loads((Path(ckpt_dir) / META_NAME).read_text())
     hf_config = AutoConfig.from_pretrained(str(Path(ckpt_dir) / "hf"))
     model = build_empty_model(hf_config, dtype=DTYPES[meta["dtype"]])  # filled by the strict load below
-    _log(f"[convert] loading {ckpt_dir} at tp={tp}, pp={pp}, ep={ep}")
+    _log(f"[convert] loading {ckpt_dir} at tp={tp}, pp={pp}, ep={ep}, etp={etp}")
     sharded = model.sharded_state_dict()
     state = dist_checkpointing.load(sharded, ckpt_dir)
     # a trainer checkpoint also holds the optimizer: its common (non-tensor) part comes back
@@ -114,9 +125,9 @@ def _megatron_to_hf_rank(ckpt_dir: str, out_dir: str, tp: int, pp: int, max_shar
     dist.barrier()
 
 
-def check_arguments(tp: int, pp: int, dtype: str = "float32", writers: int = 1, ep: int = 1) -> None:
+def check_arguments(tp: int, pp: int, dtype: str = "float32", writers: int = 1, ep: int = 1, etp: int = 1) -> None:
     """Range checks of the converter's arguments (before anything is read or written)."""
-    for name, value in (("--tp", tp), ("--pp", pp), ("--ep", ep), ("--writers", writers)):
+    for name, value in (("--tp", tp), ("--pp", pp), ("--ep", ep), ("--etp", etp), ("--writers", writers)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name} must be an integer >= 1, got {value!r}", key=name)
     if dtype not in DTYPES:
@@ -124,16 +135,18 @@ def check_arguments(tp: int, pp: int, dtype: str = "float32", writers: int = 1, 
 
 
 def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, tp: int = 1, pp: int = 1, dtype: str = "float32",
-                   writers: int = 4, overwrite: bool = False, ep: int = 1) -> Path:
-    """``ep``: expert-parallel size (mixture-of-experts models; processes = tp * pp * ep)."""
-    check_arguments(tp, pp, dtype, writers, ep)
+                   writers: int = 4, overwrite: bool = False, ep: int = 1, etp: int = 1) -> Path:
+    """``ep`` / ``etp``: expert-parallel and expert-tensor-parallel sizes (mixture-of-experts
+    models); :func:`processes` processes."""
+    check_arguments(tp, pp, dtype, writers, ep, etp)
     hf_dir = Path(hf_dir)
     HFCheckpoint(hf_dir)  # SRC is an HF folder (FileNotFoundError names what is missing)
     out_dir = check_output(out_dir, "megatron", overwrite=overwrite, sources=[hf_dir])
     tmp = staging_dir(out_dir)
     try:
-        _launch("hf_to_megatron", tp * pp * ep,
-                dict(hf_dir=str(hf_dir), tmp_dir=str(tmp), tp=tp, pp=pp, dtype=dtype, writers=writers, ep=ep))
+        _launch("hf_to_megatron", processes(tp, pp, ep, etp),
+                dict(hf_dir=str(hf_dir), tmp_dir=str(tmp), tp=tp, pp=pp, dtype=dtype, writers=writers, ep=ep,
+                     etp=etp))
         (tmp / "hf").mkdir()
         for name in SIDE_FILES:
             if (hf_dir / name).is_file():
@@ -146,13 +159,14 @@ def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, tp: int = 1, pp: int
 
 
 def megatron_to_hf(ckpt_dir: str | Path, out_dir: str | Path, tp: int = 1, pp: int = 1,
-                   max_shard_bytes: int = 2 * 1024**3, overwrite: bool = False, ep: int = 1) -> Path:
-    check_arguments(tp, pp, ep=ep)
+                   max_shard_bytes: int = 2 * 1024**3, overwrite: bool = False, ep: int = 1, etp: int = 1) -> Path:
+    check_arguments(tp, pp, ep=ep, etp=etp)
     ckpt_dir = Path(ckpt_dir)
     if not (ckpt_dir / META_NAME).is_file():
         raise CheckpointRefused(f"{ckpt_dir}: not a megatron-ivr checkpoint (no {META_NAME}): nothing was loaded")
     require_verified(ckpt_dir)  # before megatron-core unpickles anything in it
     out_dir = check_output(out_dir, "hf", overwrite=overwrite, sources=[ckpt_dir])
-    _launch("megatron_to_hf", tp * pp * ep, dict(ckpt_dir=str(ckpt_dir), out_dir=str(out_dir), tp=tp, pp=pp,
-                                                 max_shard_bytes=max_shard_bytes, overwrite=overwrite, ep=ep))
+    _launch("megatron_to_hf", processes(tp, pp, ep, etp),
+            dict(ckpt_dir=str(ckpt_dir), out_dir=str(out_dir), tp=tp, pp=pp, max_shard_bytes=max_shard_bytes,
+                 overwrite=overwrite, ep=ep, etp=etp))
     return out_dir

@@ -9,16 +9,22 @@ from megatron_ivr.config.schema import TrainerConfig
 from megatron_ivr.model_providers.qwen_vl import transformer_engine_available
 
 
-def layout_problems(text_config, vision_config, tp: int, pp: int, world: int, ep: int = 1) -> list[str]:
-    """Every reason why (tp, pp, ep) cannot hold this model on ``world`` processes."""
+def layout_problems(text_config, vision_config, tp: int, pp: int, world: int, ep: int = 1, etp: int = 1) -> list[str]:
+    """Every reason why (tp, pp, ep, etp) cannot hold this model on ``world`` processes."""
     problems = []
     experts = int(getattr(text_config, "num_experts", 0) or 0)
-    if ep > 1 and not experts:
-        problems.append(f"parallel.expert_parallel={ep} needs a mixture-of-experts model; this one is dense")
+    for key, value in (("expert_parallel", ep), ("expert_tensor_parallel", etp)):
+        if value > 1 and not experts:
+            problems.append(f"parallel.{key}={value} needs a mixture-of-experts model; this one is dense")
     if experts and experts % ep:
         problems.append(f"parallel.expert_parallel={ep} must divide the model's num_experts ({experts})")
-    if ep > 1 and world % (tp * pp) == 0 and (world // pp) % ep:
-        problems.append(f"parallel.expert_parallel={ep} must divide the {world // pp} processes of a pipeline stage")
+    expert_size = int(getattr(text_config, "moe_intermediate_size", 0) or 0)
+    if experts and expert_size % etp:
+        problems.append(f"parallel.expert_tensor_parallel={etp} must divide the model's moe_intermediate_size "
+                        f"({expert_size})")
+    if ep * etp > 1 and world % (tp * pp) == 0 and (world // pp) % (ep * etp):
+        problems.append(f"parallel.expert_parallel x parallel.expert_tensor_parallel = {ep} x {etp} must divide the "
+                        f"{world // pp} processes of a pipeline stage")
     if world % (tp * pp):
         problems.append(f"parallel.tensor_parallel x parallel.pipeline_parallel = {tp} x {pp} = {tp * pp} does not "
                         f"divide the number of processes ({world}); data parallel size = world / (tp x pp)")
@@ -44,7 +50,8 @@ def check_layout(cfg, world: int, model_path: str) -> None:
     hf_config = AutoConfig.from_pretrained(model_path)
     text = getattr(hf_config, "text_config", hf_config)
     problems = layout_problems(text, getattr(hf_config, "vision_config", None), cfg.parallel.tensor_parallel,
-                               cfg.parallel.pipeline_parallel, world, cfg.parallel.expert_parallel)
+                               cfg.parallel.pipeline_parallel, world, cfg.parallel.expert_parallel,
+                               cfg.parallel.expert_tensor_parallel)
     if problems:
         raise ConfigError(f"parallel layout does not fit {model_path}: " + "; ".join(problems), key="parallel")
     if cfg.algorithm.routing_replay != "off" and not getattr(text, "num_experts", 0):

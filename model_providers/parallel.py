@@ -65,15 +65,17 @@ def init_parallel(parallel: ParallelismConfig | None = None, seed: int = 0) -> N
     world = dist.get_world_size()
     parallel = parallel or ParallelismConfig()
     tp, pp, ep = parallel.tensor_parallel, parallel.pipeline_parallel, parallel.expert_parallel
+    etp = parallel.expert_tensor_parallel
     if world % (tp * pp):
         raise ValueError(f"world size {world} is not a multiple of tp*pp = {tp * pp}")
-    if (world // pp) % ep:
-        raise ValueError(f"parallel.expert_parallel={ep} must divide the {world // pp} ranks of a pipeline stage")
+    if (world // pp) % (ep * etp):
+        raise ValueError(f"parallel.expert_parallel x parallel.expert_tensor_parallel = {ep} x {etp} must divide the "
+                         f"{world // pp} ranks of a pipeline stage")
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    # experts whole on their rank (qwen_vl.moe_config): at TP > 1 the expert-parallel ranks span the TP ranks
+    # the experts' own layout (qwen_vl.moe_config): split over EP ranks, each expert over ETP ranks
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                             expert_model_parallel_size=ep, expert_tensor_parallel_size=1)
+                                             expert_model_parallel_size=ep, expert_tensor_parallel_size=etp)
     model_parallel_cuda_manual_seed(seed)
 
 

@@ -66,7 +66,8 @@ class QwenVLFamily:
 
     def transformer_config(self, hf_config, tp: int = 1, pp: int = 1, params_dtype=torch.float32,
                            fp8: Optional[str] = None, use_cpu_initialization: bool = True,
-                           random_init: bool = False, ep: int = 1, moe_aux_loss_coeff: float = 0.0):
+                           random_init: bool = False, ep: int = 1, moe_aux_loss_coeff: float = 0.0,
+                           etp: int = 1):
         """megatron-core ``TransformerConfig`` of the language decoder (see the mapping in
         docs/models.md). ``random_init=False`` skips drawing random weights that a checkpoint
         load overwrites anyway (megatron still allocates and tags the TP shards)."""
@@ -94,7 +95,7 @@ class QwenVLFamily:
             moe_token_dispatcher_type="alltoall",  # (dense model) the default rejects variable lengths
         )
         if self.moe:
-            kwargs.update(moe_config(text, ep, moe_aux_loss_coeff))
+            kwargs.update(moe_config(text, ep, moe_aux_loss_coeff, etp))
         if not random_init:
             kwargs.update(init_method=_skip_init, output_layer_init_method=_skip_init,
                           embedding_init_method=_skip_init)
@@ -104,13 +105,13 @@ class QwenVLFamily:
         return TransformerConfig(**kwargs)
 
 
-def moe_config(text, ep: int, aux_loss_coeff: float = 0.0) -> dict:
+def moe_config(text, ep: int, aux_loss_coeff: float = 0.0, etp: int = 1) -> dict:
     """megatron-core's MoE fields for a Qwen3 MoE text config (docs/models.md). The router is
     transformers': softmax over the experts, the top k, renormalized to sum to 1, which is
     megatron's softmax score function taken after the top-k selection (``moe_router_pre_softmax``
-    off: softmax over the k chosen logits). Experts are not split by tensor parallelism
-    (``expert_tensor_parallel_size=1``): at TP > 1 the expert-parallel ranks span the TP ranks
-    too. No auxiliary load-balancing loss: RL fine-tuning
+    off: softmax over the k chosen logits). The experts split over ``ep`` ranks, each expert's
+    MLP over ``etp`` ranks (``parallel.expert_tensor_parallel``; 1: whole, and at TP > 1 the
+    expert-parallel ranks span the TP ranks too). No auxiliary load-balancing loss: RL fine-tuning
     keeps the router of the pretrained model, as the anchors do (verl and slime's Qwen3 MoE RL
     recipes set the aux loss coefficient to 0), and a balancing term would pull the policy away
     from the engine's routing, the largest source of train/rollout mismatch in MoE models.
@@ -125,7 +126,7 @@ def moe_config(text, ep: int, aux_loss_coeff: float = 0.0) -> dict:
                 moe_router_pre_softmax=False, moe_aux_loss_coeff=aux_loss_coeff,
                 moe_router_load_balancing_type="aux_loss" if aux_loss_coeff > 0 else "none",
                 moe_grouped_gemm=False, moe_token_dispatcher_type="alltoall", expert_model_parallel_size=ep,
-                expert_tensor_parallel_size=1,  # each expert whole on its rank; experts split by EP
+                expert_tensor_parallel_size=etp,
                 moe_router_dtype="fp32")
 
 
@@ -303,10 +304,9 @@ class QwenVLModel(_megatron_module()):
         """Every expert weight is reduced over megatron's expert-data-parallel group, also at
         expert parallel 1. megatron-core marks expert weights as dense (``allreduce``: reduced
         over the data-parallel group) unless ``expert_model_parallel_size > 1``, which holds when
-        experts are split like the dense layers (expert TP = TP). Here experts are whole on each
-        rank (expert TP 1): at TP > 1 every TP rank holds a replica that saw only its share of
-        the sequence, and the replicas are the expert-data-parallel group, not the
-        data-parallel one."""
+        experts are split like the dense layers (expert TP = TP). With experts whole on each rank
+        (expert TP 1) at TP > 1, every TP rank holds a replica that saw only its share of the
+        sequence, and the replicas are the expert-data-parallel group, not the data-parallel one."""
         for module in self.language.decoder.layers:
             for param in module.mlp.experts.parameters():
                 param.allreduce = False

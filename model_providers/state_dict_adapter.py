@@ -231,7 +231,8 @@ class QwenVLStateDictAdapter:
 
 # --- tensor parallelism ----------------------------------------------------------------
 def is_glu(name: str) -> bool:
-    return name.endswith("mlp.linear_fc1.weight")
+    """A fused gate|up projection (a dense MLP's or an expert's), split half by half."""
+    return name.endswith("mlp.linear_fc1.weight") or (".mlp.experts." in name and name.endswith("linear_fc1.weight"))
 
 
 def partition_dim(param: torch.Tensor):

@@ -309,11 +309,15 @@ class ParallelismConfig:
     # mixture-of-experts models: the experts split over this many ranks of the data-parallel
     # group (megatron-core's expert model parallelism); 1 for dense models
     expert_parallel: int = 1
+    # mixture-of-experts models: each expert's MLP split over this many ranks, like the dense MLPs
+    # over tensor_parallel (megatron-core's expert tensor parallelism); 1: every expert whole on its
+    # rank. expert_parallel x expert_tensor_parallel must divide the processes of a pipeline stage
+    expert_tensor_parallel: int = 1
     # (context parallelism is not supported for Qwen-VL yet: docs/models.md)
     fp8: Optional[Literal["delayed", "blockwise"]] = None
 
     def validate(self, prefix: str = "parallel") -> None:
-        for name in ("tensor_parallel", "pipeline_parallel", "expert_parallel"):
+        for name in ("tensor_parallel", "pipeline_parallel", "expert_parallel", "expert_tensor_parallel"):
             _check(getattr(self, name) >= 1, f"{prefix}.{name}", "must be >= 1")
 
 

@@ -2,7 +2,7 @@
 one backward pass of the tiny Qwen-VL models, written to OUT for the parent test to
 compare against transformers. Usage:
 
-    torchrun --nproc_per_node N parity_worker.py OUT TP PP EP MODEL_DIR [MODEL_DIR ...]
+    torchrun --nproc_per_node N parity_worker.py OUT TP PP EP ETP MODEL_DIR [MODEL_DIR ...]
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from tests.model_providers.parity_batch import parity_items  # noqa: E402
 
 
 def main() -> None:
-    out, tp, pp, ep, model_dirs = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5:]
+    out, (tp, pp, ep, etp), model_dirs = Path(sys.argv[1]), map(int, sys.argv[2:6]), sys.argv[6:]
     torch.set_num_threads(1)
     import torch.distributed as dist
 
@@ -34,7 +34,8 @@ def main() -> None:
     from megatron_ivr.model_providers.qwen_vl import causal_mask, token_alignment
     from megatron_ivr.models.processor import load_processor
 
-    init_parallel(ParallelismConfig(tensor_parallel=tp, pipeline_parallel=pp, expert_parallel=ep))
+    init_parallel(ParallelismConfig(tensor_parallel=tp, pipeline_parallel=pp, expert_parallel=ep,
+                                    expert_tensor_parallel=etp))
     from megatron.core import parallel_state as ps
 
     rank = dist.get_rank()

@@ -42,18 +42,20 @@ def test_round_trip_across_layouts(tiny_models, tmp_path, family, save_layout, l
     assert not list(tmp_path.glob(".*.partial")) and not list(tmp_path.glob(".*.old"))
 
 
-@pytest.mark.parametrize("save_layout, load_layout", [((1, 1, 2), (1, 2, 1)), ((1, 2, 1), (1, 1, 2)),
-                                                      ((2, 1, 2), (1, 2, 1))],
-                         ids=["saved_ep2_loaded_pp2", "saved_pp2_loaded_ep2", "saved_tp2ep2_loaded_pp2"])
+@pytest.mark.parametrize("save_layout, load_layout", [
+    ((1, 1, 2, 1), (1, 2, 1, 1)), ((1, 2, 1, 1), (1, 1, 2, 1)), ((2, 1, 2, 1), (1, 2, 1, 1)),
+    ((1, 2, 1, 1), (2, 1, 1, 2))], ids=["saved_ep2_loaded_pp2", "saved_pp2_loaded_ep2", "saved_tp2ep2_loaded_pp2",
+                                        "saved_pp2_loaded_tp2etp2"])
 def test_moe_round_trip_across_layouts(tiny_moe_model, tmp_path, save_layout, load_layout):
-    """Qwen3-VL-MoE (tp, pp, ep): the experts saved split over two ranks come back whole on
-    the pipeline stages, and the reverse, also from TP2 (the dense weights split, the experts
-    split over the same two ranks); the fused expert tensors bit-exact."""
-    tp, pp, ep = save_layout
-    ckpt = hf_to_megatron(tiny_moe_model, tmp_path / "megatron", tp, pp, ep=ep)
+    """Qwen3-VL-MoE (tp, pp, ep, expert tp): the experts saved split over two ranks come back
+    whole on the pipeline stages, and the reverse, also from TP2 (the dense weights split, the
+    experts split over the same two ranks) and into TP2 with each expert split over the two
+    ranks; the fused expert tensors bit-exact."""
+    tp, pp, ep, etp = save_layout
+    ckpt = hf_to_megatron(tiny_moe_model, tmp_path / "megatron", tp, pp, ep=ep, etp=etp)
     assert json.loads((ckpt / META_NAME).read_text())["ep"] == ep
-    tp, pp, ep = load_layout
-    assert_bit_exact(tiny_moe_model, megatron_to_hf(ckpt, tmp_path / "hf", tp, pp, ep=ep))
+    tp, pp, ep, etp = load_layout
+    assert_bit_exact(tiny_moe_model, megatron_to_hf(ckpt, tmp_path / "hf", tp, pp, ep=ep, etp=etp))
 
 
 def test_mismatched_config_names_tensor_and_shapes(tiny_models, tmp_path):

@@ -32,9 +32,15 @@ def test_expert_parallel_layouts():
     assert layout_problems(moe, None, tp=1, pp=2, world=4, ep=2) == []
     assert "this one is dense" in " ".join(layout_problems(TEXT, None, tp=1, pp=1, world=2, ep=2))
     assert "must divide the model's num_experts (8)" in " ".join(layout_problems(moe, None, tp=1, pp=1, world=3, ep=3))
-    assert "must divide the 3 processes of a pipeline stage" in " ".join(
+    assert "2 x 1 must divide the 3 processes of a pipeline stage" in " ".join(
         layout_problems(moe, None, tp=1, pp=1, world=3, ep=2))
     assert layout_problems(moe, None, tp=2, pp=1, world=2, ep=2) == []  # sequence parallel, experts over TP ranks
+    assert layout_problems(moe, None, tp=2, pp=1, world=2, etp=2) == []  # each expert split over the TP ranks
+    assert "needs a mixture-of-experts model" in " ".join(layout_problems(TEXT, None, tp=2, pp=1, world=2, etp=2))
+    assert "2 x 2 must divide the 2 processes" in " ".join(layout_problems(moe, None, tp=2, pp=1, world=2, ep=2, etp=2))
+    odd = SimpleNamespace(**vars(TEXT), num_experts=8, moe_intermediate_size=45)
+    assert "must divide the model's moe_intermediate_size (45)" in " ".join(
+        layout_problems(odd, None, tp=1, pp=1, world=2, etp=2))
 
 
 def test_routing_replay_is_refused_for_a_dense_model(tiny_models):

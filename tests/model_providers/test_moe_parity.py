@@ -2,7 +2,8 @@
 experts) against ``Qwen3VLMoeForConditionalGeneration`` in fp32, 8 experts, top-2, images of
 two sizes, at EP1, EP2 (the experts split over two ranks), PP2, EP2 x PP2, TP2 (sequence
 parallelism, which megatron-core needs for MoE at TP > 1) and TP2 with the experts split over
-the same two ranks (EP2 x TP2): per-token log-probs, entropies and the no-image pass within
+the same two ranks (EP2 x TP2), and TP2 with each expert split over the two ranks too (expert
+tensor parallel 2): per-token log-probs, entropies and the no-image pass within
 1e-5, the gradient norm within 1e-5 relative and every tensor's gradient within 1e-4 of its
 largest entry, THD packing equal to one row per sequence, the
 replicated vision tower's gradients equal on the TP ranks, and HF -> Megatron (this layout) ->
@@ -23,9 +24,9 @@ from tests.model_providers.test_parity import (
     transformers_reference,
 )
 
-# tp, pp, ep, processes
-LAYOUTS = {"ep1": (1, 1, 1, 1), "ep2": (1, 1, 2, 2), "pp2": (1, 2, 1, 2), "ep2pp2": (1, 2, 2, 4),
-           "tp2": (2, 1, 1, 2), "tp2ep2": (2, 1, 2, 2)}
+# tp, pp, ep, processes, expert tp
+LAYOUTS = {"ep1": (1, 1, 1, 1, 1), "ep2": (1, 1, 2, 2, 1), "pp2": (1, 2, 1, 2, 1), "ep2pp2": (1, 2, 2, 4, 1),
+           "tp2": (2, 1, 1, 2, 1), "tp2ep2": (2, 1, 2, 2, 1), "tp2etp2": (2, 1, 1, 2, 2)}
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +36,9 @@ def reference(tiny_moe_model):
 
 @pytest.fixture(scope="module", params=list(LAYOUTS))
 def layout_run(request, tiny_moe_model, tmp_path_factory):
-    tp, pp, ep, nproc = LAYOUTS[request.param]
+    tp, pp, ep, nproc, etp = LAYOUTS[request.param]
     out = tmp_path_factory.mktemp(request.param)
-    return request.param, out, run_worker(out, tp, pp, [tiny_moe_model], ep=ep, nproc=nproc)["qwen3_vl_moe"]
+    return request.param, out, run_worker(out, tp, pp, [tiny_moe_model], ep=ep, nproc=nproc, etp=etp)["qwen3_vl_moe"]
 
 
 def test_logprobs_entropy_and_no_image_pass_match_transformers(layout_run, reference):

@@ -37,11 +37,11 @@ FAMILIES = ("qwen2_5_vl", "qwen3_vl")
 TOL = 1e-5
 
 
-def run_worker(out: Path, tp: int, pp: int, model_dirs: list[Path], ep: int = 1, nproc: int = 0) -> dict:
+def run_worker(out: Path, tp: int, pp: int, model_dirs: list[Path], ep: int = 1, nproc: int = 0, etp: int = 1) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc or tp * pp),
-               "--master_port", str(_free_port()), str(WORKER), str(out), str(tp), str(pp), str(ep),
+               "--master_port", str(_free_port()), str(WORKER), str(out), str(tp), str(pp), str(ep), str(etp),
                *map(str, model_dirs)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     if result.returncode != 0:

@@ -1,5 +1,5 @@
 """The tiny Qwen3-VL-MoE end to end on CPU (8 experts, top-2; IVR-R1 + VICRA, the in-process
-engine): RL at EP2, TP2 and TP2 x EP2 trains the same samples with the same losses (1e-5) and
+engine): RL at EP2, TP2, TP2 x EP2 and TP2 x expert-TP2 trains the same samples with the same losses (1e-5) and
 gradient norms (1e-5 relative) as at EP1; after every push the engine's log-probs equal the
 trainer's (the bridge gathers the experts over EP, 1e-5), and the trainer routes every token
 to the engine's experts (routing replay: mismatch 0, the router statistics equal at every
@@ -23,11 +23,12 @@ def ep1(tmp_path_factory, tiny_moe_model, synthetic_dir):
 
 
 @pytest.mark.parametrize("layout", [["parallel.expert_parallel=2"], ["parallel.tensor_parallel=2"],
-                                    ["parallel.tensor_parallel=2", "parallel.expert_parallel=2"]],
-                         ids=["ep2", "tp2", "tp2ep2"])
+                                    ["parallel.tensor_parallel=2", "parallel.expert_parallel=2"],
+                                    ["parallel.tensor_parallel=2", "parallel.expert_tensor_parallel=2"]],
+                         ids=["ep2", "tp2", "tp2ep2", "tp2etp2"])
 def test_rl_at_two_processes_equals_one(ep1, tmp_path, tiny_moe_model, synthetic_dir, layout):
-    """EP2 (the experts split), TP2 (sequence parallel, every expert on both ranks) and TP2 with
-    the experts split over the same two ranks."""
+    """EP2 (the experts split), TP2 (sequence parallel, every expert on both ranks), TP2 with
+    the experts split over the same two ranks, and TP2 with each expert split over them."""
     run("train", write_config(tmp_path, tiny_moe_model, synthetic_dir), STEPS + layout, nproc=2)
     other_layout = step_records(tmp_path / "logs")
     assert sorted(other_layout) == sorted(ep1) == [1, 2, 3]

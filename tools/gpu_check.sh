@@ -80,7 +80,7 @@ step eval_rl 120 $MIVR eval -c $CFG "${paths[@]}" model.path=$RUN/rl/hf logging.
 # counts the tokens it routes elsewhere (routing/mismatch in metrics.jsonl); then the same with TE,
 # whose spec runs the experts as one grouped GEMM (the adapter names only sequential experts:
 # expected to fail loading until it maps TEGroupedMLP's linear_fc1.weight<e> names)
-moe=(model.path=$RUN/models/qwen3_vl_moe_tiny "tiny_model.families=[qwen3_vl_moe]")
+moe=(model.path=$RUN/models/qwen3_vl_moe_tiny model.family=qwen3_vl_moe "tiny_model.families=[qwen3_vl_moe]")
 step moe_models 120 $MIVR model tiny -c $CFG "${paths[@]}" "${moe[@]}"
 step moe_parity 300 python3 -m pytest -q -p no:cacheprovider tests/model_providers/test_moe_parity.py -k ep1
 step moe_train 240 $MIVR train $CFG "${paths[@]}" "${moe[@]}" algorithm.routing_replay=record trainer.steps=2 \

@@ -13,6 +13,12 @@ Generation goes through the engine interface: the in-process engine, or SGLang s
 writes one record per sample (``eval_{name}_samples.jsonl``), the summary (overall and per
 subset / question family) to ``metrics.jsonl``, and all suites as one markdown table
 (``eval_summary.md``), all under ``logging.dir``.
+
+Greedy accuracy is the headline. Beside it (``megatron_ivr/rewards/statistics.py``): the
+majority-answer share, the accuracy macro-averaged over gold answers and, for a split of the
+configured dataset, the blind guesser of the training answers; with ``eval.samples = k``, the
+sampled panel (mean@k, maj@k, pass@k at ``eval.temperature``, and the blind guesser's pass@k);
+with ``eval.blank_images``, every suite again with empty images (``<name>_blank``).
 """
 
 from __future__ import annotations
@@ -21,18 +27,23 @@ import json
 import logging
 import time
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 from megatron_ivr.config.schema import RunConfig
 from megatron_ivr.data import ImageRules, read_dataset
 from megatron_ivr.data.benchmarks import read_benchmark
+from megatron_ivr.data.images import blank_like
+from megatron_ivr.data.readers import answer_pairs
 from megatron_ivr.metrics import MetricsWriter
 from megatron_ivr.model_providers.convert import META_NAME, megatron_to_hf
 from megatron_ivr.models.processor import MERGE_SIZE, PATCH_SIZE, check_model_family, load_processor, model_family
 from megatron_ivr.prompts import render_prompt
 from megatron_ivr.rewards import RewardFunction
+from megatron_ivr.rewards.statistics import AnswerPrior, answer_prior, answer_statistics, extracted_answer
 from megatron_ivr.rollout import GenerationRequest, SamplingParams
 from megatron_ivr.rollout.factory import make_engine
 
@@ -75,7 +86,10 @@ def grading_tolerance(sample) -> float:
 
 
 def evaluate_samples(engine, reward_fn, samples, cfg: RunConfig, label: str, progress=print) -> list[dict]:
+    """One record per sample: the greedy response and its grades; with ``eval.samples = k``,
+    also the k sampled responses' extracted answers and accuracies (``samples``)."""
     greedy = SamplingParams(max_new_tokens=cfg.eval.max_new_tokens, temperature=0.0)
+    k = cfg.eval.samples
     records, start = [], time.time()
     for begin in range(0, len(samples), cfg.eval.batch_size):
         batch = samples[begin:begin + cfg.eval.batch_size]
@@ -83,10 +97,20 @@ def evaluate_samples(engine, reward_fn, samples, cfg: RunConfig, label: str, pro
                                       s.images, s.id) for s in batch]
         completions = [group[0].text for group in engine.generate(requests, greedy)]
         rewards = reward_fn(completions, [s.answer for s in batch], [grading_tolerance(s) for s in batch])
-        for sample, completion, reward in zip(batch, completions, rewards):
+        sampled = [[] for _ in batch]
+        if k:
+            sampling = SamplingParams(max_new_tokens=cfg.eval.max_new_tokens, temperature=cfg.eval.temperature,
+                                      n=k, seed=cfg.trainer.seed + begin)
+            texts = [[c.text for c in group] for group in engine.generate(requests, sampling)]
+            grades = reward_fn([t for group in texts for t in group], [s.answer for s in batch for _ in range(k)],
+                               [grading_tolerance(s) for s in batch for _ in range(k)])
+            for i, group in enumerate(texts):
+                sampled[i] = [{"answer": extracted_answer(text), "accuracy": grade.accuracy}
+                              for text, grade in zip(group, grades[i * k:(i + 1) * k])]
+        for sample, completion, reward, drawn in zip(batch, completions, rewards, sampled):
             records.append({"id": sample.id, "family": sample.family, "answer": sample.answer,
                             "response": completion, "reward": reward.total, "format": reward.format,
-                            "accuracy": reward.accuracy})
+                            "accuracy": reward.accuracy, **({"samples": drawn} if k else {})})
         filled = 24 * len(records) // max(1, len(samples))
         progress(f"eval {label}: [{'#' * filled}{'.' * (24 - filled)}] {len(records)}/{len(samples)} samples, "
                  f"{time.time() - start:.1f}s")
@@ -94,15 +118,31 @@ def evaluate_samples(engine, reward_fn, samples, cfg: RunConfig, label: str, pro
 
 
 def _suites(cfg: RunConfig, rules: ImageRules):
-    """(name, loaded dataset) per suite: the benchmarks when given, else the split."""
+    """(name, loaded dataset, its samples) per suite: the benchmarks when given, else the split;
+    each followed by its image-blanked copy when ``eval.blank_images``."""
     if not cfg.eval.benchmarks:
-        yield cfg.eval.split, read_dataset(split_path(cfg, cfg.eval.split), rules, cfg.data.max_bad_fraction,
-                                           cfg.data.image_root, limit=cfg.eval.max_samples,
-                                           allow_outside_root=cfg.data.allow_outside_root)
-        return
-    for name, path in cfg.eval.benchmarks.items():
-        yield name, read_benchmark(name, path, rules, limit=cfg.eval.max_samples,
-                                   max_bad_fraction=cfg.data.max_bad_fraction)
+        loaded = [(cfg.eval.split, read_dataset(split_path(cfg, cfg.eval.split), rules, cfg.data.max_bad_fraction,
+                                                cfg.data.image_root, limit=cfg.eval.max_samples,
+                                                allow_outside_root=cfg.data.allow_outside_root))]
+    else:
+        loaded = ((name, read_benchmark(name, path, rules, limit=cfg.eval.max_samples,
+                                        max_bad_fraction=cfg.data.max_bad_fraction))
+                  for name, path in cfg.eval.benchmarks.items())
+    for name, dataset in loaded:
+        yield name, dataset, dataset.samples
+        if cfg.eval.blank_images:
+            yield f"{name}_blank", dataset, [replace(s, images=[blank_like(i) for i in s.images])
+                                             for s in dataset.samples]
+
+
+def training_prior(cfg: RunConfig) -> Optional[AnswerPrior]:
+    """The blind guesser's answer distribution per family: the training split's, when a split of
+    the configured dataset is evaluated and ``data.train_path`` is a file (None otherwise:
+    a benchmark has its own answers)."""
+    path = cfg.data.train_path
+    if cfg.eval.benchmarks or not path or not Path(path).is_file():
+        return None
+    return answer_prior(answer_pairs(path))
 
 
 @torch.no_grad()
@@ -118,29 +158,37 @@ def evaluate(cfg: RunConfig, progress=print) -> dict:
                        cfg.data.max_source_pixels)
     processor = load_processor(model_path)
     engine = make_engine(cfg.rollout, model_path, processor, cfg.eval.batch_size)
+    prior = training_prior(cfg)
     summary: dict = {}
     tables = []
     with RewardFunction(cfg.reward) as reward_fn:
-        for name, dataset in _suites(cfg, rules):
+        for name, dataset, samples in _suites(cfg, rules):
             start = time.time()
-            records = evaluate_samples(engine, reward_fn, dataset.samples, cfg, name, progress)
+            records = evaluate_samples(engine, reward_fn, samples, cfg, name, progress)
             with open(log_dir / f"eval_{name}_samples.jsonl", "w", encoding="utf-8") as fh:
                 for record in records:
                     fh.write(json.dumps(record) + "\n")
-            part = summarize(records, prefix=f"eval/{name}")
+            part = summarize(records, prefix=f"eval/{name}", prior=prior)
             part.update(dataset.metrics(prefix=f"eval/{name}/data"))
             part[f"eval/{name}/seconds"] = time.time() - start
             summary.update(part)
             tables.append(markdown_table(name, part))
+    panel = (f"; sampled panel: {cfg.eval.samples} responses per question at temperature {cfg.eval.temperature}"
+             if cfg.eval.samples else "")
     (log_dir / "eval_summary.md").write_text(
-        f"# Greedy evaluation of {cfg.model.path}\n\n" + "\n".join(tables), encoding="utf-8")
+        f"# Greedy evaluation of {cfg.model.path}\n\nGreedy accuracy is the headline{panel}. Beside it: the "
+        "share of the most common gold answer (a constant answer scores it), accuracy macro-averaged over gold "
+        "answers, and a blind guesser sampling each family's training answers without the image (expected "
+        "values).\n\n" + "\n".join(tables), encoding="utf-8")
     with MetricsWriter(log_dir, cfg.logging.tensorboard) as writer:
         writer.log(summary)
     return summary
 
 
-def summarize(records: list[dict], prefix: str) -> dict:
-    """Mean reward, accuracy and format rate, overall and per question family / subset."""
+def summarize(records: list[dict], prefix: str, prior: Optional[AnswerPrior] = None) -> dict:
+    """Mean reward, accuracy and format rate, overall and per question family / subset, each
+    with its answer statistics (``rewards/statistics.py``: majority share, macro accuracy over
+    gold answers, the blind guesser from ``prior``, the sampled panel when sampled)."""
     groups = defaultdict(list)
     for record in records:
         groups["all"].append(record)
@@ -152,21 +200,30 @@ def summarize(records: list[dict], prefix: str) -> dict:
         for metric in ("reward", "accuracy", "format"):
             summary[f"{key}/{metric}"] = sum(r[metric] for r in rows) / len(rows)
         summary[f"{key}/count"] = len(rows)
+        summary.update({f"{key}/{name}": value for name, value in answer_statistics(rows, prior).items()})
     return summary
+
+
+# the table's columns after n: (metric suffix, header), shown when the summary has them
+COLUMNS = (("accuracy", "accuracy"), ("accuracy_macro", "macro over gold"), ("majority_share", "majority share"),
+           ("blind_accuracy", "blind"), ("format", "format"))
 
 
 def markdown_table(name: str, summary: dict) -> str:
     """One suite: overall, then each subset, with counts; bad rows skipped are stated."""
     prefix = f"eval/{name}"
-    lines = [f"## {name}", "", "| subset | n | accuracy | format |", "| --- | --- | --- | --- |",
-             f"| all | {summary[prefix + '/count']} | {summary[prefix + '/accuracy']:.3f} | "
-             f"{summary[prefix + '/format']:.3f} |"]
+    panel = ("mean", "maj", "pass", "blind_pass")  # the sampled panel, in this order
+    sampled = sorted({k.rsplit("/", 1)[1] for k in summary if k.startswith(prefix + "/")
+                      and k.rsplit("/", 1)[1].split("@")[0] in panel}, key=lambda c: panel.index(c.split("@")[0]))
+    columns = [(key, header) for key, header in COLUMNS if f"{prefix}/{key}" in summary]
+    columns += [(key, key.replace("blind_pass", "blind pass")) for key in sampled]
+    lines = [f"## {name}", "", "| subset | n | " + " | ".join(h for _, h in columns) + " |",
+             "| --- | --- | " + " | ".join("---" for _ in columns) + " |"]
     subsets = sorted(k[len(prefix) + 1:-len("/accuracy")] for k in summary
                      if k.startswith(prefix + "/") and k.endswith("/accuracy") and k != prefix + "/accuracy")
-    for subset in subsets:
-        key = f"{prefix}/{subset}"
-        lines.append(f"| {subset} | {summary[key + '/count']} | {summary[key + '/accuracy']:.3f} | "
-                     f"{summary[key + '/format']:.3f} |")
+    for subset, key in [("all", prefix)] + [(subset, f"{prefix}/{subset}") for subset in subsets]:
+        cells = " | ".join(f"{summary[f'{key}/{c}']:.3f}" if f"{key}/{c}" in summary else "-" for c, _ in columns)
+        lines.append(f"| {subset} | {summary[key + '/count']} | {cells} |")
     bad = summary.get(f"{prefix}/data/bad_samples", 0)
     if bad:
         lines.append(f"\n{bad} unreadable row(s) skipped (ids in the log).")

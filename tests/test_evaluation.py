@@ -12,12 +12,14 @@ from megatron_ivr.metrics import read_metrics
 
 
 def test_summarize_by_family():
-    records = [{"family": "count", "reward": 1.0, "accuracy": 1.0, "format": 1.0},
-               {"family": "count", "reward": 0.0, "accuracy": 0.0, "format": 0.0},
-               {"family": "compare", "reward": 0.9, "accuracy": 1.0, "format": 0.0}]
-    summary = summarize(records, "eval/test")
+    records = [{"family": "count", "answer": "2", "reward": 1.0, "accuracy": 1.0, "format": 1.0},
+               {"family": "count", "answer": "3", "reward": 0.0, "accuracy": 0.0, "format": 0.0},
+               {"family": "compare", "answer": "C", "reward": 0.9, "accuracy": 1.0, "format": 0.0}]
+    summary = summarize(records, "eval/test", prior={"count": {"2": 0.25, "3": 0.75}})
     assert summary["eval/test/accuracy"] == pytest.approx(2 / 3)
     assert summary["eval/test/count/accuracy"] == 0.5 and summary["eval/test/compare/count"] == 1
+    assert summary["eval/test/count/blind_accuracy"] == 0.5 and summary["eval/test/compare/blind_accuracy"] == 0.0
+    assert summary["eval/test/majority_share"] == pytest.approx(1 / 3)
 
 
 @pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_vl_moe"])
@@ -36,6 +38,38 @@ def test_evaluate_tiny_model(request, synthetic_dir, tmp_path, family):
     assert summary["eval/test/count"] == 8
     assert summary["eval/test/reward"] == pytest.approx(sum(r["reward"] for r in records) / 8)
     assert read_metrics(tmp_path / "metrics.jsonl")[-1]["eval/test/count"] == 8
+
+
+def test_the_panel_the_baselines_and_the_blanked_control(tiny_models, synthetic_dir, tmp_path):
+    """eval.samples=2 and eval.blank_images: the sampled panel per record and per family, the blind
+    guesser from the training answers (checked by hand here), and every suite again on empty
+    images."""
+    from collections import Counter
+
+    cfg = load_config("configs/demo_cpu.yaml", [
+        f"model.path={tiny_models['qwen2_5_vl']}", f"data.train_path={synthetic_dir / 'train.jsonl'}",
+        f"data.test_path={synthetic_dir / 'test.jsonl'}", f"logging.dir={tmp_path}", "eval.max_samples=6",
+        "eval.batch_size=6", "eval.max_new_tokens=6", "eval.samples=2", "eval.blank_images=true"])
+    summary = evaluate(cfg, progress=lambda line: None)
+    records = [json.loads(x) for x in (tmp_path / "eval_test_samples.jsonl").read_text().splitlines()]
+    assert all(len(r["samples"]) == 2 for r in records)
+    train = [json.loads(x) for x in (synthetic_dir / "train.jsonl").read_text().splitlines()]
+    counts = {f: Counter(r["answer"] for r in train if r["family"] == f) for f in {r["family"] for r in train}}
+    blind = sum(counts[r["family"]][r["answer"]] / sum(counts[r["family"]].values()) if r["family"] in counts else 0.0
+                for r in records) / len(records)  # a held-out family: no training answers, never guessed
+    assert summary["eval/test/blind_accuracy"] == pytest.approx(blind)
+    majority = Counter(r["answer"] for r in records).most_common(1)[0][1] / len(records)
+    assert summary["eval/test/majority_share"] == pytest.approx(majority)
+    for key in ("mean@2", "maj@2", "pass@2", "blind_pass@2", "accuracy_macro"):
+        assert 0.0 <= summary[f"eval/test/{key}"] <= 1.0
+    assert summary["eval/test/pass@2"] >= summary["eval/test/mean@2"]
+    assert summary["eval/test_blank/count"] == 6 and "eval/test_blank/mean@2" in summary
+    blanked = [json.loads(x) for x in (tmp_path / "eval_test_blank_samples.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in blanked] == [r["id"] for r in records]
+    table = (tmp_path / "eval_summary.md").read_text()
+    header = ("| subset | n | accuracy | macro over gold | majority share | blind | format | mean@2 | maj@2 | pass@2 "
+              "| blind pass@2 |")
+    assert header in table and "## test_blank" in table and "2 responses per question at temperature 1.0" in table
 
 
 def _benchmark_files(tmp_path):

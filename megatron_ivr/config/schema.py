@@ -449,8 +449,17 @@ class EvalConfig:
     max_samples: Optional[int] = 64  # per suite (None: all)
     batch_size: int = 16
     max_new_tokens: int = 96
+    # the secondary panel (megatron_ivr/rewards/statistics.py): k sampled responses per question at
+    # `temperature` give mean@k, maj@k and pass@k beside the blind guesser's pass@k; 0: greedy only
+    samples: int = 0
+    temperature: float = 1.0
+    # also evaluate every suite with each image replaced by an empty one of its most common colour
+    # (suite "<name>_blank"): what the policy scores without seeing anything
+    blank_images: bool = False
 
     def validate(self, prefix: str = "eval") -> None:
+        _check(self.samples >= 0, f"{prefix}.samples", "must be >= 0 (0: greedy only)")
+        _check(self.temperature > 0, f"{prefix}.temperature", "must be > 0 (the greedy headline is always computed)")
         for name in self.benchmarks:
             _check(name in BENCHMARK_NAMES, f"{prefix}.benchmarks", f"unknown benchmark {name!r}; choose from "
                    f"{', '.join(sorted(BENCHMARK_NAMES))}")

@@ -113,3 +113,12 @@ def image_to_png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def blank_like(image: Image.Image) -> Image.Image:
+    """The image with nothing on it: its size and mode, filled with its most common colour (the
+    empty board of a synthetic scene, the background of a chart). The image-blanked control of
+    evaluation: what a policy scores when the image shows nothing."""
+    small = image.convert("RGB").resize((64, 64), Image.Resampling.NEAREST)
+    _, colour = max(small.getcolors(64 * 64))
+    return Image.new("RGB", image.size, colour).convert(image.mode)

@@ -109,6 +109,15 @@ def iter_rows(path: Path) -> Iterator[dict]:
         raise DataError(f"{path}: unsupported dataset format {suffix!r} (use .jsonl or .parquet)")
 
 
+def answer_pairs(path: str | Path) -> Iterator[tuple[Optional[str], str]]:
+    """``(family, gold answer)`` of every readable row of a dataset file, without decoding
+    any image (the training answer distribution of the blind-guesser baseline)."""
+    for row in iter_rows(Path(path)):
+        answer = None if "__error__" in row else _first(row, ANSWER_KEYS)
+        if answer is not None and str(answer).strip():
+            yield row.get("family"), str(answer).strip()
+
+
 def parquet_batches(path: Path, batch_size: int):
     """Record batches of a Parquet file; a corrupt file is a :class:`DataError` naming it and
     the row where reading stopped (Parquet has no per-row framing to skip a bad row by)."""

@@ -162,3 +162,25 @@ def test_chat_rows_carry_their_own_prompt(synthetic_dir):
     assert critique.id.endswith("/critique") and critique.meta["prompt"].startswith("Question:")
     assert "first wrong step" in critique.reasoning
     assert rectify.reasoning.startswith("<desc>") and "<critique>" in rectify.meta["prompt"]
+
+
+def test_answer_pairs_read_no_image_and_skip_bad_rows(tmp_path):
+    from megatron_ivr.data.readers import answer_pairs
+
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"question": "q", "answer": "1", "family": "count", "images": ["missing.png"]}\n'
+                    'not json\n{"question": "q", "answer": " C ", "family": "compare"}\n'
+                    '{"question": "q", "answer": "", "family": "count"}\n')
+    assert list(answer_pairs(path)) == [("count", "1"), ("compare", "C")]
+
+
+def test_a_blanked_image_is_its_most_common_colour():
+    from PIL import Image, ImageDraw
+
+    from megatron_ivr.data.images import blank_like
+
+    image = Image.new("RGB", (90, 60), (250, 240, 200))
+    ImageDraw.Draw(image).rectangle((10, 10, 30, 30), fill=(200, 0, 0))
+    blank = blank_like(image)
+    assert blank.size == (90, 60) and blank.mode == "RGB"
+    assert blank.getcolors() == [(90 * 60, (250, 240, 200))]

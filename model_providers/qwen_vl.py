@@ -83,9 +83,10 @@ class QwenVLFamily:
             qk_layernorm=self.qk_norm,
             hidden_dropout=0.0, attention_dropout=0.0,
             tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-            # megatron-core's MoE layer at TP > 1 needs the sequence split over the TP ranks
-            # between the attention and MLP blocks; dense models keep whole sequences
-            sequence_parallel=tp > 1 and self.moe,
+            # sequence parallelism at TP > 1: between the attention and MLP blocks each TP rank
+            # holds its share of the sequence (activations / TP; the same arithmetic); megatron-core's
+            # MoE layer requires it
+            sequence_parallel=tp > 1,
             params_dtype=params_dtype, pipeline_dtype=params_dtype,
             bf16=params_dtype == torch.bfloat16, fp16=params_dtype == torch.float16,
             use_cpu_initialization=use_cpu_initialization,  # initialization also sets the TP attributes
@@ -323,6 +324,14 @@ class QwenVLModel(_megatron_module()):
 
     def shared_embedding_or_output_weight(self):
         return self.language.shared_embedding_or_output_weight()
+
+    @property
+    def row_alignment(self) -> int:
+        """The multiple this stage's rows must be padded to (:func:`token_alignment` of its own
+        FP8 recipe and sequence-parallel split), for callers that build batches themselves."""
+        config = self.config
+        return token_alignment(config.fp8_recipe if config.fp8 else None,
+                               config.tensor_model_parallel_size if config.sequence_parallel else 1)
 
     def layer_offset(self) -> int:
         """Global index of this stage's first decoder layer."""

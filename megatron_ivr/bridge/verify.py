@@ -52,7 +52,7 @@ class LogprobProbe:
         dist.broadcast(header, src=0)
         ids = header[1:1 + int(header[0])].tolist()
         batch = build_model_batch(self.processor, self.model.family, self.model.hf_config,
-                                  [ScoredSequence(self.prompt, [image], ids)])
+                                  [ScoredSequence(self.prompt, [image], ids)], pad_to_multiple=self.model.row_alignment)
         with torch.no_grad():
             record = forward_logprobs(self.model, [batch], causal_mask, banned_token_ids=self.banned)[0]
         if dist.get_rank() != 0:

@@ -46,8 +46,9 @@ def main() -> None:
     processor = load_processor(model_dir)
     items, _ = parity_items()
     family = get_provider(hf_config.model_type)
-    micro_batches = [build_model_batch(processor, family, hf_config, items[:2]),
-                     build_model_batch(processor, family, hf_config, items[2:])]
+    align = model.row_alignment  # sequence parallelism at TP > 1 splits rows evenly
+    micro_batches = [build_model_batch(processor, family, hf_config, items[:2], pad_to_multiple=align),
+                     build_model_batch(processor, family, hf_config, items[2:], pad_to_multiple=align)]
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     mine = micro_batches[dp_rank::dp_size]
     ddp, optimizer = wrap_for_training(model, TrainerConfig(lr=1e-3, grad_clip=1e9))

@@ -31,7 +31,7 @@ def main() -> None:
     from megatron_ivr.model_providers.logprobs import forward_logprobs
     from megatron_ivr.model_providers.optimizer import train_step, wrap_for_training
     from megatron_ivr.model_providers.parallel import init_parallel
-    from megatron_ivr.model_providers.qwen_vl import causal_mask, token_alignment
+    from megatron_ivr.model_providers.qwen_vl import causal_mask
     from megatron_ivr.models.processor import load_processor
 
     init_parallel(ParallelismConfig(tensor_parallel=tp, pipeline_parallel=pp, expert_parallel=ep,
@@ -48,7 +48,7 @@ def main() -> None:
         adapter = load_hf_weights(model, checkpoint)
         processor = load_processor(model_dir)
         with_image, without_image = parity_items()
-        align = token_alignment(None, tp)  # sequence parallelism (MoE at TP > 1) splits rows evenly
+        align = model.row_alignment  # sequence parallelism at TP > 1 splits rows evenly
         batch = build_model_batch(processor, family, hf_config, with_image, pad_to_multiple=align)
         no_image = build_model_batch(processor, family, hf_config, without_image, pad_to_multiple=align)
         model.eval()

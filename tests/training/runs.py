@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from megatron_ivr.metrics import read_metrics
@@ -76,6 +77,14 @@ def run(subcommand: str, config: Path, overrides: list[str], nproc: int = 1, tim
 def step_records(log_dir: Path) -> dict[int, dict]:
     """The last record of each step (a resumed run may log a step twice)."""
     return {int(r["step"]): r for r in read_metrics(log_dir / "metrics.jsonl") if "step" in r}
+
+
+def assert_same_step(got: dict, expected: dict, tol: float = 1e-5) -> None:
+    """One logged RL step trained as another: the same prompts, the loss within ``tol`` and the
+    gradient norm within ``tol`` relative (another layout: 1e-5; a resumed run: 1e-6)."""
+    assert got["samples"] == expected["samples"]
+    assert got["loss/total"] == pytest.approx(expected["loss/total"], abs=tol)
+    assert got["optim/grad_norm"] == pytest.approx(expected["optim/grad_norm"], rel=tol)
 
 
 def wait_for(predicate, process, timeout: float) -> None:

@@ -7,7 +7,14 @@ from __future__ import annotations
 
 import pytest
 
-from tests.training.runs import RL_OVERRIDES, kill_after_step, run, step_records, write_config
+from tests.training.runs import (
+    RL_OVERRIDES,
+    assert_same_step,
+    kill_after_step,
+    run,
+    step_records,
+    write_config,
+)
 
 ONE_STEP_OFF = RL_OVERRIDES + ["trainer.steps=4", "rollout.mode=one_step_off"]
 
@@ -55,10 +62,8 @@ def test_one_step_off_is_layout_invariant(runs, tmp_path, tiny_models, synthetic
     steps = step_records(tmp_path / "logs")
     for step, record in reference.items():
         other = steps[step]
-        assert other["samples"] == record["samples"]
+        assert_same_step(other, record)
         assert other["throughput/response_tokens"] == record["throughput/response_tokens"]
-        assert other["loss/total"] == pytest.approx(record["loss/total"], abs=1e-5)
-        assert other["optim/grad_norm"] == pytest.approx(record["optim/grad_norm"], rel=1e-5)
 
 
 def test_exact_resume_after_sigkill(runs, tmp_path, tiny_models, synthetic_dir):
@@ -74,10 +79,8 @@ def test_exact_resume_after_sigkill(runs, tmp_path, tiny_models, synthetic_dir):
     resumed = step_records(tmp_path / "logs")
     assert sorted(resumed) == [1, 2, 3, 4]
     for step in (1, 2, 3, 4):
-        assert resumed[step]["samples"] == expected[step]["samples"]
+        assert_same_step(resumed[step], expected[step], tol=1e-6)
         assert resumed[step]["rollout/weight_version_max"] == expected[step]["rollout/weight_version_max"]
-        assert resumed[step]["loss/total"] == pytest.approx(expected[step]["loss/total"], abs=1e-6)
-        assert resumed[step]["optim/grad_norm"] == pytest.approx(expected[step]["optim/grad_norm"], rel=1e-6)
 
 
 def test_colocated_offload_refuses_the_overlapped_modes():

@@ -14,6 +14,7 @@ import torch
 
 from tests.training.runs import (
     RL_OVERRIDES,
+    assert_same_step,
     clean_env,
     command,
     kill_after_step,
@@ -110,10 +111,8 @@ def test_layout_invariance(layout, reference_run, tmp_path, tiny_models, synthet
     steps = step_records(tmp_path / "logs")
     for step, record in reference.items():
         other = steps[step]
-        assert other["samples"] == record["samples"]
+        assert_same_step(other, record)
         assert other["throughput/response_tokens"] == record["throughput/response_tokens"]  # same tokens sampled
-        assert other["loss/total"] == pytest.approx(record["loss/total"], abs=1e-5)
-        assert other["optim/grad_norm"] == pytest.approx(record["optim/grad_norm"], rel=1e-5)
         assert other["reward/mean"] == pytest.approx(record["reward/mean"], abs=1e-9)
         for key in ("policy/entropy", "vicra/vg_share", "vicra/w_mean", "mismatch/kl"):  # reduced over DP ranks
             assert other[key] == pytest.approx(record[key], rel=1e-4, abs=1e-7), key
@@ -138,9 +137,7 @@ def test_exact_resume_after_sigkill(tmp_path, tiny_models, synthetic_dir):
     resumed = step_records(broken / "logs")
     assert sorted(resumed) == [1, 2, 3, 4]
     for step in (1, 2, 3, 4):
-        assert resumed[step]["samples"] == expected[step]["samples"]
-        assert resumed[step]["loss/total"] == pytest.approx(expected[step]["loss/total"], abs=1e-6)
-        assert resumed[step]["optim/grad_norm"] == pytest.approx(expected[step]["optim/grad_norm"], rel=1e-6)
+        assert_same_step(resumed[step], expected[step], tol=1e-6)
 
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path, tiny_models, synthetic_dir):

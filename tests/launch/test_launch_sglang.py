@@ -12,7 +12,7 @@ import sys
 from megatron_ivr.config import load_config
 from megatron_ivr.launch.scripts import render_node_script
 from megatron_ivr.model_providers.parallel import free_port
-from megatron_ivr.rollout.sglang.server import probe
+from megatron_ivr.rollout.sglang.server import free_server_port, probe
 from tests.sglang_tier import MARKS, PYTHON
 from tests.training.runs import RL_OVERRIDES, clean_env, step_records, write_config
 
@@ -21,7 +21,7 @@ pytestmark = MARKS
 
 def test_colocated_node_script_with_a_real_sglang_server(tiny_models, synthetic_dir, tmp_path):
     config = write_config(tmp_path, tiny_models["qwen2_5_vl"], synthetic_dir)
-    port = free_port()
+    port = free_server_port()
     overrides = [o for o in RL_OVERRIDES if not o.startswith("trainer.steps")]
     cfg = load_config(config, [*overrides, "trainer.steps=2", "rollout.backend=sglang",
                                "rollout.offload_during_train=true", "launch.gpus_per_node=1",
@@ -48,7 +48,7 @@ def test_launch_local_starts_the_servers_it_needs(tiny_models, synthetic_dir, tm
     server (the server manager), the trainer runs two steps against it through nemo-run,
     and the server is stopped afterwards."""
     config = write_config(tmp_path, tiny_models["qwen2_5_vl"], synthetic_dir)
-    port = free_port()
+    port = free_server_port()
     overrides = [o for o in RL_OVERRIDES if not o.startswith("trainer.steps")]
     result = subprocess.run(
         [sys.executable, "-m", "megatron_ivr.cli", "launch", "local", str(config), *overrides, "trainer.steps=2",

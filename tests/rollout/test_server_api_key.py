@@ -34,3 +34,4 @@ def test_the_api_key_reaches_the_server_through_the_environment_only(tmp_path):
     assert not any("s3cret-key" in part for part in seen["cmdline"])  # what ps shows
     assert seen["env_key"] is None  # not inherited by the server's own children
     assert ServerSpec(model_path="/m", port=1).command()[1:3] == ["-m", "sglang.launch_server"]  # no key
+

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from megatron_ivr.model_providers.parallel import free_port
-from megatron_ivr.rollout.sglang.server import ServerManager, ServerSpec
+from megatron_ivr.rollout.sglang.server import ServerManager, ServerSpec, free_server_port
 from tests.sglang_tier import MARKS, PYTHON
 from tests.training.runs import RL_OVERRIDES, run, step_records, write_config
 
@@ -22,7 +21,8 @@ pytestmark = MARKS
 def run_with_a_server(model, synthetic_dir, tmp_path, steps: int, overrides: list[str], nproc: int = 1) -> dict:
     """``steps`` RL steps (RL_OVERRIDES) with rollouts from one SGLang server started for them;
     the step records."""
-    spec = ServerSpec(model_path=str(model), port=free_port(), python=PYTHON, log_path=str(tmp_path / "server.log"))
+    spec = ServerSpec(model_path=str(model), port=free_server_port(), python=PYTHON,
+                      log_path=str(tmp_path / "server.log"))
     manager = ServerManager([spec], startup_timeout_s=600).start()
     try:
         config = write_config(tmp_path / "run", model, synthetic_dir)

@@ -28,7 +28,7 @@ from megatron_ivr.prompts import chat_messages
 from megatron_ivr.rollout import GenerationRequest, SamplingParams
 from megatron_ivr.rollout.sglang.client import SGLangClient
 from megatron_ivr.rollout.sglang.engine import SGLangEngine
-from megatron_ivr.rollout.sglang.server import ServerManager, ServerSpec
+from megatron_ivr.rollout.sglang.server import ServerManager, ServerSpec, free_server_port
 from tests.sglang_tier import MARKS, PYTHON
 
 pytestmark = MARKS
@@ -39,7 +39,7 @@ scene = probe_image  # the bridge's probe scene: two coloured squares
 @pytest.fixture(scope="module")
 def server(tiny_models, tmp_path_factory):
     log = tmp_path_factory.mktemp("sglang") / "server.log"
-    spec = ServerSpec(model_path=str(tiny_models["qwen2_5_vl"]), port=free_port(), python=PYTHON,
+    spec = ServerSpec(model_path=str(tiny_models["qwen2_5_vl"]), port=free_server_port(), python=PYTHON,
                       log_path=str(log))
     manager = ServerManager([spec], startup_timeout_s=600).start()
     yield manager

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import atexit
 import os
+import random
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -166,6 +168,28 @@ class ServerManager:
                     except ProcessLookupError:
                         pass
         self.processes.clear()
+
+
+# SGLang's default port and up, below Linux's default ephemeral range (32768-60999)
+SERVER_PORTS = range(30000, 32768)
+
+
+def free_server_port(ports: range = SERVER_PORTS) -> int:
+    """A port for an SGLang server's HTTP endpoint that nothing holds now, outside the
+    ephemeral range. A port from ``bind(0)`` is ephemeral: until the server binds it, any
+    ``bind(0)`` on the machine may get it again, SGLang's own internal sockets included (a CI
+    run lost 600 s to a server whose port its own scheduler had taken: uvicorn could not bind,
+    and the health probe met a socket that does not speak HTTP)."""
+    start = random.randrange(len(ports))
+    for offset in range(len(ports)):
+        port = ports[(start + offset) % len(ports)]
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {ports.start}-{ports.stop - 1} for an SGLang server")
 
 
 def probe(url: str, api_key: Optional[str] = None, timeout_s: float = 5.0) -> bool:

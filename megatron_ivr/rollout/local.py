@@ -180,7 +180,7 @@ class LocalEngine:
             else:  # the whole prompt, images included, in the first forward
                 first = self._prefill_inputs(inputs)
             new_tokens, token_logprobs, aborted = self._decode(first, inputs["attention_mask"], cache, sampling)
-            routed = self._routers.per_row(inputs["attention_mask"], copies)
+            routed = self._routers.per_row(inputs["attention_mask"])
         prompt_lengths = inputs["attention_mask"].sum(-1)
         completions = []
         for row, request in enumerate(requests):
@@ -279,8 +279,8 @@ class _RouterRecorder:
     def __init__(self, model):
         self.gates = [module.gate for module in model.modules()
                       if hasattr(module, "gate") and hasattr(module, "experts")]
-        self.forwards: Optional[list[list[torch.Tensor]]] = None  # per forward, per layer: [B, S, k]
-        self._shape: Optional[tuple[int, int]] = None
+        # per forward: [rows each row stands for (a shared prefill: copies), per layer [tokens, k]]
+        self.forwards: Optional[list[list]] = None
 
     @contextmanager
     def recording(self, enabled: bool):
@@ -299,35 +299,27 @@ class _RouterRecorder:
                 handle.remove()
 
     def _start(self, module, args) -> None:
-        self.forwards.append([None] * len(self.gates))
+        self.forwards.append([1, [None] * len(self.gates)])
 
     def _hook(self, layer: int):
         def hook(module, args, output):
-            self.forwards[-1][layer] = output[2].to(torch.int16)  # router_indices [tokens, k]
+            self.forwards[-1][1][layer] = output[2].to(torch.int16)  # router_indices [tokens, k]
         return hook
 
     def repeat_last(self, copies: int) -> None:
         """The last forward was a shared prefill: its rows stand for ``copies`` rows each."""
         if self.forwards:
-            self.forwards[-1] = [("repeat", copies, indices) for indices in self.forwards[-1]]
+            self.forwards[-1][0] = copies
 
-    def per_row(self, prompt_mask: torch.Tensor, copies: int) -> Optional[list[torch.Tensor]]:
+    def per_row(self, prompt_mask: torch.Tensor) -> Optional[list[torch.Tensor]]:
         """Per row, ``[fed tokens, layers, k]``: the prompt's tokens (its left padding dropped)
         then one per decode step; the caller cuts it at the response's last token."""
         if self.forwards is None:
             return None
         rows = prompt_mask.shape[0]
-        steps = []
-        for forward in self.forwards:
-            layers = []
-            for entry in forward:
-                if isinstance(entry, tuple):
-                    _, repeat, indices = entry
-                    indices = indices.reshape(rows // repeat, -1, indices.shape[-1]).repeat_interleave(repeat, dim=0)
-                else:
-                    indices = entry.reshape(rows, -1, entry.shape[-1])
-                layers.append(indices)
-            steps.append(torch.stack(layers, dim=2))  # [B, S_f, layers, k]
+        steps = [torch.stack([indices.reshape(rows // repeat, -1, indices.shape[-1]) for indices in layers],
+                             dim=2).repeat_interleave(repeat, dim=0)  # [B, S_f, layers, k]
+                 for repeat, layers in self.forwards]
         fed = torch.cat(steps, dim=1)
         padding = prompt_mask.shape[1] - prompt_mask.sum(-1)  # left padding of each row's prompt
         self.forwards = None

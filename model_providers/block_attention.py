@@ -18,7 +18,7 @@ computed. Tokens outside every block (row padding) get a zero output; nothing re
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -40,15 +40,31 @@ class BlockGroup:
 
 
 @dataclass
+class RecurrentUnit:
+    """The tokens of one packed unit in row ``row``: its ``prefix`` positions (a shared prompt,
+    or a whole sequence) and its ``branches``, each continuing from the prefix. Attention sees
+    them through the mask; a linear-attention layer (``gated_delta_net``) runs one recurrence
+    over the prefix and continues each branch from the prefix's final state."""
+
+    row: int
+    prefix: torch.Tensor
+    branches: list[torch.Tensor]
+
+
+@dataclass
 class BlockMask:
     """An attention mask for packed rows: ``dense [B, 1, S, S]`` (True = blocked, megatron's
-    convention) and the same visibility as :class:`BlockGroup` s."""
+    convention), the same visibility as :class:`BlockGroup` s, and the rows' ``units`` (each
+    unit's prefix positions and branch positions: the recurrences of linear-attention layers,
+    :class:`RecurrentUnit`)."""
 
     dense: torch.Tensor
     groups: list[BlockGroup]
+    units: list[RecurrentUnit] = field(default_factory=list)
 
     def to(self, device) -> BlockMask:
-        return BlockMask(self.dense.to(device), [group.to(device) for group in self.groups])
+        units = [RecurrentUnit(u.row, u.prefix.to(device), [b.to(device) for b in u.branches]) for u in self.units]
+        return BlockMask(self.dense.to(device), [group.to(device) for group in self.groups], units)
 
     @classmethod
     def from_segments(cls, unit_id: torch.Tensor, branch_id: torch.Tensor) -> BlockMask:
@@ -61,7 +77,7 @@ class BlockMask:
         causal = torch.ones(width, width, dtype=torch.bool).tril()
         allowed = same_unit & visible & causal & (unit_id[:, None, :] >= 0)
         allowed |= torch.eye(width, dtype=torch.bool)  # padding attends to itself (no empty softmax row)
-        prefix_blocks, branch_blocks = [], []
+        prefix_blocks, branch_blocks, units = [], [], []
         for r in range(rows):
             for unit in unit_id[r].unique().tolist():
                 if unit < 0:
@@ -70,12 +86,15 @@ class BlockMask:
                 prefix = torch.nonzero(in_unit & (branch_id[r] == 0)).flatten()
                 if prefix.numel():
                     prefix_blocks.append((r, prefix, prefix))
+                branches = []
                 for branch in branch_id[r][in_unit].unique().tolist():
                     if branch > 0:
                         own = torch.nonzero(in_unit & (branch_id[r] == branch)).flatten()
                         branch_blocks.append((r, own, torch.cat([prefix, own])))
+                        branches.append(own)
+                units.append(RecurrentUnit(r, prefix, branches))
         groups = [_group(blocks, allowed, width) for blocks in (prefix_blocks, branch_blocks) if blocks]
-        return cls(~allowed[:, None], groups)
+        return cls(~allowed[:, None], groups, units)
 
 
 def _group(blocks: list[tuple[int, torch.Tensor, torch.Tensor]], allowed: torch.Tensor, width: int) -> BlockGroup:

@@ -43,7 +43,7 @@ from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
 from megatron_ivr.config.errors import ConfigError
 from megatron_ivr.model_providers.convert import META_NAME
-from megatron_ivr.model_providers.hf_checkpoint import SIDE_FILES
+from megatron_ivr.model_providers.hf_checkpoint import SIDE_FILES, save_carried_tensors
 from megatron_ivr.model_providers.lifetime import manager_initializer
 from megatron_ivr.model_providers.manifest import (
     MANIFEST,
@@ -284,6 +284,7 @@ class Checkpointer:
             for name in SIDE_FILES:
                 if (Path(self.source_dir) / name).exists():
                     shutil.copy2(Path(self.source_dir) / name, folder / "hf" / name)
+            save_carried_tensors(self.source_dir, folder / "hf")
 
     def load(self, folder: Path, policy) -> dict:
         """Restore model, optimizer, scheduler and this rank's RNG; return the trainer state."""

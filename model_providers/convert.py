@@ -16,7 +16,9 @@ leaves no half-written checkpoint under the final name; an existing OUT is repla
 when it is an earlier output of the same kind and ``overwrite`` is set; OUT equal to, inside
 or above SRC is refused). ``megatron_ivr.json`` in the Megatron
 folder records the family, layout, dtype and HF key style; ``hf/`` keeps the HF config,
-tokenizer and processor files so an export needs nothing else.
+tokenizer and processor files and the carried tensors (``carried.safetensors``: Qwen3.5's
+multi-token-prediction heads, which the Megatron model does not hold) so an export needs
+nothing else.
 """
 
 from __future__ import annotations
@@ -36,7 +38,12 @@ from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShard
 from megatron_ivr.config.errors import ConfigError
 from megatron_ivr.config.schema import ParallelismConfig
 from megatron_ivr.model_providers.build import DTYPES, build_empty_model, gather_hf_weights, load_hf_weights
-from megatron_ivr.model_providers.hf_checkpoint import SIDE_FILES, HFCheckpoint, write_hf_folder
+from megatron_ivr.model_providers.hf_checkpoint import (
+    SIDE_FILES,
+    HFCheckpoint,
+    save_carried_tensors,
+    write_hf_folder,
+)
 from megatron_ivr.model_providers.lifetime import exit_with_parent
 from megatron_ivr.model_providers.manifest import CheckpointRefused, require_verified, write_manifest
 from megatron_ivr.model_providers.output_dir import check_output, discard, publish, staging_dir
@@ -151,6 +158,7 @@ def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, tp: int = 1, pp: int
         for name in SIDE_FILES:
             if (hf_dir / name).is_file():
                 shutil.copy2(hf_dir / name, tmp / "hf" / name)
+        save_carried_tensors(hf_dir, tmp / "hf")  # Qwen3.5's multi-token-prediction heads
         write_manifest(tmp)  # last: what a load checks before unpickling anything
     except BaseException:
         discard(tmp)

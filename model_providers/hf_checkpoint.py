@@ -1,13 +1,20 @@
 """Hugging Face checkpoint folders: lazy reading of safetensors shards, atomic writing.
 
 Reading never loads the whole model: :class:`HFCheckpoint` opens each shard lazily and
-reads one tensor at a time. Writing goes to a fresh staging folder that is published into
+reads one tensor at a time.
+
+Carried tensors: checkpoint tensors that are not part of the policy (Qwen3.5's
+multi-token-prediction heads, ``mtp.*``: transformers does not build them, RL does not train
+them) travel verbatim. A Megatron checkpoint keeps them in ``hf/carried.safetensors``; every HF
+folder written from a source (exports, conversions, weight pushes to disk) gets the source's
+carried tensors back, bit for bit (:func:`carried_tensors`). Writing goes to a fresh staging folder that is published into
 place at the end (``output_dir.py``: an interrupted export never leaves a half-written folder
 under the final name, and a folder that megatron-ivr did not write is never replaced).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 from collections.abc import Iterable
@@ -15,11 +22,13 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from megatron_ivr.model_providers.output_dir import discard, publish, staging_dir
 
 INDEX_NAME = "model.safetensors.index.json"
+CARRIED_PREFIXES = ("mtp.",)  # multi-token-prediction heads (Qwen3.5, Qwen3-Next)
+CARRIED_FILE = "carried.safetensors"
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json", "chat_template.jinja", "chat_template.json", "processor_config.json",
               "preprocessor_config.json", "vocab.json", "merges.txt")
@@ -59,10 +68,33 @@ class HFCheckpoint:
         return AutoConfig.from_pretrained(str(self.path))
 
 
+def carried_tensors(folder: str | Path | None) -> dict[str, torch.Tensor]:
+    """The carried tensors (module docstring) of ``folder``: its ``carried.safetensors`` when it
+    has one (a Megatron checkpoint's ``hf/``), else those among its own weights; {} for None or
+    a folder with neither."""
+    if folder is None:
+        return {}
+    folder = Path(folder)
+    if (folder / CARRIED_FILE).is_file():
+        return load_file(str(folder / CARRIED_FILE))
+    try:
+        checkpoint = HFCheckpoint(folder)
+    except FileNotFoundError:
+        return {}
+    return {name: checkpoint.read(name) for name in checkpoint.names() if name.startswith(CARRIED_PREFIXES)}
+
+
+def save_carried_tensors(source: str | Path, folder: str | Path) -> None:
+    """Keep ``source``'s carried tensors in ``folder/carried.safetensors`` (nothing when it has none)."""
+    tensors = carried_tensors(source)
+    if tensors:
+        save_file(tensors, str(Path(folder) / CARRIED_FILE), metadata={"format": "pt"})
+
+
 def write_hf_folder(tensors: Iterable[tuple[str, torch.Tensor]], out_dir: str | Path, source_dir: str | Path | None,
                     max_shard_bytes: int = 2 * 1024**3, overwrite: bool = True, key: str = "OUT") -> Path:
-    """Write safetensors shards plus an index, copy config/tokenizer/processor files from
-    ``source_dir``; staged and published (``output_dir.publish``: an earlier HF output of ours
+    """Write safetensors shards plus an index, copy config/tokenizer/processor files and the
+    carried tensors (:func:`carried_tensors`) from ``source_dir``; staged and published (``output_dir.publish``: an earlier HF output of ours
     is replaced when ``overwrite``, anything else is refused)."""
     tmp = staging_dir(out_dir)
     try:
@@ -77,7 +109,9 @@ def _write_shards(tensors: Iterable[tuple[str, torch.Tensor]], folder: Path, sou
                   max_shard_bytes: int) -> None:
     shards: list[dict[str, torch.Tensor]] = [{}]
     sizes = [0]
-    for name, tensor in tensors:
+    for name, tensor in itertools.chain(tensors, carried_tensors(source_dir).items()):
+        if any(name in shard for shard in shards):
+            raise ValueError(f"{name}: written twice (a carried tensor the model also holds?)")
         nbytes = tensor.numel() * tensor.element_size()
         if sizes[-1] and sizes[-1] + nbytes > max_shard_bytes:
             shards.append({})

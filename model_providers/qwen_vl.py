@@ -14,7 +14,9 @@ by construction (``tests/model_providers`` checks this); it is marked as a TP-du
 parameter so gradient norms count it once.
 
 A family is described by :class:`QwenVLFamily`: its transformers classes, MRoPE layout,
-whether it has QKV bias, QK-norm and deepstack. One code path serves both.
+whether it has QKV bias, QK-norm, deepstack, mixture-of-experts layers and Qwen3.5's hybrid
+decoder (Gated DeltaNet layers between gated full-attention layers, zero-centered norms,
+partial rotary). One code path serves them all.
 """
 
 from __future__ import annotations
@@ -36,11 +38,20 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.transformer_layer import (
+    TransformerLayer,
+    TransformerLayerSubmodules,
+    get_transformer_layer_offset,
+)
 from torch import nn
 
 from megatron_ivr.model_providers.block_attention import BlockMask, block_attention
+from megatron_ivr.model_providers.gated_delta_net import GatedDeltaNetSubmodules, QwenGatedDeltaNet
 from megatron_ivr.model_providers.rope import QwenMRoPE
 from megatron_ivr.model_providers.routing import RoutingTargets, install_router_hooks, set_targets
 
@@ -55,6 +66,9 @@ class QwenVLFamily:
     deepstack: bool
     qk_norm: bool = False
     moe: bool = False  # every decoder MLP a mixture of experts (megatron-core's MoELayer)
+    # Qwen3.5: Gated DeltaNet layers where text_config.layer_types says "linear_attention", gated
+    # full attention elsewhere, zero-centered RMSNorm weights (x / rms(x) * (1 + w)), partial rotary
+    hybrid_linear_attention: bool = False
 
     def transformers_class(self, name: str):
         import transformers
@@ -97,6 +111,8 @@ class QwenVLFamily:
         )
         if self.moe:
             kwargs.update(moe_config(text, ep, moe_aux_loss_coeff, etp))
+        if self.hybrid_linear_attention:
+            kwargs.update(hybrid_config(text))
         if not random_init:
             kwargs.update(init_method=_skip_init, output_layer_init_method=_skip_init,
                           embedding_init_method=_skip_init)
@@ -131,6 +147,22 @@ def moe_config(text, ep: int, aux_loss_coeff: float = 0.0, etp: int = 1) -> dict
                 moe_router_dtype="fp32")
 
 
+def hybrid_config(text) -> dict:
+    """megatron-core's fields for Qwen3.5's hybrid decoder (docs/models.md): the per-layer pattern
+    (1 = Gated DeltaNet, 0 = full attention) from ``layer_types``, the Gated DeltaNet sizes, the
+    full-attention layers' output gate (``sigmoid(gate) * attention`` before ``o_proj``), and
+    zero-centered norm weights."""
+    pattern = [{"linear_attention": 1, "full_attention": 0}.get(kind) for kind in text.layer_types]
+    if None in pattern:
+        raise ValueError(f"text_config.layer_types: unknown layer type in {text.layer_types} "
+                         "(expected linear_attention or full_attention)")
+    return dict(experimental_attention_variant="gated_delta_net", linear_attention_freq=pattern,
+                linear_conv_kernel_dim=text.linear_conv_kernel_dim, linear_key_head_dim=text.linear_key_head_dim,
+                linear_value_head_dim=text.linear_value_head_dim, linear_num_key_heads=text.linear_num_key_heads,
+                linear_num_value_heads=text.linear_num_value_heads, attention_output_gate=True,
+                layernorm_zero_centered_gamma=True)
+
+
 def _skip_init(weight: torch.Tensor) -> torch.Tensor:
     return weight
 
@@ -144,32 +176,95 @@ def _import_model_class(family: str, name: str):
 
 def layer_spec(config, use_transformer_engine: Optional[bool] = None):
     """Transformer Engine layers when TE is importable (FP8-capable), the local spec otherwise
-    (this stage's layers and final norm, with norms that take sequence parallelism)."""
+    (this stage's layers and final norm, with norms that take sequence parallelism). Hybrid
+    models (``config.linear_attention_freq``) get a Gated DeltaNet layer where the pattern says 1."""
     if use_transformer_engine is None:
         use_transformer_engine = transformer_engine_available()
+    if config.experimental_attention_variant == "gated_delta_net":
+        return _hybrid_spec(config, use_transformer_engine)
     experts = config.num_moe_experts
     if use_transformer_engine:
         return get_gpt_layer_with_transformer_engine_spec(num_experts=experts, moe_grouped_gemm=experts is not None,
                                                           qk_layernorm=config.qk_layernorm)
-    spec = get_gpt_layer_local_spec(num_experts=experts, moe_grouped_gemm=False, normalization="RMSNorm",
-                                    qk_layernorm=config.qk_layernorm)
+    return TransformerBlockSubmodules(layer_specs=[_local_layer_spec(config)] * get_num_layers_to_build(config),
+                                      layer_norm=RMSNorm)
+
+
+def _local_layer_spec(config) -> ModuleSpec:
+    """megatron-core's local GPT layer with the SDPA core attention and sequence-parallel norms."""
+    spec = get_gpt_layer_local_spec(num_experts=config.num_moe_experts, moe_grouped_gemm=False,
+                                    normalization="RMSNorm", qk_layernorm=config.qk_layernorm)
     layer = spec.submodules
     layer.self_attention.submodules.core_attention = _sdpa_attention_class()
     layer.input_layernorm = layer.pre_mlp_layernorm = RMSNorm
     if config.qk_layernorm:
         layer.self_attention.submodules.q_layernorm = layer.self_attention.submodules.k_layernorm = RMSNorm
-    return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config), layer_norm=RMSNorm)
+    return spec
+
+
+def _hybrid_spec(config, use_transformer_engine: bool) -> TransformerBlockSubmodules:
+    """This stage's layers of a Gated DeltaNet / full-attention hybrid (Qwen3.5). With TE,
+    megatron-core's own hybrid block spec; locally, the local layer for full attention and,
+    for the linear layers, :class:`~megatron_ivr.model_providers.gated_delta_net.QwenGatedDeltaNet`
+    with megatron's tensor-parallel linears. Either way the Gated DeltaNet is ours (packed rows)
+    and its output norm is :class:`UncenteredRMSNorm`."""
+    if use_transformer_engine:
+        from megatron.core.models.gpt.experimental_attention_variant_module_specs import (
+            get_transformer_block_with_experimental_attention_variant_spec,
+        )
+
+        block = get_transformer_block_with_experimental_attention_variant_spec(config)
+        for spec in block.layer_specs:
+            attention = spec.submodules.self_attention
+            if isinstance(attention.submodules, GatedDeltaNetSubmodules):
+                attention.module = QwenGatedDeltaNet
+                attention.submodules.out_norm = UncenteredRMSNorm
+        return block
+    full = _local_layer_spec(config)
+    linear = ModuleSpec(module=TransformerLayer, submodules=TransformerLayerSubmodules(
+        input_layernorm=RMSNorm,
+        self_attention=ModuleSpec(module=QwenGatedDeltaNet, submodules=GatedDeltaNetSubmodules(
+            in_proj=ColumnParallelLinear, out_norm=UncenteredRMSNorm, out_proj=RowParallelLinear)),
+        self_attn_bda=get_bias_dropout_add, pre_mlp_layernorm=RMSNorm, mlp=full.submodules.mlp,
+        mlp_bda=get_bias_dropout_add))
+    offset = get_transformer_layer_offset(config)
+    pattern = config.linear_attention_freq[offset:offset + get_num_layers_to_build(config)]
+    return TransformerBlockSubmodules(layer_specs=[linear if kind == 1 else full for kind in pattern],
+                                      layer_norm=RMSNorm)
 
 
 class RMSNorm(torch.nn.RMSNorm):
     """torch's RMSNorm, as megatron-core's local spec builds it (``WrappedTorchNorm``, which
     refuses sequence parallelism), with sequence parallelism: its weight is then marked
     ``sequence_parallel``, and megatron's ``finalize_model_grads`` sums its gradient over the
-    tensor-parallel ranks, each of which normalized its own share of the sequence."""
+    tensor-parallel ranks, each of which normalized its own share of the sequence (or, for
+    per-head norms, its own heads).
+
+    With ``config.layernorm_zero_centered_gamma`` (Qwen3.5) the weight is stored centered on
+    zero and the output is ``x / rms(x) * (1 + w)``, computed in fp32 and cast back, as
+    transformers' ``Qwen3_5RMSNorm``."""
+
+    zero_centered_config = True  # whether config.layernorm_zero_centered_gamma applies to this norm
 
     def __init__(self, config, hidden_size: int, eps: float = 1e-5, **unused):
         super().__init__(hidden_size, eps=eps)
         self.weight.sequence_parallel = config.sequence_parallel
+        self.zero_centered = self.zero_centered_config and config.layernorm_zero_centered_gamma
+        if self.zero_centered:
+            torch.nn.init.zeros_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.zero_centered:
+            return super().forward(x)
+        normed = F.rms_norm(x.float(), self.normalized_shape, eps=self.eps)
+        return (normed * (1.0 + self.weight.float())).type_as(x)
+
+
+class UncenteredRMSNorm(RMSNorm):
+    """The Gated DeltaNet output norm, ``w * x / rms(x)``, in models whose other norms are
+    zero-centered (transformers' ``Qwen3NextRMSNormGated``: its weight starts at one)."""
+
+    zero_centered_config = False
 
 
 def _sdpa_attention_class():
@@ -277,8 +372,10 @@ class QwenVLModel(_megatron_module()):
             position_embedding_type="mrope", rotary_base=text.rope_parameters["rope_theta"],
             scatter_embedding_sequence_parallel=False,  # embed() scatters, after the image features are in
         )
-        # Qwen's MRoPE layouts replace megatron's contiguous-only MultimodalRotaryEmbedding
-        self.language.rotary_pos_emb = QwenMRoPE(config.kv_channels, text.rope_parameters["rope_theta"],
+        # Qwen's MRoPE layouts replace megatron's contiguous-only MultimodalRotaryEmbedding; with
+        # partial rotary (Qwen3.5) the first rotary_percent of each head turns, the rest passes
+        rotary_dim = int(config.kv_channels * text.rope_parameters.get("partial_rotary_factor", 1.0))
+        self.language.rotary_pos_emb = QwenMRoPE(rotary_dim, text.rope_parameters["rope_theta"],
                                                  config.mrope_section, family.mrope_layout)
         self.vision = None
         if pre_process:

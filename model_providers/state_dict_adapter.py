@@ -17,6 +17,15 @@ Layouts.
 - Tied embeddings (Qwen3-VL small models): no ``lm_head.weight`` in HF; the last stage's
   ``output_layer.weight`` is loaded from ``embed_tokens`` and never exported.
 - The vision tower is the transformers module itself: ``vision.X`` is ``visual.X``.
+- Qwen3.5 (a text config whose ``layer_types`` include ``linear_attention``):
+  - gated full attention: HF's ``q_proj`` holds each head's query then its output gate
+    (``[heads * 2 * head_dim, hidden]``); ``linear_qkv`` holds per query group the group's
+    queries, then their gates, then the key and the value head (megatron's
+    ``attention_output_gate`` layout);
+  - Gated DeltaNet: ``in_proj = [in_proj_qkv; in_proj_z; in_proj_b; in_proj_a]`` and
+    ``conv1d = [q; k; v]`` channels; a tensor-parallel rank holds its share of each section
+    (``param.tp_sections``, set by ``gated_delta_net.QwenGatedDeltaNet``); ``A_log``, ``dt_bias``
+    and ``conv1d`` split by head / channel, ``out_norm`` (HF ``norm``) is per head and replicated.
 - Mixture of experts (Qwen3-VL-MoE): the router ``mlp.router.weight`` is HF's ``mlp.gate.weight``;
   expert ``e``'s ``linear_fc1`` (``[gate; up]``, ``[2I, H]``) and ``linear_fc2`` (``[H, I]``) are
   slices of HF's fused ``mlp.experts.gate_up_proj`` and ``mlp.experts.down_proj``. On disk (the
@@ -61,6 +70,15 @@ LAYER_MAP: dict[str, tuple[tuple[str, ...], str]] = {
     "mlp.linear_fc1.weight": (("mlp.gate_proj.weight", "mlp.up_proj.weight"), "glu"),
     "mlp.linear_fc2.weight": (("mlp.down_proj.weight",), "copy"),
     "mlp.router.weight": (("mlp.gate.weight",), "copy"),
+    # Gated DeltaNet (Qwen3.5)
+    "self_attention.in_proj.layer_norm_weight": (("input_layernorm.weight",), "copy"),
+    "self_attention.in_proj.weight": (("linear_attn.in_proj_qkv.weight", "linear_attn.in_proj_z.weight",
+                                       "linear_attn.in_proj_b.weight", "linear_attn.in_proj_a.weight"), "cat"),
+    "self_attention.conv1d.weight": (("linear_attn.conv1d.weight",), "copy"),
+    "self_attention.A_log": (("linear_attn.A_log",), "copy"),
+    "self_attention.dt_bias": (("linear_attn.dt_bias",), "copy"),
+    "self_attention.out_norm.weight": (("linear_attn.norm.weight",), "copy"),
+    "self_attention.out_proj.weight": (("linear_attn.out_proj.weight",), "copy"),
 }
 KEY_STYLES = {
     "legacy": {"language": "model.", "vision": "visual."},
@@ -116,6 +134,8 @@ class QwenVLStateDictAdapter:
     num_experts: int = 0  # mixture of experts: the experts per layer (0: dense)
     hidden_size: int = 0
     expert_ffn_size: int = 0  # I: each expert's intermediate size
+    attention_output_gate: bool = False  # Qwen3.5: q_proj holds [query; gate] per head
+    linear_in_proj_sizes: tuple[int, ...] = ()  # Qwen3.5's Gated DeltaNet: the rows of in_proj_{qkv, z, b, a}
     # experts' canonical tensors collected until a layer's fused HF tensor is complete (to_hf)
     _pending: dict = field(default_factory=dict, repr=False)
     _read_cache: dict = field(default_factory=dict, repr=False)  # the last fused HF tensor read
@@ -124,10 +144,16 @@ class QwenVLStateDictAdapter:
     def from_hf_config(cls, hf_config, key_style: str = "legacy") -> QwenVLStateDictAdapter:
         text = hf_config.text_config
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        hybrid = "linear_attention" in (getattr(text, "layer_types", None) or [])
+        in_proj_sizes = ()
+        if hybrid:
+            qk = text.linear_num_key_heads * text.linear_key_head_dim
+            v = text.linear_num_value_heads * text.linear_value_head_dim
+            in_proj_sizes = (2 * qk + v, v, text.linear_num_value_heads, text.linear_num_value_heads)
         return cls(text.num_attention_heads, text.num_key_value_heads, head_dim,
                    bool(getattr(hf_config, "tie_word_embeddings", False)), key_style,
                    int(getattr(text, "num_experts", 0) or 0), text.hidden_size,
-                   int(getattr(text, "moe_intermediate_size", 0) or 0))
+                   int(getattr(text, "moe_intermediate_size", 0) or 0), hybrid, in_proj_sizes)
 
     # --- names ------------------------------------------------------------------------
     def _prefix(self, part: str) -> str:
@@ -168,17 +194,29 @@ class QwenVLStateDictAdapter:
             return tensors[0]
         if how == "glu":
             return torch.cat(tensors, dim=0)
+        if how == "cat":
+            for hf_name, tensor, rows in zip(hf, tensors, self.linear_in_proj_sizes):
+                if tensor.shape[0] != rows:
+                    raise ConversionError(f"{hf_name}: checkpoint shape {tuple(tensor.shape)} but the model config "
+                                          f"expects ({rows}, ...) for {name}")
+            return torch.cat(tensors, dim=0)
         q, k, v = tensors  # how == "qkv"
         groups = self.num_query_groups
         q_rows, kv_rows = self._qkv_split()
-        for hf_name, tensor, rows in zip(hf, (q, k, v), (groups * q_rows, groups * kv_rows, groups * kv_rows)):
+        gated = 2 if self.attention_output_gate else 1
+        for hf_name, tensor, rows in zip(hf, (q, k, v), (gated * groups * q_rows, groups * kv_rows, groups * kv_rows)):
             if tensor.shape[0] != rows:
                 raise ConversionError(f"{hf_name}: checkpoint shape {tuple(tensor.shape)} but the model config "
                                       f"expects ({rows}, ...) for {name}")
-        q = q.reshape(groups, q_rows, *q.shape[1:])
-        k = k.reshape(groups, kv_rows, *k.shape[1:])
-        v = v.reshape(groups, kv_rows, *v.shape[1:])
-        return torch.cat([q, k, v], dim=1).reshape(-1, *q.shape[2:])
+        parts = []
+        if self.attention_output_gate:  # HF: per head [query; gate] -> per group [queries; gates]
+            per_head = q.reshape(self.num_heads, 2, self.head_dim, *q.shape[1:])
+            parts += [per_head[:, 0].reshape(groups, q_rows, *q.shape[1:]),
+                      per_head[:, 1].reshape(groups, q_rows, *q.shape[1:])]
+        else:
+            parts.append(q.reshape(groups, q_rows, *q.shape[1:]))
+        parts += [k.reshape(groups, kv_rows, *k.shape[1:]), v.reshape(groups, kv_rows, *v.shape[1:])]
+        return torch.cat(parts, dim=1).reshape(-1, *q.shape[1:])
 
     def _expert_from_fused(self, name: str, hf_name: str, read) -> torch.Tensor:
         """Expert ``e``'s matrix out of the fused HF tensor, in either layout (module docstring)."""
@@ -217,10 +255,19 @@ class QwenVLStateDictAdapter:
         if how == "glu":
             gate, up = tensor.chunk(2, dim=0)
             return [(hf[0], gate.contiguous()), (hf[1], up.contiguous())]
+        if how == "cat":
+            return [(n, t.contiguous()) for n, t in zip(hf, tensor.split(list(self.linear_in_proj_sizes), dim=0))]
         q_rows, kv_rows = self._qkv_split()
-        grouped = tensor.reshape(self.num_query_groups, q_rows + 2 * kv_rows, *tensor.shape[1:])
-        q, k, v = grouped.split([q_rows, kv_rows, kv_rows], dim=1)
-        return [(n, t.reshape(-1, *tensor.shape[1:]).contiguous()) for n, t in zip(hf, (q, k, v))]
+        rest = tensor.shape[1:]
+        if self.attention_output_gate:
+            grouped = tensor.reshape(self.num_query_groups, 2 * q_rows + 2 * kv_rows, *rest)
+            q, gate, k, v = grouped.split([q_rows, q_rows, kv_rows, kv_rows], dim=1)
+            heads = (self.num_heads, 1, self.head_dim, *rest)
+            q = torch.cat([q.reshape(heads), gate.reshape(heads)], dim=1)  # per head [query; gate]
+        else:
+            grouped = tensor.reshape(self.num_query_groups, q_rows + 2 * kv_rows, *rest)
+            q, k, v = grouped.split([q_rows, kv_rows, kv_rows], dim=1)
+        return [(n, t.reshape(-1, *rest).contiguous()) for n, t in zip(hf, (q, k, v))]
 
     def iter_hf(self, named: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
         for name, tensor in named:
@@ -235,6 +282,18 @@ def is_glu(name: str) -> bool:
     return name.endswith("mlp.linear_fc1.weight") or (".mlp.experts." in name and name.endswith("linear_fc1.weight"))
 
 
+def tp_sections(name: str, param: torch.Tensor, rows: int) -> Optional[list[int]]:
+    """The sections of a fused tensor of ``rows`` (full) rows that each split over the
+    tensor-parallel ranks on their own (a rank holds its share of each, in order), or None.
+    A GLU's ``[gate; up]`` halves; Gated DeltaNet's ``in_proj`` and ``conv1d`` (``param.tp_sections``)."""
+    sections = getattr(param, "tp_sections", None)
+    if sections is not None:
+        return list(sections)
+    if is_glu(name):
+        return [rows // 2, rows // 2]
+    return None
+
+
 def partition_dim(param: torch.Tensor):
     """The tensor-parallel split dimension of a megatron parameter, or None if replicated."""
     if getattr(param, "tensor_model_parallel", False):
@@ -245,11 +304,14 @@ def partition_dim(param: torch.Tensor):
 def shard(name: str, full: torch.Tensor, param: torch.Tensor, rank: int, size: int) -> torch.Tensor:
     """This rank's slice of the full canonical tensor, laid out as megatron expects."""
     dim = partition_dim(param)
+    sections = tp_sections(name, param, full.shape[0])
     if dim is None or size == 1:
         out = full
-    elif is_glu(name):
-        gate, up = full.chunk(2, dim=0)
-        out = torch.cat([gate.chunk(size, dim=0)[rank], up.chunk(size, dim=0)[rank]], dim=0)
+    elif sections is not None:
+        if sum(sections) != full.shape[0] or any(n % size for n in sections):
+            raise ConversionError(f"{name}: sections {sections} of a tensor of {full.shape[0]} rows do not each "
+                                  f"split into {size}")
+        out = torch.cat([part.chunk(size, dim=0)[rank] for part in full.split(sections, dim=0)], dim=0)
     else:
         if full.shape[dim] % size:
             raise ConversionError(f"{name}: dimension {dim} of size {full.shape[dim]} does not split into {size}")
@@ -267,7 +329,8 @@ def unshard(name: str, local: torch.Tensor, param: torch.Tensor, group, size: in
         return local
     parts = [torch.empty_like(local) for _ in range(size)]
     torch.distributed.all_gather(parts, local.contiguous(), group=group)
-    if is_glu(name):
-        halves = [p.chunk(2, dim=0) for p in parts]
-        return torch.cat([torch.cat([h[0] for h in halves], 0), torch.cat([h[1] for h in halves], 0)], 0)
+    sections = tp_sections(name, param, local.shape[0] * size)
+    if sections is not None:
+        pieces = [part.split([n // size for n in sections], dim=0) for part in parts]
+        return torch.cat([torch.cat([piece[i] for piece in pieces], 0) for i in range(len(sections))], 0)
     return torch.cat(parts, dim=dim)

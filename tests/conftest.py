@@ -50,3 +50,27 @@ def tiny_moe_model(tmp_path_factory, tiny_tokenizer):
 
     return make_tiny_model("qwen3_vl_moe", TinyModelConfig(), tiny_tokenizer,
                            tmp_path_factory.mktemp("models") / "qwen3_vl_moe", 3136, 12544)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_5_model(tmp_path_factory, tiny_tokenizer):
+    """A tiny Qwen3.5 folder: a Gated DeltaNet layer, then a gated full-attention layer; norm
+    weights moved off their initial values; random multi-token-prediction tensors (``mtp.*``)."""
+    from megatron_ivr.config.schema import TinyModelConfig
+    from megatron_ivr.models.tiny import make_tiny_model
+
+    return make_tiny_model("qwen3_5", TinyModelConfig(), tiny_tokenizer,
+                           tmp_path_factory.mktemp("models") / "qwen3_5", 3136, 12544)
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tiny_models, request):
+    """``model_dirs(family)``: the tiny model folder of any family (built on first use)."""
+    fixtures = {"qwen3_vl_moe": "tiny_moe_model", "qwen3_5": "tiny_qwen3_5_model"}
+
+    def folder(family: str):
+        if family in fixtures:
+            return request.getfixturevalue(fixtures[family])
+        return tiny_models[family]
+
+    return folder

@@ -93,7 +93,7 @@ class ModelConfig:
     path: str = "runs/demo/models/qwen2_5_vl_tiny"
     # None: read from the folder's config.json; set, it is checked against the folder (and
     # sft.init_path) before anything loads
-    family: Optional[Literal["qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"]] = None
+    family: Optional[Literal["qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5"]] = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     # MoE: megatron's load-balancing loss coefficient in training (RL and SFT). 0 by default: RL
     # keeps the pretrained router, as verl and slime do; a balancing term pulls the trainer's
@@ -133,8 +133,8 @@ class TinyModelConfig:
                      "vision_hidden_size"):
             _check(getattr(self, name) >= 1, f"{prefix}.{name}", f"must be >= 1, got {getattr(self, name)}")
         for fam in self.families:
-            _check(fam in ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"), f"{prefix}.families",
-                   f"unknown family {fam!r}; choose from qwen2_5_vl, qwen3_vl, qwen3_vl_moe")
+            _check(fam in ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5"), f"{prefix}.families",
+                   f"unknown family {fam!r}; choose from qwen2_5_vl, qwen3_vl, qwen3_vl_moe, qwen3_5")
         _check(1 <= self.experts_per_token <= self.num_experts, f"{prefix}.experts_per_token",
                f"must be in [1, num_experts={self.num_experts}]")
         _check(self.hidden_size % self.num_heads == 0, f"{prefix}.hidden_size",

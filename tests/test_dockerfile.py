@@ -44,3 +44,11 @@ def test_the_image_installs_the_wheel_as_users_do():
     assert re.search(r"pip wheel --no-deps --wheel-dir (\S+) \.", text)
     assert re.search(r"pip install \"\$\(ls /tmp/dist/megatron_ivr-\*\.whl\)\[launch\]\"", text)
     assert not re.search(r"pip install (-e )?[\"']?\.(\[|[\"' ]|$)", text, flags=re.M)
+
+
+def test_the_trainer_gets_the_gated_deltanet_kernels_on_its_own_torch():
+    """Qwen3.5's linear-attention layers use FLA where it is importable; the image installs it
+    pinned and without dependencies (pip would otherwise replace the container's triton)."""
+    text = DOCKERFILE.read_text()
+    assert re.search(r"ARG FLA_VERSION=\d+\.\d+\.\d+", text)
+    assert 'pip install --no-deps "flash-linear-attention==${FLA_VERSION}"' in text

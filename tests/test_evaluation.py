@@ -22,10 +22,9 @@ def test_summarize_by_family():
     assert summary["eval/test/majority_share"] == pytest.approx(1 / 3)
 
 
-@pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_vl_moe"])
-def test_evaluate_tiny_model(request, synthetic_dir, tmp_path, family):
-    path = request.getfixturevalue("tiny_moe_model") if family == "qwen3_vl_moe" else \
-        request.getfixturevalue("tiny_models")[family]
+@pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_vl_moe", "qwen3_5"])
+def test_evaluate_tiny_model(model_dirs, synthetic_dir, tmp_path, family):
+    path = model_dirs(family)
     cfg = load_config("configs/demo_cpu.yaml", [
         f"model.path={path}", f"model.family={family}",
         f"data.test_path={synthetic_dir / 'test.jsonl'}", f"logging.dir={tmp_path}",

@@ -10,6 +10,7 @@ template and an image-only processor.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -110,6 +111,14 @@ def _spread_norm_weights(model) -> None:
             param.add_(torch.randn_like(param) * 0.1)
 
 
+def _write_attention_interval(path: Path) -> None:
+    """``text_config.full_attention_interval`` as the released Qwen3.5 configs have it (SGLang
+    derives the layer kinds from it; transformers reads ``layer_types`` and drops it on save)."""
+    config = json.loads(path.read_text())
+    config["text_config"]["full_attention_interval"] = QWEN3_5_FULL_ATTENTION_INTERVAL
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def _add_mtp_heads(path: Path, hf_config) -> None:
     """Random multi-token-prediction tensors under the released checkpoints' names (``mtp.*``):
     transformers does not build them and skips them on load; the converters carry them."""
@@ -147,6 +156,7 @@ def make_tiny_model(family: str, cfg: TinyModelConfig, tokenizer, output_dir: st
         _experts_in_disk_layout(output_dir / "model.safetensors")
     if family == "qwen3_5":
         _add_mtp_heads(output_dir / "model.safetensors", model.config)
+        _write_attention_interval(output_dir / "config.json")
     save_processor(make_processor(family, tokenizer, min_pixels, max_pixels), family, output_dir)
     return output_dir
 

@@ -36,10 +36,10 @@ def test_bucketize_respects_the_size_and_keeps_order():
     assert all(b.nbytes <= 80 for b in buckets if len(b.names) > 1)  # a larger tensor travels alone
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
-def test_sync_at_tp2_pp2_is_bit_identical_to_the_converter_export(tiny_models, tmp_path, family):
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "qwen3_5"])
+def test_sync_at_tp2_pp2_is_bit_identical_to_the_converter_export(model_dirs, tmp_path, family):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", "--master_port",
-               str(free_port()), str(WORKER), str(tmp_path), "2", "2", str(tiny_models[family])]
+               str(free_port()), str(WORKER), str(tmp_path), "2", "2", str(model_dirs(family))]
     result = subprocess.run(command, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-5000:]

@@ -9,10 +9,11 @@ in ``FAMILIES`` (docs/contributing.md).
 from __future__ import annotations
 
 from megatron_ivr.model_providers.qwen2_5_vl import QWEN2_5_VL
-from megatron_ivr.model_providers.qwen3_5 import QWEN3_5
+from megatron_ivr.model_providers.qwen3_5 import QWEN3_5, QWEN3_5_MOE
 from megatron_ivr.model_providers.qwen3_vl import QWEN3_VL, QWEN3_VL_MOE
 
-FAMILIES = {"qwen2_5_vl": QWEN2_5_VL, "qwen3_vl": QWEN3_VL, "qwen3_vl_moe": QWEN3_VL_MOE, "qwen3_5": QWEN3_5}
+FAMILIES = {"qwen2_5_vl": QWEN2_5_VL, "qwen3_vl": QWEN3_VL, "qwen3_vl_moe": QWEN3_VL_MOE, "qwen3_5": QWEN3_5,
+            "qwen3_5_moe": QWEN3_5_MOE}
 
 
 def get_provider(family: str):

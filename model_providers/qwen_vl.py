@@ -137,11 +137,15 @@ def moe_config(text, ep: int, aux_loss_coeff: float = 0.0, etp: int = 1) -> dict
     from the engine's routing, the largest source of train/rollout mismatch in MoE models.
     ``aux_loss_coeff > 0`` (``model.moe_aux_loss_coeff``) adds megatron's switch-style
     load-balancing loss with that coefficient (e.g. for SFT on a new task mix).
-    Experts run sequentially (one local MLP each) without grouped GEMM: the CPU path."""
+    Experts run sequentially (one local MLP each) without grouped GEMM: the CPU path. A shared
+    expert (Qwen3.5-MoE: ``shared_expert_intermediate_size``) is megatron's ``SharedExpertMLP``
+    with its sigmoid gate, added to every token's routed output as transformers adds it."""
     if list(getattr(text, "mlp_only_layers", []) or []) or getattr(text, "decoder_sparse_step", 1) != 1:
         raise ValueError("only models whose every decoder layer is a mixture of experts are supported "
                          f"(mlp_only_layers={text.mlp_only_layers}, decoder_sparse_step={text.decoder_sparse_step})")
-    return dict(num_moe_experts=text.num_experts, moe_router_topk=text.num_experts_per_tok,
+    shared = getattr(text, "shared_expert_intermediate_size", None)
+    shared_expert = dict(moe_shared_expert_intermediate_size=shared, moe_shared_expert_gate=True) if shared else {}
+    return dict(**shared_expert, num_moe_experts=text.num_experts, moe_router_topk=text.num_experts_per_tok,
                 moe_ffn_hidden_size=text.moe_intermediate_size, moe_router_score_function="softmax",
                 moe_router_pre_softmax=False, moe_aux_loss_coeff=aux_loss_coeff,
                 moe_router_load_balancing_type="aux_loss" if aux_loss_coeff > 0 else "none",

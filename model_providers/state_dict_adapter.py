@@ -34,6 +34,10 @@ Layouts.
   (told apart by shape; a square one is taken as the disk layout), exports write the disk
   layout. Canonical names carry the **global** expert index; an expert-parallel rank's local
   index converts with the ``expert_offset`` of :func:`to_global_name`.
+- Qwen3.5-MoE checkpoints hold one tensor per expert instead (``mlp.experts.{e}.gate_proj``,
+  ``up_proj``, ``down_proj``: the released checkpoints and transformers' ``save_pretrained``);
+  its shared expert is ``mlp.shared_experts.*`` (HF ``mlp.shared_expert.*``) with the gate
+  ``mlp.shared_experts.gate_weight`` (HF ``mlp.shared_expert_gate.weight``).
 
 HF key styles: ``legacy`` (``model.layers.*``, ``visual.*``: what transformers writes for
 Qwen2.5-VL) and ``nested`` (``model.language_model.layers.*``, ``model.visual.*``: Qwen3-VL).
@@ -53,6 +57,10 @@ import torch
 LAYER_RE = re.compile(r"^language\.decoder\.layers\.(\d+)\.(.+)$")
 EXPERT_RE = re.compile(r"^(.*mlp\.experts\.local_experts\.)(\d+)(\..+)$")
 EXPERT_HF = {"linear_fc1.weight": "mlp.experts.gate_up_proj", "linear_fc2.weight": "mlp.experts.down_proj"}
+# one tensor per expert (Qwen3.5-MoE): Megatron expert suffix -> (HF suffixes under mlp.experts.{e}., how)
+EXPERT_HF_PER_EXPERT = {"linear_fc1.weight": (("gate_proj.weight", "up_proj.weight"), "glu"),
+                        "linear_fc2.weight": (("down_proj.weight",), "copy")}
+FUSED_EXPERT_TEXT_TYPES = ("qwen3_vl_moe_text",)  # the text configs whose checkpoints fuse the experts
 
 # Megatron layer suffix -> (HF layer suffixes, how they combine)
 LAYER_MAP: dict[str, tuple[tuple[str, ...], str]] = {
@@ -70,6 +78,10 @@ LAYER_MAP: dict[str, tuple[tuple[str, ...], str]] = {
     "mlp.linear_fc1.weight": (("mlp.gate_proj.weight", "mlp.up_proj.weight"), "glu"),
     "mlp.linear_fc2.weight": (("mlp.down_proj.weight",), "copy"),
     "mlp.router.weight": (("mlp.gate.weight",), "copy"),
+    "mlp.shared_experts.linear_fc1.weight": (("mlp.shared_expert.gate_proj.weight",
+                                             "mlp.shared_expert.up_proj.weight"), "glu"),
+    "mlp.shared_experts.linear_fc2.weight": (("mlp.shared_expert.down_proj.weight",), "copy"),
+    "mlp.shared_experts.gate_weight": (("mlp.shared_expert_gate.weight",), "copy"),
     # Gated DeltaNet (Qwen3.5)
     "self_attention.in_proj.layer_norm_weight": (("input_layernorm.weight",), "copy"),
     "self_attention.in_proj.weight": (("linear_attn.in_proj_qkv.weight", "linear_attn.in_proj_z.weight",
@@ -136,6 +148,7 @@ class QwenVLStateDictAdapter:
     expert_ffn_size: int = 0  # I: each expert's intermediate size
     attention_output_gate: bool = False  # Qwen3.5: q_proj holds [query; gate] per head
     linear_in_proj_sizes: tuple[int, ...] = ()  # Qwen3.5's Gated DeltaNet: the rows of in_proj_{qkv, z, b, a}
+    fused_experts: bool = True  # the checkpoint's experts: fused per layer (Qwen3-VL-MoE) or one tensor each
     # experts' canonical tensors collected until a layer's fused HF tensor is complete (to_hf)
     _pending: dict = field(default_factory=dict, repr=False)
     _read_cache: dict = field(default_factory=dict, repr=False)  # the last fused HF tensor read
@@ -153,7 +166,8 @@ class QwenVLStateDictAdapter:
         return cls(text.num_attention_heads, text.num_key_value_heads, head_dim,
                    bool(getattr(hf_config, "tie_word_embeddings", False)), key_style,
                    int(getattr(text, "num_experts", 0) or 0), text.hidden_size,
-                   int(getattr(text, "moe_intermediate_size", 0) or 0), hybrid, in_proj_sizes)
+                   int(getattr(text, "moe_intermediate_size", 0) or 0), hybrid, in_proj_sizes,
+                   getattr(text, "model_type", "") in FUSED_EXPERT_TEXT_TYPES)
 
     # --- names ------------------------------------------------------------------------
     def _prefix(self, part: str) -> str:
@@ -176,6 +190,9 @@ class QwenVLStateDictAdapter:
             return tuple(f"{lang}layers.{match.group(1)}.{s}" for s in suffixes), how
         expert = EXPERT_RE.match(match.group(2)) if match else None
         if expert and expert.group(3)[1:] in EXPERT_HF:
+            if not self.fused_experts:
+                suffixes, how = EXPERT_HF_PER_EXPERT[expert.group(3)[1:]]
+                return tuple(f"{lang}layers.{match.group(1)}.mlp.experts.{expert.group(2)}.{s}" for s in suffixes), how
             return (f"{lang}layers.{match.group(1)}.{EXPERT_HF[expert.group(3)[1:]]}",), "expert"
         raise ConversionError(f"no Hugging Face mapping for Megatron tensor {name!r}")
 
@@ -278,8 +295,9 @@ class QwenVLStateDictAdapter:
 
 # --- tensor parallelism ----------------------------------------------------------------
 def is_glu(name: str) -> bool:
-    """A fused gate|up projection (a dense MLP's or an expert's), split half by half."""
-    return name.endswith("mlp.linear_fc1.weight") or (".mlp.experts." in name and name.endswith("linear_fc1.weight"))
+    """A fused gate|up projection (a dense MLP's, an expert's or a shared expert's), split half by half."""
+    return name.endswith("mlp.linear_fc1.weight") or (
+        (".mlp.experts." in name or ".mlp.shared_experts." in name) and name.endswith("linear_fc1.weight"))
 
 
 def tp_sections(name: str, param: torch.Tensor, rows: int) -> Optional[list[int]]:

@@ -64,9 +64,21 @@ def tiny_qwen3_5_model(tmp_path_factory, tiny_tokenizer):
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen3_5_moe_model(tmp_path_factory, tiny_tokenizer):
+    """A tiny Qwen3.5-MoE folder: the Qwen3.5 layers with 8 experts per MLP (top-2) and a
+    gated shared expert; one tensor per expert, as the released checkpoints hold them."""
+    from megatron_ivr.config.schema import TinyModelConfig
+    from megatron_ivr.models.tiny import make_tiny_model
+
+    return make_tiny_model("qwen3_5_moe", TinyModelConfig(), tiny_tokenizer,
+                           tmp_path_factory.mktemp("models") / "qwen3_5_moe", 3136, 12544)
+
+
+@pytest.fixture(scope="session")
 def model_dirs(tiny_models, request):
     """``model_dirs(family)``: the tiny model folder of any family (built on first use)."""
-    fixtures = {"qwen3_vl_moe": "tiny_moe_model", "qwen3_5": "tiny_qwen3_5_model"}
+    fixtures = {"qwen3_vl_moe": "tiny_moe_model", "qwen3_5": "tiny_qwen3_5_model",
+                "qwen3_5_moe": "tiny_qwen3_5_moe_model"}
 
     def folder(family: str):
         if family in fixtures:

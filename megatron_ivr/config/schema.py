@@ -93,7 +93,7 @@ class ModelConfig:
     path: str = "runs/demo/models/qwen2_5_vl_tiny"
     # None: read from the folder's config.json; set, it is checked against the folder (and
     # sft.init_path) before anything loads
-    family: Optional[Literal["qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5"]] = None
+    family: Optional[Literal["qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe"]] = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     # MoE: megatron's load-balancing loss coefficient in training (RL and SFT). 0 by default: RL
     # keeps the pretrained router, as verl and slime do; a balancing term pulls the trainer's
@@ -118,7 +118,8 @@ class TinyModelConfig:
     num_kv_heads: int = 2
     vision_depth: int = 2
     vision_hidden_size: int = 32
-    # qwen3_vl_moe: experts per layer, experts per token, each expert's intermediate size
+    # qwen3_vl_moe, qwen3_5_moe: experts per layer, experts per token, each expert's intermediate
+    # size (qwen3_5_moe's shared expert: twice that)
     # (3/4 of hidden_size when None: unequal to 2 x hidden, so the fused layouts are told apart)
     num_experts: int = 8
     experts_per_token: int = 2
@@ -133,8 +134,8 @@ class TinyModelConfig:
                      "vision_hidden_size"):
             _check(getattr(self, name) >= 1, f"{prefix}.{name}", f"must be >= 1, got {getattr(self, name)}")
         for fam in self.families:
-            _check(fam in ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5"), f"{prefix}.families",
-                   f"unknown family {fam!r}; choose from qwen2_5_vl, qwen3_vl, qwen3_vl_moe, qwen3_5")
+            _check(fam in ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe"), f"{prefix}.families",
+                   f"unknown family {fam!r}; choose from qwen2_5_vl, qwen3_vl, qwen3_vl_moe, qwen3_5, qwen3_5_moe")
         _check(1 <= self.experts_per_token <= self.num_experts, f"{prefix}.experts_per_token",
                f"must be in [1, num_experts={self.num_experts}]")
         _check(self.hidden_size % self.num_heads == 0, f"{prefix}.hidden_size",

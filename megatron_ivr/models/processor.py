@@ -17,7 +17,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 
 from megatron_ivr.config.errors import ConfigError
 
-PATCH_SIZE = {"qwen2_5_vl": 14, "qwen3_vl": 16, "qwen3_vl_moe": 16, "qwen3_5": 16}
+PATCH_SIZE = {"qwen2_5_vl": 14, "qwen3_vl": 16, "qwen3_vl_moe": 16, "qwen3_5": 16, "qwen3_5_moe": 16}
 MERGE_SIZE = 2
 
 
@@ -36,13 +36,13 @@ class Qwen3VLImageOnlyProcessor(_ImageOnly, Qwen3VLProcessor):
     """Qwen3-VL processor for images and text only."""
 
 
-# Qwen3-VL-MoE and Qwen3.5 share Qwen3-VL's processor (transformers' processing_auto)
-PROCESSOR_CLASSES = {"qwen2_5_vl": Qwen2_5_VLImageOnlyProcessor, "qwen3_vl": Qwen3VLImageOnlyProcessor,
-                     "qwen3_vl_moe": Qwen3VLImageOnlyProcessor, "qwen3_5": Qwen3VLImageOnlyProcessor}
-STOCK_PROCESSOR_NAMES = {"qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen3_vl": "Qwen3VLProcessor",
-                         "qwen3_vl_moe": "Qwen3VLProcessor", "qwen3_5": "Qwen3VLProcessor"}
-STOCK_VIDEO_PROCESSOR_NAMES = {"qwen2_5_vl": "Qwen2VLVideoProcessor", "qwen3_vl": "Qwen3VLVideoProcessor",
-                               "qwen3_vl_moe": "Qwen3VLVideoProcessor", "qwen3_5": "Qwen3VLVideoProcessor"}
+# Qwen3-VL-MoE and Qwen3.5 (dense and MoE) share Qwen3-VL's processor (transformers' processing_auto)
+_QWEN3_FAMILIES = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
+PROCESSOR_CLASSES = {"qwen2_5_vl": Qwen2_5_VLImageOnlyProcessor,
+                     **dict.fromkeys(_QWEN3_FAMILIES, Qwen3VLImageOnlyProcessor)}
+STOCK_PROCESSOR_NAMES = {"qwen2_5_vl": "Qwen2_5_VLProcessor", **dict.fromkeys(_QWEN3_FAMILIES, "Qwen3VLProcessor")}
+STOCK_VIDEO_PROCESSOR_NAMES = {"qwen2_5_vl": "Qwen2VLVideoProcessor",
+                               **dict.fromkeys(_QWEN3_FAMILIES, "Qwen3VLVideoProcessor")}
 
 
 def save_processor(processor, family: str, path: str | Path) -> None:
@@ -72,7 +72,7 @@ def make_processor(family: str, tokenizer, min_pixels: int, max_pixels: int):
 
 
 def model_family(path: str | Path) -> str:
-    """``qwen2_5_vl``, ``qwen3_vl``, ``qwen3_vl_moe`` or ``qwen3_5`` from a Hugging Face folder's ``config.json``."""
+    """``qwen2_5_vl``, ``qwen3_vl``, ``qwen3_vl_moe``, ``qwen3_5`` or ``qwen3_5_moe`` from a Hugging Face folder's ``config.json``."""
     model_type = json.loads((Path(path) / "config.json").read_text())["model_type"]
     if model_type not in PROCESSOR_CLASSES:
         raise ValueError(f"{path}: unsupported model_type {model_type!r}; expected one of {list(PROCESSOR_CLASSES)}")

@@ -22,6 +22,8 @@ from transformers import (
     Qwen3VLForConditionalGeneration,
     Qwen3_5Config,
     Qwen3_5ForConditionalGeneration,
+    Qwen3_5MoeConfig,
+    Qwen3_5MoeForConditionalGeneration,
     Qwen3VLMoeConfig,
     Qwen3VLMoeForConditionalGeneration,
 )
@@ -30,7 +32,8 @@ from megatron_ivr.config.schema import TinyModelConfig
 from megatron_ivr.models.processor import PATCH_SIZE, make_processor, model_family, save_processor
 
 MODEL_CLASSES = {"qwen2_5_vl": Qwen2_5_VLForConditionalGeneration, "qwen3_vl": Qwen3VLForConditionalGeneration,
-                 "qwen3_vl_moe": Qwen3VLMoeForConditionalGeneration, "qwen3_5": Qwen3_5ForConditionalGeneration}
+                 "qwen3_vl_moe": Qwen3VLMoeForConditionalGeneration, "qwen3_5": Qwen3_5ForConditionalGeneration,
+                 "qwen3_5_moe": Qwen3_5MoeForConditionalGeneration}
 
 
 def _mrope_section(head_dim: int) -> list[int]:
@@ -72,8 +75,8 @@ def tiny_config(family: str, cfg: TinyModelConfig, tokenizer):
                     moe_intermediate_size=cfg.expert_intermediate_size or cfg.hidden_size * 3 // 4,
                     decoder_sparse_step=1, mlp_only_layers=[])
         return Qwen3VLMoeConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **token_ids)
-    if family == "qwen3_5":
-        return _qwen3_5_config(cfg, text, vision, token_ids)
+    if family in ("qwen3_5", "qwen3_5_moe"):
+        return _qwen3_5_config(family, cfg, text, vision, token_ids)
     raise ValueError(f"unknown model family {family!r}; choose from {list(MODEL_CLASSES)}")
 
 
@@ -81,12 +84,14 @@ QWEN3_5_FULL_ATTENTION_INTERVAL = 2  # the released models: 4 (three Gated Delta
 QWEN3_5_PARTIAL_ROTARY = 0.25  # the released models' share of each head that is rotated
 
 
-def _qwen3_5_config(cfg: TinyModelConfig, text: dict, vision: dict, token_ids: dict):
+def _qwen3_5_config(family: str, cfg: TinyModelConfig, text: dict, vision: dict, token_ids: dict):
     """Qwen3.5: layers alternate Gated DeltaNet and gated full attention (every second layer
     here, so that two layers hold one of each and a two-stage pipeline puts one on each
     stage); value heads twice the key heads (grouped, like the released models' 32 / 16);
     heads wider than ``hidden / heads`` (the released 256 at 4096 / 16) with a quarter of each
-    rotated (MRoPE, interleaved); untied embeddings; one multi-token-prediction layer."""
+    rotated (MRoPE, interleaved); untied embeddings; one multi-token-prediction layer.
+    Qwen3.5-MoE: every MLP a mixture of experts plus a shared expert behind a sigmoid gate
+    (the released 35B-A3B: 256 experts, 8 per token, expert 512, shared expert 512)."""
     head_dim = 2 * cfg.hidden_size // cfg.num_heads
     half = int(head_dim * QWEN3_5_PARTIAL_ROTARY) // 2
     layer_types = ["full_attention" if (i + 1) % QWEN3_5_FULL_ATTENTION_INTERVAL == 0 else "linear_attention"
@@ -98,7 +103,12 @@ def _qwen3_5_config(cfg: TinyModelConfig, text: dict, vision: dict, token_ids: d
                                "mrope_section": _mrope_section(2 * half), "mrope_interleaved": True,
                                "partial_rotary_factor": QWEN3_5_PARTIAL_ROTARY}
     vision.update(num_position_embeddings=64)
-    return Qwen3_5Config(text_config=text, vision_config=vision, tie_word_embeddings=False, **token_ids)
+    if family == "qwen3_5":
+        return Qwen3_5Config(text_config=text, vision_config=vision, tie_word_embeddings=False, **token_ids)
+    expert = cfg.expert_intermediate_size or cfg.hidden_size * 3 // 4
+    text.update(num_experts=cfg.num_experts, num_experts_per_tok=cfg.experts_per_token, moe_intermediate_size=expert,
+                shared_expert_intermediate_size=2 * expert)
+    return Qwen3_5MoeConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **token_ids)
 
 
 @torch.no_grad()
@@ -132,10 +142,17 @@ def _add_mtp_heads(path: Path, hf_config) -> None:
               "mtp.layers.0.self_attn.k_proj.weight": (kv * head_dim, hidden),
               "mtp.layers.0.self_attn.v_proj.weight": (kv * head_dim, hidden),
               "mtp.layers.0.self_attn.o_proj.weight": (hidden, heads * head_dim),
-              "mtp.layers.0.self_attn.q_norm.weight": (head_dim,), "mtp.layers.0.self_attn.k_norm.weight": (head_dim,),
-              "mtp.layers.0.mlp.gate_proj.weight": (text.intermediate_size, hidden),
-              "mtp.layers.0.mlp.up_proj.weight": (text.intermediate_size, hidden),
-              "mtp.layers.0.mlp.down_proj.weight": (hidden, text.intermediate_size)}
+              "mtp.layers.0.self_attn.q_norm.weight": (head_dim,), "mtp.layers.0.self_attn.k_norm.weight": (head_dim,)}
+    experts = getattr(text, "num_experts", None)
+    mlps = {"mtp.layers.0.mlp.": text.intermediate_size} if not experts else {
+        **{f"mtp.layers.0.mlp.experts.{e}.": text.moe_intermediate_size for e in range(experts)},
+        "mtp.layers.0.mlp.shared_expert.": text.shared_expert_intermediate_size}
+    for prefix, size in mlps.items():
+        shapes.update({prefix + "gate_proj.weight": (size, hidden), prefix + "up_proj.weight": (size, hidden),
+                       prefix + "down_proj.weight": (hidden, size)})
+    if experts:
+        shapes.update({"mtp.layers.0.mlp.gate.weight": (experts, hidden),
+                       "mtp.layers.0.mlp.shared_expert_gate.weight": (1, hidden)})
     tensors = load_file(str(path))
     tensors.update({name: torch.randn(shape) * 0.02 for name, shape in shapes.items()})
     save_file(tensors, str(path), metadata={"format": "pt"})
@@ -147,14 +164,14 @@ def make_tiny_model(family: str, cfg: TinyModelConfig, tokenizer, output_dir: st
     output_dir = Path(output_dir)
     torch.manual_seed(cfg.seed)
     model = MODEL_CLASSES[family](tiny_config(family, cfg, tokenizer))
-    if family == "qwen3_5":
+    if family in ("qwen3_5", "qwen3_5_moe"):
         _spread_norm_weights(model)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(str(output_dir))
     if family == "qwen3_vl_moe":
         _experts_in_disk_layout(output_dir / "model.safetensors")
-    if family == "qwen3_5":
+    if family in ("qwen3_5", "qwen3_5_moe"):
         _add_mtp_heads(output_dir / "model.safetensors", model.config)
         _write_attention_interval(output_dir / "config.json")
     save_processor(make_processor(family, tokenizer, min_pixels, max_pixels), family, output_dir)

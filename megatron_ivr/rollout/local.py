@@ -37,6 +37,7 @@ response (``Completion.routed_experts``).
 
 from __future__ import annotations
 
+import re
 import threading
 from contextlib import contextmanager
 from typing import Optional
@@ -48,6 +49,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from transformers.cache_utils import DynamicCache
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
+from megatron_ivr.model_providers.state_dict_adapter import FUSED_EXPERT_TEXT_TYPES
 from megatron_ivr.models.processor import load_processor
 from megatron_ivr.models.tiny import load_model
 from megatron_ivr.models.tokenizer import vision_token_ids
@@ -98,7 +100,20 @@ class LocalEngine:
         self._weight_version = version
 
     def parameter_names(self) -> list[str]:
-        return [name for name, _ in self.model.named_parameters()]
+        """The names ``update_weights`` takes: the model's parameters, with transformers' fused
+        expert tensors under one name per expert where the family's checkpoints hold them so
+        (Qwen3.5-MoE; ``state_dict_adapter.FUSED_EXPERT_TEXT_TYPES``)."""
+        text = self.model.config.get_text_config()
+        per_expert = bool(getattr(text, "num_experts", None)) and text.model_type not in FUSED_EXPERT_TEXT_TYPES
+        names = []
+        for name, param in self.model.named_parameters():
+            fused = _FUSED_EXPERTS.match(name)
+            if not (per_expert and fused):
+                names.append(name)
+                continue
+            kinds = ("down_proj",) if fused.group(2) == "down_proj" else ("gate_proj", "up_proj")
+            names += [f"{fused.group(1)}.{e}.{kind}.weight" for e in range(param.shape[0]) for kind in kinds]
+        return names
 
     def health(self) -> list[bool]:
         return [True]
@@ -130,13 +145,16 @@ class LocalEngine:
     def update_weights(self, named_tensors, version: int) -> None:
         """Load Hugging Face-named tensors in place; every name must exist (none dropped). Fused
         expert tensors come in the checkpoints' layout (``[E, H, 2I]``) and are transposed into
-        transformers' (``[E, 2I, H]``), as its loader does."""
+        transformers' (``[E, 2I, H]``), as its loader does; one tensor per expert (Qwen3.5-MoE:
+        ``mlp.experts.{e}.gate_proj`` / ``up_proj`` / ``down_proj``) goes into its slice of
+        transformers' fused tensors."""
         params = dict(self.model.named_parameters())
         with torch.no_grad():
             for name, tensor in named_tensors:
+                target, name = _per_expert_target(params, name)
                 if name not in params:
                     raise KeyError(f"update_weights: unknown parameter {name!r}")
-                param = params[name]
+                param = params[name] if target is None else target
                 if tensor.dim() == 3 and ".experts." in name and tensor.shape != param.shape:
                     tensor = tensor.transpose(1, 2)
                 param.copy_(tensor)
@@ -269,6 +287,28 @@ class LocalEngine:
         base = self.model.model
         base.rope_deltas = base.rope_deltas.repeat_interleave(copies, dim=0)
         return {key: value.repeat_interleave(copies, dim=0) for key, value in inputs.items() if key in _PER_TOKEN}
+
+
+_FUSED_EXPERTS = re.compile(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")
+_PER_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+def _per_expert_target(params: dict, name: str):
+    """``(view, fused name)`` for one expert's tensor inside transformers' fused expert tensors
+    (``gate_up_proj [E, 2I, H]``: gate rows then up rows; ``down_proj [E, H, I]``), else
+    ``(None, name)``."""
+    match = _PER_EXPERT.match(name)
+    if match is None:
+        return None, name
+    layer, expert, kind = match.group(1), int(match.group(2)), match.group(3)
+    fused = f"{layer}.{'down_proj' if kind == 'down_proj' else 'gate_up_proj'}"
+    if fused not in params:
+        return None, name
+    matrix = params[fused][expert]
+    if kind == "down_proj":
+        return matrix, fused
+    half = matrix.shape[0] // 2
+    return (matrix[:half] if kind == "gate_proj" else matrix[half:]), fused
 
 
 class _RouterRecorder:

@@ -58,19 +58,24 @@ def test_moe_round_trip_across_layouts(tiny_moe_model, tmp_path, save_layout, lo
     assert_bit_exact(tiny_moe_model, megatron_to_hf(ckpt, tmp_path / "hf", tp, pp, ep=ep, etp=etp))
 
 
-@pytest.mark.parametrize("save_layout, load_layout", [((2, 1), (1, 2)), ((1, 2), (2, 1))],
-                         ids=["saved_tp2_loaded_pp2", "saved_pp2_loaded_tp2"])
-def test_qwen3_5_round_trip_across_layouts(tiny_qwen3_5_model, tmp_path, save_layout, load_layout):
-    """Qwen3.5: the Gated DeltaNet's fused in_proj and conv1d split by section over TP2, the
-    gated attention's per-head [query; gate] rows regrouped, bit-exact at another layout; the
-    multi-token-prediction heads, which the Megatron model does not hold, kept in the
-    checkpoint's ``hf/carried.safetensors`` and written back."""
+@pytest.mark.parametrize("family, save_layout, load_layout", [
+    ("qwen3_5", (2, 1, 1), (1, 2, 1)), ("qwen3_5", (1, 2, 1), (2, 1, 1)), ("qwen3_5_moe", (2, 1, 2), (1, 2, 1))],
+    ids=["saved_tp2_loaded_pp2", "saved_pp2_loaded_tp2", "moe_saved_tp2ep2_loaded_pp2"])
+def test_qwen3_5_round_trip_across_layouts(model_dirs, tmp_path, family, save_layout, load_layout):
+    """Qwen3.5 (tp, pp, ep): the Gated DeltaNet's fused in_proj and conv1d split by section
+    over TP2, the gated attention's per-head [query; gate] rows regrouped, bit-exact at another
+    layout; the multi-token-prediction heads, which the Megatron model does not hold, kept in
+    the checkpoint's ``hf/carried.safetensors`` and written back. Qwen3.5-MoE: one tensor per
+    expert, the experts split over EP2, the shared expert and its gate over TP2."""
     from megatron_ivr.model_providers.hf_checkpoint import CARRIED_FILE
 
-    ckpt = hf_to_megatron(tiny_qwen3_5_model, tmp_path / "megatron", *save_layout)
+    source = model_dirs(family)
+    tp, pp, ep = save_layout
+    ckpt = hf_to_megatron(source, tmp_path / "megatron", tp, pp, ep=ep)
     carried = load_file(ckpt / "hf" / CARRIED_FILE)
     assert carried and all(name.startswith("mtp.") for name in carried)
-    assert_bit_exact(tiny_qwen3_5_model, megatron_to_hf(ckpt, tmp_path / "hf", *load_layout))
+    tp, pp, ep = load_layout
+    assert_bit_exact(source, megatron_to_hf(ckpt, tmp_path / "hf", tp, pp, ep=ep))
 
 
 def test_mismatched_config_names_tensor_and_shapes(tiny_models, tmp_path):

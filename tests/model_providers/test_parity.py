@@ -104,8 +104,9 @@ def gradient_mismatches(path: Path, reference: dict, looser: Optional[dict[str, 
     """The HF tensors whose gradient from the Megatron worker (``<family>_grads.pt``, reduced over
     every layout's groups) differs from transformers' beyond :data:`GRAD_TOL` (or, for names
     ending in a key of ``looser``, that tolerance). Fused expert tensors come in the
-    checkpoints' layout (``[E, H, 2I]``) and are compared transposed."""
-    got = torch.load(path, weights_only=True)
+    checkpoints' layout (``[E, H, 2I]``) and are compared transposed; one tensor per expert
+    (Qwen3.5-MoE's checkpoints) is fused into transformers' tensors first."""
+    got = fuse_per_expert(torch.load(path, weights_only=True))
     ref = reference["grads"]
     bad = [f"{name}: missing" for name in sorted((set(ref) ^ set(got)) - {"lm_head.weight"})]
     for name, tensor in got.items():
@@ -118,6 +119,26 @@ def gradient_mismatches(path: Path, reference: dict, looser: Optional[dict[str, 
         if (tensor - expected).abs().max() > tol * expected.abs().max():
             bad.append(f"{name}: {(tensor - expected).abs().max():.3g} vs max {expected.abs().max():.3g}")
     return bad
+
+
+def fuse_per_expert(tensors: dict) -> dict:
+    """``mlp.experts.{e}.{gate,up,down}_proj.weight`` -> transformers' fused ``mlp.experts.gate_up_proj``
+    (``[E, 2I, H]``: each expert's gate rows, then its up rows) and ``mlp.experts.down_proj`` (``[E, H, I]``)."""
+    import re
+
+    pattern = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+    out, experts = {}, {}
+    for name, tensor in tensors.items():
+        match = pattern.match(name)
+        if match is None:
+            out[name] = tensor
+        else:
+            experts.setdefault(match.group(1), {}).setdefault(int(match.group(2)), {})[match.group(3)] = tensor
+    for layer, per_expert in experts.items():
+        order = [per_expert[e] for e in sorted(per_expert)]
+        out[f"{layer}.gate_up_proj"] = torch.stack([torch.cat([e["gate_proj"], e["up_proj"]]) for e in order])
+        out[f"{layer}.down_proj"] = torch.stack([e["down_proj"] for e in order])
+    return out
 
 
 def _max_diff(padded: torch.Tensor, rows: list[torch.Tensor]) -> float:

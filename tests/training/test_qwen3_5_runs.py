@@ -5,7 +5,9 @@ same samples with the same losses (1e-5) and gradient norms (1e-5 relative) as a
 every push the engine's log-probs (transformers, its linear-attention cache, left padding, a
 shared prefill) equal the trainer's (1e-5); the exported policy and a trainer checkpoint
 converted to HF carry the source's multi-token-prediction heads bit for bit; SFT runs at TP2
-and PP2. Parity with transformers: tests/model_providers/test_qwen3_5_parity.py."""
+and PP2. Qwen3.5-MoE (8 experts, top-2, a gated shared expert) with routing replay: RL at EP2
+and TP2 equals EP1, the engine's and the trainer's experts the same (mismatch 0). Parity with
+transformers: tests/model_providers/test_qwen3_5_parity.py."""
 
 from __future__ import annotations
 
@@ -74,3 +76,28 @@ def test_sft_at_two_processes(tmp_path, tiny_qwen3_5_model, synthetic_dir, layou
     assert sorted(records) == [1, 2, 3, 4] and all(r["sft/loss"] > 0 for r in records.values())
     exported = load_file(tmp_path / "sft" / "hf" / "model.safetensors")
     assert any(key.startswith("mtp.") for key in exported)
+
+
+MOE_STEPS = RL_OVERRIDES + ["algorithm.routing_replay=replay"]
+
+
+@pytest.fixture(scope="module")
+def moe_ep1(tmp_path_factory, tiny_qwen3_5_moe_model, synthetic_dir):
+    run_dir = tmp_path_factory.mktemp("qwen3_5_moe_ep1")
+    run("train", write_config(run_dir, tiny_qwen3_5_moe_model, synthetic_dir), MOE_STEPS)
+    return step_records(run_dir / "logs")
+
+
+@pytest.mark.parametrize("layout", ["parallel.expert_parallel=2", "parallel.tensor_parallel=2"], ids=["ep2", "tp2"])
+def test_moe_rl_at_two_processes_equals_one(moe_ep1, tmp_path, tiny_qwen3_5_moe_model, synthetic_dir, layout):
+    run("train", write_config(tmp_path, tiny_qwen3_5_moe_model, synthetic_dir), MOE_STEPS + [layout], nproc=2)
+    other_layout = step_records(tmp_path / "logs")
+    assert sorted(other_layout) == sorted(moe_ep1) == [1, 2, 3]
+    for step, record in moe_ep1.items():
+        other = other_layout[step]
+        assert_same_step(other, record)
+        for records in (record, other):  # the engine serves the trainer's policy and routes as it does
+            assert records["mismatch/abs_logp_diff_max"] <= 1e-5 and records["weight_sync/version"] == step
+            assert records["routing/known_tokens"] > 100 and records["routing/mismatch"] == 0.0
+        assert other["moe/load_max_over_mean"] == pytest.approx(record["moe/load_max_over_mean"], abs=1e-12)
+    assert moe_ep1[2]["loss/total"] != moe_ep1[1]["loss/total"]

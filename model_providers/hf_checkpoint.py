@@ -1,15 +1,15 @@
 """Hugging Face checkpoint folders: lazy reading of safetensors shards, atomic writing.
 
 Reading never loads the whole model: :class:`HFCheckpoint` opens each shard lazily and
-reads one tensor at a time.
+reads one tensor at a time. Writing goes to a fresh staging folder that is published into
+place at the end (``output_dir.py``: an interrupted export never leaves a half-written folder
+under the final name, and a folder that megatron-ivr did not write is never replaced).
 
 Carried tensors: checkpoint tensors that are not part of the policy (Qwen3.5's
 multi-token-prediction heads, ``mtp.*``: transformers does not build them, RL does not train
 them) travel verbatim. A Megatron checkpoint keeps them in ``hf/carried.safetensors``; every HF
 folder written from a source (exports, conversions, weight pushes to disk) gets the source's
-carried tensors back, bit for bit (:func:`carried_tensors`). Writing goes to a fresh staging folder that is published into
-place at the end (``output_dir.py``: an interrupted export never leaves a half-written folder
-under the final name, and a folder that megatron-ivr did not write is never replaced).
+carried tensors back, bit for bit (:func:`carried_tensors`).
 """
 
 from __future__ import annotations
@@ -94,7 +94,8 @@ def save_carried_tensors(source: str | Path, folder: str | Path) -> None:
 def write_hf_folder(tensors: Iterable[tuple[str, torch.Tensor]], out_dir: str | Path, source_dir: str | Path | None,
                     max_shard_bytes: int = 2 * 1024**3, overwrite: bool = True, key: str = "OUT") -> Path:
     """Write safetensors shards plus an index, copy config/tokenizer/processor files and the
-    carried tensors (:func:`carried_tensors`) from ``source_dir``; staged and published (``output_dir.publish``: an earlier HF output of ours
+    carried tensors (:func:`carried_tensors`) from ``source_dir``; staged and
+    published (``output_dir.publish``: an earlier HF output of ours
     is replaced when ``overwrite``, anything else is refused)."""
     tmp = staging_dir(out_dir)
     try:

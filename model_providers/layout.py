@@ -34,6 +34,10 @@ def layout_problems(text_config, vision_config, tp: int, pp: int, world: int, ep
     checks = (("num_attention_heads", text_config.num_attention_heads),
               ("num_key_value_heads", text_config.num_key_value_heads),
               ("intermediate_size", text_config.intermediate_size), ("vocab_size", text_config.vocab_size))
+    # Qwen3.5: the Gated DeltaNet's key and value heads split over TP; the MoE's shared expert too
+    checks += tuple((name, getattr(text_config, name)) for name in (
+        "linear_num_key_heads", "linear_num_value_heads", "shared_expert_intermediate_size")
+        if getattr(text_config, name, None))
     for name, value in checks:
         if value % tp:
             problems.append(f"parallel.tensor_parallel={tp} must divide the model's {name} ({value})")

@@ -16,7 +16,9 @@
 # packed rows -> FP8 (with TE) -> HF -> Megatron -> HF round trip (bit-exact) -> greedy evaluation of the SFT and RL policies
 # -> Qwen3-VL-MoE (not run on a GPU yet): parity at EP1, RL with routing replay recording the CPU
 # engine's experts against the CUDA trainer's (routing/mismatch), and the Transformer Engine spec's
-# grouped-GEMM experts where TE is installed (docs/models.md, "What was verified where").
+# grouped-GEMM experts where TE is installed (docs/models.md, "What was verified where")
+# -> Qwen3.5 (not run on a GPU yet): parity at TP1 (the Gated DeltaNet through FLA where the image
+# has it, else the torch reference on CUDA), RL with IVR-R1 + VICRA, and the TE hybrid spec in bf16.
 set -u
 OUT=${1:-runs/gpu_check}
 RUN=runs/gpu_check_run
@@ -89,7 +91,20 @@ step moe_train_te 240 bash -c 'python3 -c "import transformer_engine" 2>/dev/nul
     { echo "no Transformer Engine: skipped"; exit 0; }; exec "$@"' _ $MIVR train $CFG "${paths[@]}" "${moe[@]}" \
     model.dtype=bfloat16 trainer.share_prompts=false algorithm.routing_replay=replay trainer.steps=2 \
     checkpoint.dir=$RUN/rl_moe_te/checkpoints logging.dir=$RUN/rl_moe_te/logs trainer.export_dir=null
-for run in rl rl_bf16 rl_moe rl_moe_te; do
+# Qwen3.5: the tiny hybrid model; parity at TP1 (its test builds the model itself); two RL steps on
+# the local spec, then in bf16 with TE's hybrid block spec where TE is installed (megatron's
+# get_transformer_block_with_experimental_attention_variant_spec with our Gated DeltaNet swapped in)
+q35=(model.path=$RUN/models/qwen3_5_tiny model.family=qwen3_5 "tiny_model.families=[qwen3_5]")
+step qwen3_5_models 120 $MIVR model tiny -c $CFG "${paths[@]}" "${q35[@]}"
+step qwen3_5_parity 300 python3 -m pytest -q -p no:cacheprovider tests/model_providers/test_qwen3_5_parity.py \
+    -k "tp1 and not moe"
+step qwen3_5_train 240 $MIVR train $CFG "${paths[@]}" "${q35[@]}" trainer.steps=2 \
+    checkpoint.dir=$RUN/rl_q35/checkpoints logging.dir=$RUN/rl_q35/logs trainer.export_dir=null
+step qwen3_5_train_te 240 bash -c 'python3 -c "import transformer_engine" 2>/dev/null || \
+    { echo "no Transformer Engine: skipped"; exit 0; }; exec "$@"' _ $MIVR train $CFG "${paths[@]}" "${q35[@]}" \
+    model.dtype=bfloat16 trainer.share_prompts=false trainer.steps=2 \
+    checkpoint.dir=$RUN/rl_q35_te/checkpoints logging.dir=$RUN/rl_q35_te/logs trainer.export_dir=null
+for run in rl rl_bf16 rl_moe rl_moe_te rl_q35 rl_q35_te; do
     cp "$RUN/$run/logs/metrics.jsonl" "$LOGS/metrics_$run.jsonl" 2>/dev/null
 done
 for policy in sft rl; do

@@ -72,7 +72,8 @@ def make_processor(family: str, tokenizer, min_pixels: int, max_pixels: int):
 
 
 def model_family(path: str | Path) -> str:
-    """``qwen2_5_vl``, ``qwen3_vl``, ``qwen3_vl_moe``, ``qwen3_5`` or ``qwen3_5_moe`` from a Hugging Face folder's ``config.json``."""
+    """The family (``qwen2_5_vl``, ``qwen3_vl``, ``qwen3_vl_moe``, ``qwen3_5``, ``qwen3_5_moe``) from a
+    Hugging Face folder's ``config.json``."""
     model_type = json.loads((Path(path) / "config.json").read_text())["model_type"]
     if model_type not in PROCESSOR_CLASSES:
         raise ValueError(f"{path}: unsupported model_type {model_type!r}; expected one of {list(PROCESSOR_CLASSES)}")

@@ -151,8 +151,8 @@ def growing_cache(model, reserve: int, share_prefix: bool = False) -> DynamicCac
     cache = DynamicCache()
     text = model.config.get_text_config()
     kinds = getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers
-    cache.layers = [RepeatableLinearAttentionLayer() if kind == "linear_attention" else GrowingLayer(reserve, share_prefix)
-                    for kind in kinds[:text.num_hidden_layers]]
+    cache.layers = [RepeatableLinearAttentionLayer() if kind == "linear_attention"
+                    else GrowingLayer(reserve, share_prefix) for kind in kinds[:text.num_hidden_layers]]
     cache.layer_class_to_replicate = None
     return cache
 

@@ -36,7 +36,7 @@ def test_bucketize_respects_the_size_and_keeps_order():
     assert all(b.nbytes <= 80 for b in buckets if len(b.names) > 1)  # a larger tensor travels alone
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "qwen3_5"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", pytest.param("qwen3_5", marks=pytest.mark.slow)])
 def test_sync_at_tp2_pp2_is_bit_identical_to_the_converter_export(model_dirs, tmp_path, family):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", "--master_port",
                str(free_port()), str(WORKER), str(tmp_path), "2", "2", str(model_dirs(family))]

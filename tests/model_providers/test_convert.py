@@ -59,7 +59,9 @@ def test_moe_round_trip_across_layouts(tiny_moe_model, tmp_path, save_layout, lo
 
 
 @pytest.mark.parametrize("family, save_layout, load_layout", [
-    ("qwen3_5", (2, 1, 1), (1, 2, 1)), ("qwen3_5", (1, 2, 1), (2, 1, 1)), ("qwen3_5_moe", (2, 1, 2), (1, 2, 1))],
+    ("qwen3_5", (2, 1, 1), (1, 2, 1)),
+    pytest.param("qwen3_5", (1, 2, 1), (2, 1, 1), marks=pytest.mark.slow),
+    ("qwen3_5_moe", (2, 1, 2), (1, 2, 1))],
     ids=["saved_tp2_loaded_pp2", "saved_pp2_loaded_tp2", "moe_saved_tp2ep2_loaded_pp2"])
 def test_qwen3_5_round_trip_across_layouts(model_dirs, tmp_path, family, save_layout, load_layout):
     """Qwen3.5 (tp, pp, ep): the Gated DeltaNet's fused in_proj and conv1d split by section

@@ -48,3 +48,13 @@ def test_routing_replay_is_refused_for_a_dense_model(tiny_models):
     with pytest.raises(ConfigError, match="needs a mixture-of-experts model") as info:
         check_layout(cfg, 1, str(tiny_models["qwen3_vl"]))
     assert info.value.key == "algorithm.routing_replay"
+
+
+def test_gated_deltanet_heads_must_split_over_tensor_parallel():
+    """Qwen3.5: TP splits the Gated DeltaNet's key and value heads (megatron-core asserts it deep
+    in its config; here it is a problem naming the key and the model's value)."""
+    hybrid = SimpleNamespace(**vars(TEXT), linear_num_key_heads=2, linear_num_value_heads=6)
+    assert layout_problems(hybrid, None, tp=2, pp=1, world=2) == []
+    problems = " ".join(layout_problems(hybrid, None, tp=4, pp=1, world=4))
+    assert "parallel.tensor_parallel=4 must divide the model's linear_num_key_heads (2)" in problems
+    assert "parallel.tensor_parallel=4 must divide the model's linear_num_value_heads (6)" in problems

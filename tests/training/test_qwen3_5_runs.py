@@ -27,7 +27,8 @@ LAYOUTS = {"tp2": ["parallel.tensor_parallel=2"], "pp2": ["parallel.pipeline_par
 @pytest.fixture(scope="module")
 def tp1(tmp_path_factory, tiny_qwen3_5_model, synthetic_dir):
     run_dir = tmp_path_factory.mktemp("qwen3_5_tp1")
-    run("train", write_config(run_dir, tiny_qwen3_5_model, synthetic_dir), RL_OVERRIDES + ["checkpoint.save_interval=3"])
+    config = write_config(run_dir, tiny_qwen3_5_model, synthetic_dir)
+    run("train", config, RL_OVERRIDES + ["checkpoint.save_interval=3"])
     return run_dir, step_records(run_dir / "logs")
 
 
@@ -56,7 +57,7 @@ def test_rl_trains_with_the_engine_serving_the_trainers_policy(tp1, tiny_qwen3_5
                            source["model.language_model.layers.0.linear_attn.A_log"])  # trained
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("layout", ["tp2", "pp2", pytest.param("thd_tp2", marks=pytest.mark.slow)])
 def test_rl_at_two_processes_equals_one(tp1, tmp_path, tiny_qwen3_5_model, synthetic_dir, layout):
     _, reference = tp1
     run("train", write_config(tmp_path, tiny_qwen3_5_model, synthetic_dir), RL_OVERRIDES + LAYOUTS[layout], nproc=2)
@@ -88,7 +89,9 @@ def moe_ep1(tmp_path_factory, tiny_qwen3_5_moe_model, synthetic_dir):
     return step_records(run_dir / "logs")
 
 
-@pytest.mark.parametrize("layout", ["parallel.expert_parallel=2", "parallel.tensor_parallel=2"], ids=["ep2", "tp2"])
+@pytest.mark.parametrize("layout", ["parallel.expert_parallel=2",
+                                    pytest.param("parallel.tensor_parallel=2", marks=pytest.mark.slow)],
+                         ids=["ep2", "tp2"])
 def test_moe_rl_at_two_processes_equals_one(moe_ep1, tmp_path, tiny_qwen3_5_moe_model, synthetic_dir, layout):
     run("train", write_config(tmp_path, tiny_qwen3_5_moe_model, synthetic_dir), MOE_STEPS + [layout], nproc=2)
     other_layout = step_records(tmp_path / "logs")

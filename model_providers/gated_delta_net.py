@@ -215,7 +215,4 @@ def recurrent_units(attention_mask, packed_seq_params) -> Optional[list[Recurren
         device = packed_seq_params.cu_seqlens_q.device
         return [RecurrentUnit(0, torch.arange(start, end, device=device), [])
                 for start, end in zip(bounds[:-1], bounds[1:]) if end > start]
-    units = getattr(attention_mask, "units", None)
-    if units is not None:
-        return units
-    return None
+    return getattr(attention_mask, "units", None)

@@ -110,9 +110,11 @@ def _write_shards(tensors: Iterable[tuple[str, torch.Tensor]], folder: Path, sou
                   max_shard_bytes: int) -> None:
     shards: list[dict[str, torch.Tensor]] = [{}]
     sizes = [0]
+    written: set[str] = set()
     for name, tensor in itertools.chain(tensors, carried_tensors(source_dir).items()):
-        if any(name in shard for shard in shards):
+        if name in written:
             raise ValueError(f"{name}: written twice (a carried tensor the model also holds?)")
+        written.add(name)
         nbytes = tensor.numel() * tensor.element_size()
         if sizes[-1] and sizes[-1] + nbytes > max_shard_bytes:
             shards.append({})

@@ -75,11 +75,12 @@ def tiny_config(family: str, cfg: TinyModelConfig, tokenizer):
                     moe_intermediate_size=cfg.expert_intermediate_size or cfg.hidden_size * 3 // 4,
                     decoder_sparse_step=1, mlp_only_layers=[])
         return Qwen3VLMoeConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **token_ids)
-    if family in ("qwen3_5", "qwen3_5_moe"):
+    if family in QWEN3_5_FAMILIES:
         return _qwen3_5_config(family, cfg, text, vision, token_ids)
     raise ValueError(f"unknown model family {family!r}; choose from {list(MODEL_CLASSES)}")
 
 
+QWEN3_5_FAMILIES = ("qwen3_5", "qwen3_5_moe")
 QWEN3_5_FULL_ATTENTION_INTERVAL = 2  # the released models: 4 (three Gated DeltaNet layers, then full attention)
 QWEN3_5_PARTIAL_ROTARY = 0.25  # the released models' share of each head that is rotated
 
@@ -164,14 +165,14 @@ def make_tiny_model(family: str, cfg: TinyModelConfig, tokenizer, output_dir: st
     output_dir = Path(output_dir)
     torch.manual_seed(cfg.seed)
     model = MODEL_CLASSES[family](tiny_config(family, cfg, tokenizer))
-    if family in ("qwen3_5", "qwen3_5_moe"):
+    if family in QWEN3_5_FAMILIES:
         _spread_norm_weights(model)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(str(output_dir))
     if family == "qwen3_vl_moe":
         _experts_in_disk_layout(output_dir / "model.safetensors")
-    if family in ("qwen3_5", "qwen3_5_moe"):
+    if family in QWEN3_5_FAMILIES:
         _add_mtp_heads(output_dir / "model.safetensors", model.config)
         _write_attention_interval(output_dir / "config.json")
     save_processor(make_processor(family, tokenizer, min_pixels, max_pixels), family, output_dir)

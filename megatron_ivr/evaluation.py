@@ -87,7 +87,8 @@ def grading_tolerance(sample) -> float:
 
 def evaluate_samples(engine, reward_fn, samples, cfg: RunConfig, label: str, progress=print) -> list[dict]:
     """One record per sample: the greedy response and its grades; with ``eval.samples = k``,
-    also the k sampled responses' extracted answers and accuracies (``samples``)."""
+    also the k sampled responses with their extracted answers and accuracies (``samples``: what
+    rejection-sampling fine-tuning keeps, :mod:`megatron_ivr.data.rejection_sampling`)."""
     greedy = SamplingParams(max_new_tokens=cfg.eval.max_new_tokens, temperature=0.0)
     k = cfg.eval.samples
     records, start = [], time.time()
@@ -105,7 +106,7 @@ def evaluate_samples(engine, reward_fn, samples, cfg: RunConfig, label: str, pro
             grades = reward_fn([t for group in texts for t in group], [s.answer for s in batch for _ in range(k)],
                                [grading_tolerance(s) for s in batch for _ in range(k)])
             for i, group in enumerate(texts):
-                sampled[i] = [{"answer": extracted_answer(text), "accuracy": grade.accuracy}
+                sampled[i] = [{"answer": extracted_answer(text), "accuracy": grade.accuracy, "text": text}
                               for text, grade in zip(group, grades[i * k:(i + 1) * k])]
         for sample, completion, reward, drawn in zip(batch, completions, rewards, sampled):
             records.append({"id": sample.id, "family": sample.family, "answer": sample.answer,

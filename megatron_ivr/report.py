@@ -14,9 +14,11 @@ from pathlib import Path
 
 from megatron_ivr.metrics import read_metrics
 
-# (title, [(metric key, label)]) per panel; panels without data are left out
+# (title, [(metric key, label)]) per panel; panels without data are left out; a key ending in
+# "/*" stands for every key under it (labelled by the rest of the key)
 PANELS = (
     ("reward", [("reward/mean", "reward"), ("reward/accuracy", "accuracy"), ("reward/format", "format")]),
+    ("accuracy per question family", [("reward/accuracy/*", "")]),
     ("loss", [("loss/total", "RL loss"), ("sft/loss", "SFT loss")]),
     ("response length", [("response/length_mean", "mean"), ("response/length_max", "max")]),
     ("entropy", [("policy/entropy", "all tokens"), ("vicra/vg_entropy", "visually grounded"),
@@ -72,7 +74,7 @@ def plot(steps: dict[int, dict], out: Path, name: str = "curves") -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(title, [(k, label) for k, label in series if any(k in r for r in steps.values())])
+    panels = [(title, [(k, label) for k, label in expand(series, steps) if any(k in r for r in steps.values())])
               for title, series in PANELS]
     panels = [(title, series) for title, series in panels if series]
     cols = 3
@@ -100,6 +102,18 @@ def plot(steps: dict[int, dict], out: Path, name: str = "curves") -> Path:
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+def expand(series: list[tuple[str, str]], steps: dict[int, dict]) -> list[tuple[str, str]]:
+    """The panel's series with each ``prefix/*`` key replaced by the keys under it."""
+    out = []
+    for key, label in series:
+        if not key.endswith("/*"):
+            out.append((key, label))
+            continue
+        found = sorted({k for r in steps.values() for k in r if k.startswith(key[:-1])})
+        out += [(k, k[len(key) - 1:]) for k in found]
+    return out
 
 
 def trailing_mean(values: list[float], window: int) -> list[float]:
@@ -137,18 +151,22 @@ def run_table(name: str, steps: dict[int, dict], metrics_path: Path, image: str)
     return lines
 
 
-def evaluation_table(evaluations: dict[str, dict]) -> list[str]:
-    """Accuracy per question family (rows) for each evaluated policy (columns)."""
+def evaluation_table(evaluations: dict[str, dict], metric: str = "accuracy") -> list[str]:
+    """``metric`` (greedy accuracy, or ``accuracy_macro``: macro-averaged over gold answers) per
+    suite and question family (rows) for each evaluated policy (columns)."""
     if not evaluations:
         return []
     keys = sorted({k for record in evaluations.values() for k in record
-                   if k.startswith("eval/") and k.endswith("/accuracy")})
+                   if k.startswith("eval/") and k.endswith(f"/{metric}")})
+    if not keys:
+        return []
     names = list(evaluations)
-    lines = ["## Greedy evaluation (accuracy)", "", "| subset | " + " | ".join(names) + " |",
+    title = {"accuracy": "accuracy", "accuracy_macro": "accuracy macro-averaged over gold answers"}.get(metric, metric)
+    lines = [f"## Greedy evaluation ({title})", "", "| subset | " + " | ".join(names) + " |",
              "| --- |" + " --- |" * len(names)]
     for key in keys:
-        subset = key[len("eval/"):-len("/accuracy")]
-        count = next((r.get(key[:-len("accuracy")] + "count") for r in evaluations.values()), None)
+        subset = key[len("eval/"):-len(f"/{metric}")]
+        count = next((r.get(key[:-len(metric)] + "count") for r in evaluations.values()), None)
         label = subset + (f" (n={int(count)})" if count else "")
         cells = [f"{evaluations[n][key]:.3f}" if key in evaluations[n] else "-" for n in names]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -163,7 +181,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     out = Path(out) if out else Path(run_dir) / "report"
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"# Run report: {run_dir}", ""]
-    table = evaluation_table(evaluations)
+    table = evaluation_table(evaluations) + evaluation_table(evaluations, "accuracy_macro")
     lines += table
     for name, path in runs.items():
         steps, _ = load_steps(path)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from megatron_ivr.report import load_steps, trailing_mean, write_report
+from megatron_ivr.report import evaluation_table, expand, load_steps, trailing_mean, write_report
 
 
 def _write(path, records):
@@ -47,6 +47,22 @@ def test_report_of_a_demo_folder(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "again" / "report.md").read_text() == text.replace(str(tmp_path / "report"),
                                                                         str(tmp_path / "again"))
+
+
+def test_family_curves_and_macro_table():
+    """A ``prefix/*`` panel series stands for every key under it (the per-family training
+    accuracy); the macro-over-answers table sits beside the accuracy one."""
+    steps = {1: {"reward/accuracy/union": 0.2, "reward/accuracy/compare": 0.5}, 2: {"reward/accuracy/union": 0.3}}
+    assert expand([("reward/accuracy/*", ""), ("reward/mean", "reward")], steps) == [
+        ("reward/accuracy/compare", "compare"), ("reward/accuracy/union", "union"), ("reward/mean", "reward")]
+    evaluations = {"sft": {"eval/test/union/accuracy_macro": 0.25, "eval/test/union/accuracy": 0.3,
+                           "eval/test/union/count": 256},
+                   "rl": {"eval/test/union/accuracy_macro": 0.4, "eval/test/union/accuracy": 0.41}}
+    macro = evaluation_table(evaluations, "accuracy_macro")
+    assert macro[0] == "## Greedy evaluation (accuracy macro-averaged over gold answers)"
+    assert "| test/union (n=256) | 0.250 | 0.400 |" in macro
+    assert "| test/union (n=256) | 0.300 | 0.410 |" in evaluation_table(evaluations)
+    assert evaluation_table({"sft": {"eval/test/accuracy": 0.5}}, "accuracy_macro") == []
 
 
 def test_report_without_metrics_is_a_clear_error(tmp_path):

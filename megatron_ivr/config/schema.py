@@ -50,6 +50,10 @@ class DataConfig:
                f"must be in [0, 1], got {self.max_bad_fraction}")
 
 
+# the synthetic task's question families (megatron_ivr/data/synthetic/questions.py writes them)
+QUESTION_FAMILIES = ("count", "count_attr", "subtract", "compare", "arithmetic", "union", "sum")
+
+
 @dataclass
 class SyntheticDataConfig:
     """The synthetic visual-reasoning task (``megatron-ivr data synth``)."""
@@ -59,10 +63,19 @@ class SyntheticDataConfig:
     num_train: int = 512
     num_val: int = 64
     num_test: int = 64
+    # the question families of val and test (and of train, less the held-out one); in val and
+    # test the held-out family alternates with the others until it has its share (so the first
+    # 2 * num_test / len(families) test questions hold all of it)
+    families: list[str] = field(default_factory=lambda: ["count", "count_attr", "subtract", "compare",
+                                                         "arithmetic"])
+    # an answer-only RL prompt pool (rl.jsonl: question and answer, no trace) on its own scenes,
+    # disjoint from train's draws; its families cycle in this order (repeat one to weight it)
+    num_rl: int = 0
+    rl_families: list[str] = field(default_factory=list)
     image_size: int = 112
     min_objects: int = 3
     max_objects: int = 7
-    held_out_family: Optional[str] = "arithmetic"  # appears in val/test only
+    held_out_family: Optional[str] = "arithmetic"  # appears in val, test (and rl) only
     attributes: list[str] = field(default_factory=lambda: ["size", "color", "material", "shape"])  # that vary
     num_colors: int = 6
     # compact: no positions; cells: every cell in order; counts: how many of each kind
@@ -75,6 +88,18 @@ class SyntheticDataConfig:
             _check(name in ("size", "color", "material", "shape"), f"{prefix}.attributes",
                    f"unknown attribute {name!r}; choose from size, color, material, shape")
         _check("shape" in self.attributes, f"{prefix}.attributes", "must include 'shape' (every object has one)")
+        for key in ("families", "rl_families"):
+            for name in getattr(self, key):
+                _check(name in QUESTION_FAMILIES, f"{prefix}.{key}",
+                       f"unknown family {name!r}; choose from {', '.join(QUESTION_FAMILIES)}")
+        _check(len(set(self.families)) == len(self.families) and self.families, f"{prefix}.families",
+               "must list each family once, at least one")
+        _check(self.held_out_family is None or self.held_out_family in self.families, f"{prefix}.held_out_family",
+               f"must be one of synthetic.families {self.families}, got {self.held_out_family!r}")
+        _check(len(self.families) > 1 or self.held_out_family is None, f"{prefix}.held_out_family",
+               "needs another family for the train split")
+        _check(self.num_rl == 0 or self.rl_families, f"{prefix}.rl_families",
+               "must name the RL pool's families when num_rl > 0")
         _check(1 <= self.num_colors <= 6, f"{prefix}.num_colors", f"must be in [1, 6], got {self.num_colors}")
         _check(self.grid in (2, 3, 4), f"{prefix}.grid", f"must be 2, 3 or 4, got {self.grid}")
         _check(self.max_objects <= self.grid**2, f"{prefix}.max_objects",
@@ -82,7 +107,7 @@ class SyntheticDataConfig:
         _check(self.image_size >= 56, f"{prefix}.image_size", f"must be >= 56, got {self.image_size}")
         _check(1 <= self.min_objects <= self.max_objects, f"{prefix}.max_objects",
                "must satisfy 1 <= min_objects <= max_objects")
-        for name in ("num_train", "num_val", "num_test"):
+        for name in ("num_train", "num_val", "num_test", "num_rl"):
             _check(getattr(self, name) >= 0, f"{prefix}.{name}", "must be >= 0")
 
 

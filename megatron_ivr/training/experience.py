@@ -198,6 +198,7 @@ class ExperienceMaker:
                     routed_experts=completion.routed_experts if completion is not None else None))
                 k += 1
         metrics.update(rollout_metrics(trajectories, cfg.rollout.max_new_tokens))
+        metrics.update(family_accuracy([(g.sample.family, [s.accuracy for s in g.scores]) for g in groups]))
         metrics.update(self.engine.take_counts())  # continued (interrupted) requests, servers lost
         metrics["data/epoch"] = self.sampler.epoch
         return Experience(trajectories, [g.sample.id for g in groups], metrics)
@@ -335,6 +336,16 @@ def rollout_metrics(trajectories: list[Trajectory], max_new_tokens: int) -> dict
         "rollout/weight_version_min": min(t.weight_version for t in on),
         "rollout/weight_version_max": max(t.weight_version for t in on),
     }
+
+
+def family_accuracy(groups: list[tuple[Optional[str], list[float]]]) -> dict:
+    """``reward/accuracy/<family>``: the on-policy accuracy of this step's responses per question
+    family (samples without one are left out), the training curve of each family in a mixed pool."""
+    by_family: dict[str, list[float]] = {}
+    for family, accuracies in groups:
+        if family and accuracies:
+            by_family.setdefault(family, []).extend(accuracies)
+    return {f"reward/accuracy/{family}": sum(values) / len(values) for family, values in sorted(by_family.items())}
 
 
 def staleness_metrics(experience: Experience, step: int) -> dict:

@@ -40,8 +40,82 @@ def test_deterministic_by_seed(tmp_path):
 def test_held_out_family_only_outside_train(synthetic_dir):
     train = {r["family"] for r in _jsonl(synthetic_dir / "train.jsonl")}
     test = {r["family"] for r in _jsonl(synthetic_dir / "test.jsonl")}
-    assert "arithmetic" not in train and train == set(FAMILIES) - {"arithmetic"}
-    assert test == set(FAMILIES)
+    families = set(SyntheticDataConfig().families)
+    assert "arithmetic" not in train and train == families - {"arithmetic"}
+    assert test == families and families < set(FAMILIES)
+    assert not (synthetic_dir / "rl.jsonl").exists()  # num_rl = 0: no RL pool
+
+
+DEMO_LIKE = dict(families=["count", "count_attr", "subtract", "compare", "union"], held_out_family="union",
+                 attributes=["color", "shape"], num_colors=4, grid=3, image_size=84, min_objects=1, max_objects=6)
+
+
+def test_test_split_leads_with_the_held_out_family(tmp_path):
+    """Every family gets an equal share of val and test; the held-out family alternates with
+    the others first, so the first 2 * share questions hold all of it and equal parts of the rest
+    (the demo evaluates the first 512 of 1,280: 256 union + 64 of each other family)."""
+    cfg = SyntheticDataConfig(output_dir=str(tmp_path), num_train=8, num_val=0, num_test=40, **DEMO_LIKE)
+    generate_dataset(cfg)
+    families = [r["family"] for r in _jsonl(tmp_path / "test.jsonl")]
+    assert {f: families.count(f) for f in set(families)} == dict.fromkeys(DEMO_LIKE["families"], 8)
+    prefix = families[:16]
+    assert prefix[0::2] == ["union"] * 8 and sorted(prefix[1::2]) == sorted(["count", "count_attr", "subtract",
+                                                                             "compare"] * 2)
+    assert "union" not in families[16:]
+    assert "union" not in {r["family"] for r in _jsonl(tmp_path / "train.jsonl")}
+
+
+def test_rl_pool_is_answer_only_on_its_own_scenes(tmp_path):
+    cfg = SyntheticDataConfig(output_dir=str(tmp_path), num_train=40, num_val=0, num_test=0, num_rl=48,
+                              rl_families=["union", "count_attr", "union", "compare"], **DEMO_LIKE)
+    manifest = generate_dataset(cfg)
+    rows = _jsonl(tmp_path / "rl.jsonl")
+    assert manifest["families"]["rl"] == {"union": 24, "count_attr": 12, "compare": 12}
+    assert [r["family"] for r in rows[:4]] == ["union", "count_attr", "union", "compare"]
+    assert all(set(r) == {"id", "images", "question", "answer", "family", "split", "choices"} for r in rows)
+    assert all((tmp_path / r["images"][0]).exists() for r in rows)
+    train_images = {(tmp_path / r["images"][0]).read_bytes() for r in _jsonl(tmp_path / "train.jsonl")}
+    rl_images = [(tmp_path / r["images"][0]).read_bytes() for r in rows]
+    assert sum(image in train_images for image in rl_images) <= 2  # independent draws (a 1-object board may repeat)
+    sft_questions = {r["question"] for r in _jsonl(tmp_path / "sft.jsonl")}
+    assert any(r["question"].startswith("Count the objects that are") for r in rows)
+    assert not any(q.startswith("Count the objects that are") for q in sft_questions)  # no union trace
+
+
+def test_union_answers_are_balanced_and_exact(tmp_path):
+    """union counts an object matching both predicates once; its gold answers are drawn
+    uniformly from 1-4 (BALANCED_ANSWERS), so its answer prior is flat."""
+    cfg = SyntheticDataConfig(output_dir=str(tmp_path), num_train=0, num_val=0, num_test=0, num_rl=400,
+                              rl_families=["union"], **DEMO_LIKE)
+    generate_dataset(cfg)
+    rows = _jsonl(tmp_path / "rl.jsonl")
+    answers = [r["answer"] for r in rows]
+    assert set(answers) == {"1", "2", "3", "4"} and max(answers.count(a) for a in "1234") < 0.33 * len(rows)
+    scene = [SceneObject("circle", "red", "large", "matte", 0, 0), SceneObject("square", "red", "large", "matte", 0, 1),
+             SceneObject("circle", "blue", "large", "matte", 1, 1),
+             SceneObject("square", "green", "large", "matte", 2, 2)]
+    union = Question("union", "", "", [{"color": "red"}, {"shape": "circle"}], "or")
+    think, answer = reasoning(scene, union)
+    assert answer == "3" and "counting an object that is both once, so 3" in think
+    assert make_question("union", scene, __import__("random").Random(1)).op == "or"
+    summed = make_question("sum", scene, __import__("random").Random(1))
+    p1, p2 = summed.predicates
+    assert summed.answer == str(count(scene, p1) + count(scene, p2)) and summed.op == "plus"
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("families", ["count", "riddle"], "unknown family 'riddle'"),
+    ("held_out_family", "sum", "must be one of synthetic.families"),
+    ("rl_families", ["count", "riddle"], "unknown family 'riddle'"),
+    ("num_rl", 8, "must name the RL pool's families"),
+    ("families", ["count", "count"], "each family once"),
+])
+def test_family_settings_are_validated(field, value, message):
+    from megatron_ivr.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message) as caught:
+        SyntheticDataConfig(**{field: value}).validate()
+    assert caught.value.key == f"synthetic.{'rl_families' if field == 'num_rl' else field}"
 
 
 def test_answers_are_exact_from_the_scene(synthetic_dir):

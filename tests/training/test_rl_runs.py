@@ -66,6 +66,11 @@ def test_rl_run_trains_and_logs(reference_run):
                     "ivr/eroded_share", "ivr/accepted", "mismatch/kl", "batch/padding_share", "time/rollout",
                     "time/logprob_passes", "time/train", "time/weight_sync", "weight_sync/bytes", "policy/entropy"):
             assert key in record, key
+        # per question family: the on-policy accuracy, weighted by responses, averages to the step's
+        families = {k: v for k, v in record.items() if k.startswith("reward/accuracy/")}
+        assert families and all(0.0 <= v <= 1.0 for v in families.values())
+        if len(families) == 1:
+            assert next(iter(families.values())) == pytest.approx(record["reward/accuracy"])
     assert sum(r["ivr/accepted"] for r in steps.values()) > 0  # rectified responses were trained
     assert sum(r["loss/shaped_token_share"] for r in steps.values()) > 0
     # a sample is drawn once per epoch: 3 steps x 4 prompts from 100 training samples, no repeats

@@ -5,7 +5,12 @@
 - ``subtract``: CLEVR/MathVista style "Subtract all X. Subtract all Y. How many objects are
   left?".
 - ``compare``: which of two counts is larger, as multiple choice (A/B/C).
-- ``arithmetic``: the sum, difference or product of two counts.
+- ``arithmetic``: the sum or the product of two counts.
+- ``union``: how many objects match either of two predicates ("Count the objects that are red
+  objects or circles, each object once"): an object matching both counts once. No SFT trace
+  answers it, but the subtract trace removes exactly these objects: the demo's family learned
+  from answers alone (docs/results.md).
+- ``sum``: the number of X plus the number of Y (arithmetic's sums only).
 
 Each question carries the reasoning steps that a correct response states, so that the
 reference response (and its corrupted variants) can be written from the same facts.
@@ -16,9 +21,13 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+from megatron_ivr.config.schema import QUESTION_FAMILIES
 from megatron_ivr.data.synthetic.scene import COLORS, MATERIALS, SHAPES, SIZES, SceneObject
 
-FAMILIES = ("count", "count_attr", "subtract", "compare", "arithmetic")
+FAMILIES = QUESTION_FAMILIES  # the names, kept beside the config that selects them
+# families whose gold answers are drawn uniformly from these (the generator's draw_question):
+# no answer prior to learn, so a gain on them is a gain in looking
+BALANCED_ANSWERS = {"union": ("1", "2", "3", "4")}
 
 
 @dataclass
@@ -27,7 +36,7 @@ class Question:
     text: str
     answer: str
     predicates: list[dict] = field(default_factory=list)  # the sets counted, in order
-    op: str = ""  # how the counts combine: total, count, minus, compare, plus, times
+    op: str = ""  # how the counts combine: total, count, minus, compare, plus, times, or
     choices: list[str] = field(default_factory=list)
 
 
@@ -89,7 +98,25 @@ def make_question(family: str, scene: list[SceneObject], rng: random.Random) -> 
         value = a + b if op == "plus" else a * b
         text = f"What is the number of {noun(p1)} {op} the number of {noun(p2)}?"
         return Question(family, text, str(value), [p1, p2], op)
+    if family == "union":
+        p1, p2 = _two_predicates(rng, scene)
+        either = sum(o.matches(p1) or o.matches(p2) for o in scene)
+        # worded unlike count_attr ("How many X are there"): with the same words, RL on union
+        # taught count_attr to over-count too (docs/results.md, the design probes)
+        text = f"Count the objects that are {noun(p1)} or {noun(p2)}, each object once. How many are there?"
+        return Question(family, text, str(either), [p1, p2], "or")
+    if family == "sum":
+        p1, p2 = random_predicate(rng, scene), random_predicate(rng, scene)
+        text = f"What is the number of {noun(p1)} plus the number of {noun(p2)}?"
+        return Question(family, text, str(count(scene, p1) + count(scene, p2)), [p1, p2], "plus")
     raise ValueError(f"unknown question family {family!r}; choose from {FAMILIES}")
+
+
+def _two_predicates(rng: random.Random, scene: list[SceneObject]) -> tuple[dict, dict]:
+    p1, p2 = random_predicate(rng, scene), random_predicate(rng, scene)
+    while p2 == p1:
+        p2 = random_predicate(rng, scene)
+    return p1, p2
 
 
 def final_answer(question: Question, counts: list[int], total: int, left: int | None = None) -> str:

@@ -79,6 +79,12 @@ def reasoning(objects: list[SceneObject], question: Question) -> tuple[str, str]
         text = (f"Start with {len(objects)} objects. Removing the {noun(preds[0])} and the "
                 f"{noun(preds[1])} removes {len(removed)} ({names}). {len(objects)} - {len(removed)} = {left}.")
         return text, str(left)
+    if question.op == "or":
+        either = [o for o in objects if o.matches(preds[0]) or o.matches(preds[1])]
+        names = ", ".join(o.phrase() for o in either) or "nothing"
+        text = (f"The {noun(preds[0])} or {noun(preds[1])} are {names}, counting an object that is both "
+                f"once, so {len(either)}.")
+        return text, str(len(either))
     counts, parts = [], []
     for p in preds:
         k, sentence = _listing(objects, p)

@@ -137,13 +137,14 @@ def _suites(cfg: RunConfig, rules: ImageRules):
 
 
 def training_prior(cfg: RunConfig) -> Optional[AnswerPrior]:
-    """The blind guesser's answer distribution per family: the training split's, when a split of
-    the configured dataset is evaluated and ``data.train_path`` is a file (None otherwise:
+    """The blind guesser's answer distribution per family: every answer the policy trained on,
+    RL's prompts (``data.train_path``) and SFT's rows (``sft.data_paths``), those that are files,
+    when a split of the configured dataset is evaluated (None otherwise, or when none is a file:
     a benchmark has its own answers)."""
-    path = cfg.data.train_path
-    if cfg.eval.benchmarks or not path or not Path(path).is_file():
+    paths = [p for p in [cfg.data.train_path, *cfg.sft.data_paths] if p and Path(p).is_file()]
+    if cfg.eval.benchmarks or not paths:
         return None
-    return answer_prior(answer_pairs(path))
+    return answer_prior(pair for path in dict.fromkeys(paths) for pair in answer_pairs(path))
 
 
 @torch.no_grad()

@@ -22,13 +22,29 @@ def test_summarize_by_family():
     assert summary["eval/test/majority_share"] == pytest.approx(1 / 3)
 
 
+def test_the_blind_guesser_knows_every_training_answer(tmp_path):
+    """The prior pools RL's prompts and SFT's rows: the demo's RL pool has no count questions,
+    its SFT traces do; a missing file is skipped, a benchmark has none."""
+    from megatron_ivr.evaluation import training_prior
+
+    rl, sft = tmp_path / "rl.jsonl", tmp_path / "sft.jsonl"
+    rl.write_text(json.dumps({"question": "q", "answer": "3", "family": "union"}) + "\n")
+    sft.write_text("".join(json.dumps({"question": "q", "answer": a, "family": "count"}) + "\n" for a in "1124"))
+    cfg = load_config(None, [f"data.train_path={rl}", f"sft.data_paths=[{sft},{tmp_path / 'absent.jsonl'}]"])
+    assert training_prior(cfg) == {"union": {"3": 1.0}, "count": {"1": 0.5, "2": 0.25, "4": 0.25}}
+    assert training_prior(load_config(None, [f"data.train_path={rl}", f"sft.data_paths=[{rl}]"])) == {
+        "union": {"3": 1.0}}  # a file named twice counts once
+    cfg = load_config(None, [f"data.train_path={rl}", f"eval.benchmarks.mmstar={tmp_path}"])
+    assert training_prior(cfg) is None
+
+
 @pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_vl_moe", "qwen3_5"])
 def test_evaluate_tiny_model(model_dirs, synthetic_dir, tmp_path, family):
     path = model_dirs(family)
     cfg = load_config("configs/demo_cpu.yaml", [
         f"model.path={path}", f"model.family={family}",
         f"data.test_path={synthetic_dir / 'test.jsonl'}", f"logging.dir={tmp_path}",
-        "eval.max_samples=8", "eval.batch_size=4", "eval.max_new_tokens=8",
+        "eval.max_samples=8", "eval.batch_size=4", "eval.max_new_tokens=8", "eval.blank_images=false",
     ])
     lines = []
     summary = evaluate(cfg, progress=lines.append)
@@ -47,6 +63,7 @@ def test_the_panel_the_baselines_and_the_blanked_control(tiny_models, synthetic_
 
     cfg = load_config("configs/demo_cpu.yaml", [
         f"model.path={tiny_models['qwen2_5_vl']}", f"data.train_path={synthetic_dir / 'train.jsonl'}",
+        f"sft.data_paths=[{synthetic_dir / 'sft.jsonl'}]",  # the same rows: the same answer distribution
         f"data.test_path={synthetic_dir / 'test.jsonl'}", f"logging.dir={tmp_path}", "eval.max_samples=6",
         "eval.batch_size=6", "eval.max_new_tokens=6", "eval.samples=2", "eval.blank_images=true"])
     summary = evaluate(cfg, progress=lambda line: None)

@@ -108,10 +108,11 @@ def run_arm(config: str, overrides: list[str], arm: str, seed: int, out: Path) -
               "eval.split=test", "eval.samples=0"), log)
     summary = [r for r in read_metrics(folder / "eval" / "metrics.jsonl") if "eval/test/accuracy" in r][-1]
     summary["seconds"] = time.time() - start
-    steps = [r for r in read_metrics(folder / "logs" / "metrics.jsonl") if "ivr/accepted" in r] \
-        if (folder / "logs" / "metrics.jsonl").exists() else []
+    # the last record of each step (a run resumed after a stop logs some steps twice)
+    steps = {r["step"]: r for r in read_metrics(folder / "logs" / "metrics.jsonl") if "ivr/accepted" in r} \
+        if (folder / "logs" / "metrics.jsonl").exists() else {}
     if steps:
-        summary["ivr/accepted_per_step"] = statistics.mean(r["ivr/accepted"] for r in steps)
+        summary["ivr/accepted_per_step"] = statistics.mean(r["ivr/accepted"] for r in steps.values())
     summary_file.write_text(json.dumps(summary))
     return summary
 

@@ -65,6 +65,7 @@ def test_aggregate_other_metrics_and_ivr_rewrites():
     assert aggregate(results, ["ivr-r1"], "accuracy", "test_blank")[1]["ivr-r1"]["all"][0] == pytest.approx(0.25)
 
 
+@pytest.mark.slow  # about a minute: three SFT and eval subprocesses (the default tier keeps under 25 min)
 def test_control_arms_from_each_seeds_policy(tiny_models, synthetic_dir, tmp_path):
     """``model.path`` with ``{seed}`` takes one SFT policy per seed (the sft arm is evaluated per
     seed); ``sft-more`` continues SFT for as many sequences as RL trains on (2 steps x 4 prompts

@@ -53,8 +53,8 @@ def checks(sft: dict[int, dict], rl: dict[int, dict], family: str) -> list[tuple
         blank = rl[s][f"eval/test_blank/{family}/accuracy"]
         out.append((raw - blank >= 0.10, f"{family}, seed {s}: RL with the image {raw:.3f} - blanked {blank:.3f} "
                                          f"= {(raw - blank) * 100:+.1f} points (>= +10)"))
-    others = sorted({k.split("/")[2] for k in sft[seeds[0]] if k.startswith("eval/test/") and k.count("/") == 3}
-                    - {family})
+    others = sorted({k.split("/")[2] for k in sft[seeds[0]]
+                     if k.startswith("eval/test/") and k.endswith("/accuracy") and k.count("/") == 3} - {family})
     for s in seeds:
         deltas = {f: rl[s][f"eval/test/{f}/accuracy"] - sft[s][f"eval/test/{f}/accuracy"] for f in others}
         together = statistics.mean(deltas.values())  # the families have equal counts in the test split

@@ -14,7 +14,7 @@ import demo_acceptance  # noqa: E402
 def _summary(union_macro, union_raw, union_blank, others):
     out = {"eval/test/union/accuracy_macro": union_macro, "eval/test/union/accuracy": union_raw,
            "eval/test/union/majority_share": 0.25, "eval/test_blank/union/accuracy": union_blank,
-           "eval/test/union/count": 256}
+           "eval/test/union/count": 256, "eval/test/data/bad_samples": 0}  # not a family
     for family, value in others.items():
         out[f"eval/test/{family}/accuracy"] = value
         out[f"eval/test/{family}/accuracy_macro"] = value / 2

@@ -251,7 +251,7 @@ def ablate(config: str, overrides: list[str], arms: list[str], seeds: list[int],
     sections = []
     for (metric, suite), title in METRIC_TITLES.items():
         families, table = aggregate(results, arms, metric, suite)
-        if any(table.values()):
+        if any("all" in row for row in table.values()):  # e.g. no blank table without eval.blank_images
             sections.append(f"## {title}\n\n" + markdown(families, table, seeds, title))
             if (metric, suite) == ("accuracy", "test"):
                 plot(families, table, out / "accuracy.png")

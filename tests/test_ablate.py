@@ -51,6 +51,7 @@ def test_ablate_runs_arms_and_seeds(tiny_models, synthetic_dir, tmp_path):
     again = subprocess.run(command, env=clean_env(), capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and again.stdout.count("| grpo+vicra |") == 2  # accuracy, macro over answers
     assert "IVR-R1 accepted / step" not in again.stdout  # no arm ran IVR-R1
+    assert "images blanked" not in again.stdout  # evaluated without eval.blank_images: no such table
 
 
 def test_aggregate_other_metrics_and_ivr_rewrites():

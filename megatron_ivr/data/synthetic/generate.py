@@ -128,10 +128,9 @@ def generate_dataset(cfg: SyntheticDataConfig, template: str = "ivr",
             render_scene(scene, cfg.image_size, cfg.grid).save(out / image_name)
             sample_id = f"{split}-{index:05d}"
             rows.append({"id": sample_id, "images": [image_name], "question": question.text,
-                         "answer": question.answer, "family": family, "split": split,
-                         "choices": question.choices, "scene": scene_to_json(scene)})
-            if split == "rl":
-                rows[-1].pop("scene")  # answer-only: the question, the image and the gold answer
+                         "answer": question.answer, "family": family, "split": split, "choices": question.choices,
+                         # answer-only RL prompts: the question, the image and the gold answer
+                         **({} if split == "rl" else {"scene": scene_to_json(scene)})})
             if split == "train":
                 prompt = render_prompt("response", template, question=question.text)
                 reference = write_response(scene, question, template, cfg.description)

@@ -81,9 +81,7 @@ def make_question(family: str, scene: list[SceneObject], rng: random.Random) -> 
         text = f"Subtract all {noun(p1)}. Subtract all {noun(p2)}. How many objects are left?"
         return Question(family, text, str(left), [p1, p2], "minus")
     if family == "compare":
-        p1, p2 = random_predicate(rng, scene), random_predicate(rng, scene)
-        while p2 == p1:
-            p2 = random_predicate(rng, scene)
+        p1, p2 = _two_predicates(rng, scene)
         a, b = count(scene, p1), count(scene, p2)
         choices = [f"more {noun(p1)}", f"more {noun(p2)}", "the same number"]
         letter = "A" if a > b else "B" if b > a else "C"
@@ -113,6 +111,7 @@ def make_question(family: str, scene: list[SceneObject], rng: random.Random) -> 
 
 
 def _two_predicates(rng: random.Random, scene: list[SceneObject]) -> tuple[dict, dict]:
+    """Two different predicates (compare, union)."""
     p1, p2 = random_predicate(rng, scene), random_predicate(rng, scene)
     while p2 == p1:
         p2 = random_predicate(rng, scene)

@@ -53,6 +53,20 @@ def cmd_data_inspect(args) -> int:
     return 0
 
 
+def cmd_data_learnability(args) -> int:
+    from megatron_ivr.data.learnability import write_learnability_pool
+
+    counts = write_learnability_pool(args.samples, args.prompts, args.out, args.size, args.seed,
+                                     args.by_family)
+    print(f"wrote {args.out}: {counts['rows']} rows drawn from {counts['distinct']} distinct prompts of "
+          f"{counts['prompts']} evaluated ({counts['never_solved']} never solved, {counts['always_solved']} "
+          "always solved: weight 0)")
+    for family, entry in sorted(counts["families"].items()):
+        print(f"  {family}: {entry['prompts']} prompts, pass rate {entry['pass_rate']:.3f}, "
+              f"{entry['pool_share']:.1%} of the pool")
+    return 0
+
+
 def cmd_model_tiny(args) -> int:
     from megatron_ivr.data.synthetic.generate import synthetic_corpus
     from megatron_ivr.models.tiny import make_tiny_model
@@ -118,9 +132,16 @@ def cmd_train(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from megatron_ivr.report import write_report
+    from megatron_ivr.report import compare_runs, write_report
 
-    out = write_report(args.run_dir, args.out)
+    if len(args.run_dir) == 1 and not args.metric:
+        out = write_report(args.run_dir[0], args.out)
+    else:
+        if not args.metric or not args.out:
+            raise SystemExit("report: comparing runs needs --metric (one or more) and --out")
+        runs = dict(item.split("=", 1) if "=" in item else (Path(item).name, item) for item in args.run_dir)
+        out = compare_runs(runs, args.metric, args.out)
+        print(Path(out).read_text())
     print(f"wrote {out}")
     return 0
 
@@ -169,6 +190,19 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = data_sub.add_parser("inspect", help="validate a JSONL/Parquet dataset and list bad samples")
     inspect.add_argument("path")
     inspect.set_defaults(func=cmd_data_inspect)
+    learnable = data_sub.add_parser(
+        "learnability", help="an RL prompt pool drawn with weight p(1-p) from a policy's pass rates",
+        description="Write an RL prompt pool of SIZE prompts drawn with replacement, each with weight "
+                    "p(1-p), p its pass rate in SAMPLES (megatron-ivr eval with eval.split=train, "
+                    "eval.samples=k, from the policy RL starts from). Train on it with data.train_path=OUT.")
+    learnable.add_argument("samples", help="eval_train_samples.jsonl written by megatron-ivr eval")
+    learnable.add_argument("prompts", help="the prompt file that was evaluated (data.train_path)")
+    learnable.add_argument("--out", required=True, help="the pool to write (JSONL)")
+    learnable.add_argument("--size", type=int, required=True, help="prompts to draw")
+    learnable.add_argument("--seed", type=int, default=0, help="seed of the draw")
+    learnable.add_argument("--by-family", action="store_true",
+                           help="weight within each family; each family keeps its share of the prompts")
+    learnable.set_defaults(func=cmd_data_learnability)
 
     model = sub.add_parser("model", help="models: make tiny random Qwen-VL checkpoints")
     model_sub = model.add_subparsers(dest="action", required=True)
@@ -229,9 +263,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
     report = sub.add_parser("report", help="plot a run's metrics and write a markdown summary",
                             description="Reads RUN_DIR/metrics.jsonl (or RUN_DIR/logs/metrics.jsonl), draws the "
-                                        "curves to PNG and writes report.md beside them.")
-    report.add_argument("run_dir")
+                                        "curves to PNG and writes report.md beside them. With several runs "
+                                        "(LABEL=RUN_DIR or RUN_DIR) and --metric: their curves side by side "
+                                        "in OUT/compare.png and OUT/compare.md.")
+    report.add_argument("run_dir", nargs="+")
     report.add_argument("--out", default=None, help="output folder (default: RUN_DIR/report)")
+    report.add_argument("--metric", action="append", default=[],
+                        help="compare runs on this metric key (repeatable), e.g. reward/accuracy/union")
     report.set_defaults(func=cmd_report)
 
     from megatron_ivr.ablate import ARMS, DEFAULT_ARMS

@@ -173,6 +173,60 @@ def evaluation_table(evaluations: dict[str, dict], metric: str = "accuracy") -> 
     return lines + [""]
 
 
+def _training_metrics(run_dir: Path) -> Path:
+    runs = find_runs(run_dir)
+    if not runs:
+        raise FileNotFoundError(f"{run_dir}: no metrics.jsonl here, in logs/, sft/logs/ or rl/logs/")
+    return runs.get("rl", next(iter(runs.values())))
+
+
+def compare_runs(runs: dict[str, str | Path], metrics: list[str], out: str | Path) -> Path:
+    """Several runs' curves of the same metrics, one panel per metric, one line per run (its
+    trailing mean over a tenth of the run, at least 5 steps), to ``out/compare.png``; and
+    ``out/compare.md``: per run and metric the mean over the first and the last quarter of its
+    steps. A pipeline folder contributes its RL stage."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not runs or not metrics:
+        raise ValueError("compare needs at least one run and one metric")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    loaded = {label: load_steps(_training_metrics(Path(path)))[0] for label, path in runs.items()}
+    cols = min(3, len(metrics))
+    rows = math.ceil(len(metrics) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 3.6 * rows), squeeze=False)
+    lines = ["# Runs compared", "", "Mean of each metric over the first and the last quarter of a run's steps.", "",
+             "| run | " + " | ".join(f"{m} (first -> last quarter)" for m in metrics) + " |",
+             "| --- |" + " --- |" * len(metrics)]
+    cells: dict[str, list[str]] = {label: [] for label in loaded}
+    for ax, metric in zip(axes.flat, metrics):
+        for label, steps in loaded.items():
+            xs = [s for s, r in steps.items() if isinstance(r.get(metric), (int, float))]
+            ys = [steps[s][metric] for s in xs]
+            if not xs:
+                cells[label].append("-")
+                continue
+            ax.plot(xs, trailing_mean(ys, max(5, len(xs) // 10)), label=label)
+            quarter = max(1, len(ys) // 4)
+            cells[label].append(f"{_mean(ys[:quarter]):.3f} -> {_mean(ys[-quarter:]):.3f}")
+        ax.set_title(f"{metric} (trailing mean)")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(metrics):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out / "compare.png", dpi=90)
+    plt.close(fig)
+    lines += [f"| {label} | " + " | ".join(row) + " |" for label, row in cells.items()]
+    lines += ["", "![compare](compare.png)", ""]
+    (out / "compare.md").write_text("\n".join(lines))
+    return out / "compare.md"
+
+
 def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     runs = find_runs(run_dir)
     evaluations = find_evaluations(run_dir)

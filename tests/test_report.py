@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from megatron_ivr.report import evaluation_table, expand, load_steps, trailing_mean, write_report
+from megatron_ivr.report import compare_runs, evaluation_table, expand, load_steps, trailing_mean, write_report
 
 
 def _write(path, records):
@@ -68,3 +68,26 @@ def test_family_curves_and_macro_table():
 def test_report_without_metrics_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no metrics.jsonl"):
         write_report(tmp_path)
+
+
+def test_compare_runs(tmp_path):
+    """Several runs' curves of one metric side by side; the table holds each run's first- and
+    last-quarter means; a pipeline folder contributes its RL stage; the CLI takes LABEL=DIR."""
+    _write(tmp_path / "a" / "logs" / "metrics.jsonl",
+           [{"step": s, "reward/accuracy/union": 0.1 * s} for s in range(1, 9)])  # quarters: 0.15 and 0.75
+    _write(tmp_path / "demo" / "rl" / "logs" / "metrics.jsonl",
+           [{"step": s, "reward/accuracy/union": 0.5, "reward/mean": 1.0} for s in range(1, 5)])
+    _write(tmp_path / "demo" / "sft" / "logs" / "metrics.jsonl", [{"step": 1, "sft/loss": 1.0}])
+    table = compare_runs({"a": tmp_path / "a", "b": tmp_path / "demo"}, ["reward/accuracy/union", "reward/mean"],
+                         tmp_path / "out").read_text()
+    assert "| a | 0.150 -> 0.750 | - |" in table
+    assert "| b | 0.500 -> 0.500 | 1.000 -> 1.000 |" in table
+    assert (tmp_path / "out" / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(FileNotFoundError, match="no metrics.jsonl"):
+        compare_runs({"x": tmp_path / "nothing"}, ["reward/mean"], tmp_path / "out")
+    result = subprocess.run([sys.executable, "-m", "megatron_ivr.cli", "report", f"first={tmp_path / 'a'}",
+                             str(tmp_path / "demo"), "--metric", "reward/accuracy/union", "--out",
+                             str(tmp_path / "cli")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    text = (tmp_path / "cli" / "compare.md").read_text()
+    assert "| first | 0.150 -> 0.750 |" in text and "| demo | 0.500 -> 0.500 |" in text

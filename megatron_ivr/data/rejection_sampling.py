@@ -8,8 +8,22 @@ round of it on RL's own prompts, from the policy RL starts from, is what ``megat
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from megatron_ivr.data.jsonl import read_jsonl, write_jsonl
+
+
+def sampled_responses(record: dict) -> list[dict]:
+    """The sampled responses of one ``megatron-ivr eval`` record (``eval.samples = k``), each with
+    its ``text`` and ``accuracy``; a record without them is an error that says how to get them."""
+    if "samples" not in record:
+        raise ValueError(f"eval record {record.get('id')!r} has no sampled responses: evaluate with "
+                         "eval.samples > 0")
+    for drawn in record["samples"]:
+        if "text" not in drawn:
+            raise ValueError(f"eval record {record['id']!r}: sampled responses without their text (an "
+                             "evaluation from before the texts were kept); evaluate again")
+    return record["samples"]
 
 
 def accepted_rows(eval_records: list[dict], prompts: dict[str, dict], max_per_prompt: int | None = None) -> list[dict]:
@@ -22,17 +36,12 @@ def accepted_rows(eval_records: list[dict], prompts: dict[str, dict], max_per_pr
     """
     rows = []
     for record in eval_records:
-        if "samples" not in record:
-            raise ValueError(f"eval record {record.get('id')!r} has no sampled responses: evaluate with "
-                             "eval.samples > 0")
+        drawn_responses = sampled_responses(record)
         source = prompts.get(record["id"])
         if source is None:
             raise KeyError(f"eval record {record['id']!r} is not in the prompt file")
         kept: list[str] = []
-        for drawn in record["samples"]:
-            if "text" not in drawn:
-                raise ValueError(f"eval record {record['id']!r}: sampled responses without their text (an "
-                                 "evaluation from before the texts were kept); evaluate again")
+        for drawn in drawn_responses:
             if drawn["accuracy"] >= 1.0 and drawn["text"] not in kept:
                 kept.append(drawn["text"])
         for k, text in enumerate(kept[:max_per_prompt]):
@@ -45,13 +54,9 @@ def write_accepted(samples_path: str | Path, prompts_path: str | Path, out_path:
                    max_per_prompt: int | None = None) -> dict:
     """Read ``eval_*_samples.jsonl`` and its prompt file; write the accepted rows to ``out_path``
     (atomically); return counts (prompts, sampled responses, rows, prompts with a row)."""
-    records = [json.loads(line) for line in Path(samples_path).read_text().splitlines() if line.strip()]
-    prompts = {row["id"]: row for row in
-               (json.loads(line) for line in Path(prompts_path).read_text().splitlines() if line.strip())}
+    records = read_jsonl(samples_path)
+    prompts = {row["id"]: row for row in read_jsonl(prompts_path)}
     rows = accepted_rows(records, prompts, max_per_prompt)
-    out_path = Path(out_path)
-    tmp = out_path.with_suffix(out_path.suffix + ".tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    tmp.replace(out_path)
+    write_jsonl(out_path, rows)
     return {"prompts": len(records), "sampled": sum(len(r["samples"]) for r in records), "rows": len(rows),
-            "prompts_kept": len({row["id"].rsplit("/", 1)[0] for row in rows})}
+            "prompts_kept": sum(any(d["accuracy"] >= 1.0 for d in r["samples"]) for r in records)}

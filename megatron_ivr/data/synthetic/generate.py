@@ -27,6 +27,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from megatron_ivr.config.schema import SyntheticDataConfig
+from megatron_ivr.data.jsonl import write_jsonl
 from megatron_ivr.data.synthetic.questions import BALANCED_ANSWERS, Question, make_question
 from megatron_ivr.data.synthetic.responses import corrupt, write_response
 from megatron_ivr.data.synthetic.scene import random_scene, render_scene, scene_to_json
@@ -99,14 +100,6 @@ def draw_question(rng: random.Random, family: str, cfg: SyntheticDataConfig) -> 
                      f"{cfg.min_objects}-{cfg.max_objects} objects; raise synthetic.max_objects")
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row) + "\n")
-    tmp.replace(path)
-
-
 def generate_dataset(cfg: SyntheticDataConfig, template: str = "ivr",
                      progress: Callable[[str, int, int], None] | None = None) -> dict:
     """Generate all splits; return the manifest (also written to ``manifest.json``)."""
@@ -160,11 +153,11 @@ def generate_dataset(cfg: SyntheticDataConfig, template: str = "ivr",
                                          {"role": "assistant", "content": row[reply_key]}]})
             if progress is not None:
                 progress(split, index + 1, sizes[split])
-        _write_jsonl(out / f"{split}.jsonl", rows)
+        write_jsonl(out / f"{split}.jsonl", rows)
         manifest["families"][split] = dict(Counter(r["family"] for r in rows))
-    _write_jsonl(out / "sft.jsonl", sft_rows)
-    _write_jsonl(out / "rereasoning.jsonl", rereasoning_rows)
-    _write_jsonl(out / "rereasoning_sft.jsonl", rereasoning_sft_rows)
+    write_jsonl(out / "sft.jsonl", sft_rows)
+    write_jsonl(out / "rereasoning.jsonl", rereasoning_rows)
+    write_jsonl(out / "rereasoning_sft.jsonl", rereasoning_sft_rows)
     manifest["rereasoning_examples"] = len(rereasoning_rows)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest

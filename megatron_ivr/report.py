@@ -68,40 +68,62 @@ def load_steps(path: Path) -> tuple[dict[int, dict], list[dict]]:
     return dict(sorted(steps.items())), other
 
 
-def plot(steps: dict[int, dict], out: Path, name: str = "curves") -> Path:
+def _panels(count: int, cols: int, width: float, height: float):
+    """A figure with room for ``count`` panels, ``cols`` to a row; returns (pyplot, figure, axes)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(title, [(k, label) for k, label in expand(series, steps) if any(k in r for r in steps.values())])
-              for title, series in PANELS]
-    panels = [(title, series) for title, series in panels if series]
-    cols = 3
-    rows = max(1, math.ceil(len(panels) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.2 * rows), squeeze=False)
-    for ax, (title, series) in zip(axes.flat, panels):
-        window = 0
-        for key, label in series:
-            xs = [s for s, r in steps.items() if isinstance(r.get(key), (int, float))]
-            ys = [steps[s][key] for s in xs]
-            if len(xs) < 20:
-                ax.plot(xs, ys, label=label, marker=".")
-                continue
-            window = max(5, len(xs) // 10)
-            line, = ax.plot(xs, ys, alpha=0.3, linewidth=0.8)
-            ax.plot(xs, trailing_mean(ys, window), color=line.get_color(), label=label)
-        ax.set_title(f"{title} (bold: {window}-step mean)" if window else title)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    for ax in list(axes.flat)[len(panels):]:
+    rows = max(1, math.ceil(count / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    return plt, fig, axes
+
+
+def _style(ax, title: str, legend_size: int) -> None:
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+
+
+def _save(plt, fig, axes, used: int, path: Path) -> Path:
+    for ax in list(axes.flat)[used:]:
         ax.axis("off")
     fig.tight_layout()
-    path = out / f"{name}.png"
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+def _series(steps: dict[int, dict], key: str) -> tuple[list[int], list[float]]:
+    """The steps that logged ``key`` as a number, and its values there."""
+    xs = [s for s, r in steps.items() if isinstance(r.get(key), (int, float))]
+    return xs, [steps[s][key] for s in xs]
+
+
+def _window(points: int) -> int:
+    """The trailing-mean window of a curve: a tenth of its points, at least 5."""
+    return max(5, points // 10)
+
+
+def plot(steps: dict[int, dict], out: Path, name: str = "curves") -> Path:
+    panels = [(title, [(k, label) for k, label in expand(series, steps) if any(k in r for r in steps.values())])
+              for title, series in PANELS]
+    panels = [(title, series) for title, series in panels if series]
+    plt, fig, axes = _panels(len(panels), 3, 5, 3.2)
+    for ax, (title, series) in zip(axes.flat, panels):
+        window = 0
+        for key, label in series:
+            xs, ys = _series(steps, key)
+            if len(xs) < 20:
+                ax.plot(xs, ys, label=label, marker=".")
+                continue
+            window = _window(len(xs))
+            line, = ax.plot(xs, ys, alpha=0.3, linewidth=0.8)
+            ax.plot(xs, trailing_mean(ys, window), color=line.get_color(), label=label)
+        _style(ax, f"{title} (bold: {window}-step mean)" if window else title, 8)
+    return _save(plt, fig, axes, len(panels), out / f"{name}.png")
 
 
 def expand(series: list[tuple[str, str]], steps: dict[int, dict]) -> list[tuple[str, str]]:
@@ -185,42 +207,27 @@ def compare_runs(runs: dict[str, str | Path], metrics: list[str], out: str | Pat
     trailing mean over a tenth of the run, at least 5 steps), to ``out/compare.png``; and
     ``out/compare.md``: per run and metric the mean over the first and the last quarter of its
     steps. A pipeline folder contributes its RL stage."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     if not runs or not metrics:
         raise ValueError("compare needs at least one run and one metric")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     loaded = {label: load_steps(_training_metrics(Path(path)))[0] for label, path in runs.items()}
-    cols = min(3, len(metrics))
-    rows = math.ceil(len(metrics) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 3.6 * rows), squeeze=False)
+    plt, fig, axes = _panels(len(metrics), min(3, len(metrics)), 5.5, 3.6)
     lines = ["# Runs compared", "", "Mean of each metric over the first and the last quarter of a run's steps.", "",
              "| run | " + " | ".join(f"{m} (first -> last quarter)" for m in metrics) + " |",
              "| --- |" + " --- |" * len(metrics)]
     cells: dict[str, list[str]] = {label: [] for label in loaded}
     for ax, metric in zip(axes.flat, metrics):
         for label, steps in loaded.items():
-            xs = [s for s, r in steps.items() if isinstance(r.get(metric), (int, float))]
-            ys = [steps[s][metric] for s in xs]
+            xs, ys = _series(steps, metric)
             if not xs:
                 cells[label].append("-")
                 continue
-            ax.plot(xs, trailing_mean(ys, max(5, len(xs) // 10)), label=label)
+            ax.plot(xs, trailing_mean(ys, _window(len(xs))), label=label)
             quarter = max(1, len(ys) // 4)
             cells[label].append(f"{_mean(ys[:quarter]):.3f} -> {_mean(ys[-quarter:]):.3f}")
-        ax.set_title(f"{metric} (trailing mean)")
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(metrics):]:
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(out / "compare.png", dpi=90)
-    plt.close(fig)
+        _style(ax, f"{metric} (trailing mean)", 7)
+    _save(plt, fig, axes, len(metrics), out / "compare.png")
     lines += [f"| {label} | " + " | ".join(row) + " |" for label, row in cells.items()]
     lines += ["", "![compare](compare.png)", ""]
     (out / "compare.md").write_text("\n".join(lines))

@@ -41,17 +41,17 @@ def learnability(pass_rate: float) -> float:
     return pass_rate * (1.0 - pass_rate)
 
 
-def learnability_pool(eval_records: list[dict], prompts: dict[str, dict], size: int, seed: int,
+def learnability_pool(rates: dict[str, float], prompts: dict[str, dict], size: int, seed: int,
                       by_family: bool = False) -> list[dict]:
-    """``size`` rows drawn with replacement from the evaluated prompts with weight ``p (1 - p)``
-    (``by_family``: normalised within each family, times the family's share of the prompts).
+    """``size`` rows drawn with replacement from the prompts of ``rates`` (:func:`pass_rates`)
+    with weight ``p (1 - p)`` (``by_family``: normalised within each family, times the family's
+    share of the prompts).
 
     Each row is the prompt file's row with ``id`` = ``<id>~<k>`` (the k-th copy, so that ids
     stay unique) and ``pass_rate`` = p. The draw is fixed by ``seed``.
     """
     if size < 1:
         raise ValueError(f"size must be >= 1, got {size}")
-    rates = pass_rates(eval_records)
     missing = [pid for pid in rates if pid not in prompts]
     if missing:
         raise KeyError(f"eval records {missing[:3]} are not in the prompt file")
@@ -82,11 +82,10 @@ def write_learnability_pool(samples_path: str | Path, prompts_path: str | Path, 
     ``out_path`` (atomically); return what a person checks: prompts evaluated, how many were
     never / always solved, distinct prompts drawn, and per family the prompts evaluated, their
     mean pass rate and the share of the pool."""
-    records = read_jsonl(samples_path)
+    rates = pass_rates(read_jsonl(samples_path))
     prompts = {row["id"]: row for row in read_jsonl(prompts_path)}
-    rows = learnability_pool(records, prompts, size, seed, by_family)
+    rows = learnability_pool(rates, prompts, size, seed, by_family)
     write_jsonl(out_path, rows)
-    rates = pass_rates(records)
     families: dict[str, dict] = {}
     for pid, rate in rates.items():
         entry = families.setdefault(str(prompts[pid].get("family")),

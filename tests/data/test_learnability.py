@@ -28,7 +28,7 @@ def test_pass_rates_and_weights():
 
 
 def test_pool_draws_in_proportion_to_p_one_minus_p():
-    rows = learnability_pool(_records(), PROMPTS, size=20_000, seed=3)
+    rows = learnability_pool(pass_rates(_records()), PROMPTS, size=20_000, seed=3)
     drawn = Counter(row["id"].rsplit("~", 1)[0] for row in rows)
     assert set(drawn) == {"half", "quarter"}  # never and always solved: weight 0
     # expected share of "half": 0.25 / (0.25 + 0.1875) = 0.5714; binomial std at n = 20,000 is 0.0035
@@ -36,20 +36,20 @@ def test_pool_draws_in_proportion_to_p_one_minus_p():
     assert len({row["id"] for row in rows}) == len(rows)  # every copy has an id of its own
     first = next(row for row in rows if row["id"].startswith("half~"))
     assert first["pass_rate"] == 0.5 and first["images"] == ["images/half.png"] and first["family"] == "union"
-    assert rows == learnability_pool(_records(), PROMPTS, size=20_000, seed=3)
-    assert rows != learnability_pool(_records(), PROMPTS, size=20_000, seed=4)
+    assert rows == learnability_pool(pass_rates(_records()), PROMPTS, size=20_000, seed=3)
+    assert rows != learnability_pool(pass_rates(_records()), PROMPTS, size=20_000, seed=4)
 
 
 def test_refuses_what_it_cannot_weight():
     unlearnable = [r for r in _records() if r["id"] in ("never", "always")]
     with pytest.raises(ValueError, match="no prompt of 2 is learnable"):
-        learnability_pool(unlearnable, PROMPTS, size=4, seed=0)
+        learnability_pool(pass_rates(unlearnable), PROMPTS, size=4, seed=0)
     with pytest.raises(KeyError, match="not in the prompt file"):
-        learnability_pool([{"id": "q9", "samples": [{"text": "x", "accuracy": 1.0}]}], PROMPTS, size=4, seed=0)
+        learnability_pool({"q9": 0.5}, PROMPTS, size=4, seed=0)
     with pytest.raises(ValueError, match="eval.samples > 0"):
         pass_rates([{"id": "half"}])
     with pytest.raises(ValueError, match="size must be >= 1"):
-        learnability_pool(_records(), PROMPTS, size=0, seed=0)
+        learnability_pool(pass_rates(_records()), PROMPTS, size=0, seed=0)
 
 
 def test_write_pool_reports_what_was_dropped(tmp_path):
@@ -73,9 +73,10 @@ def test_write_pool_reports_what_was_dropped(tmp_path):
 def test_by_family_keeps_each_family_share():
     prompts = {**PROMPTS, "c_half": {**PROMPTS["always"], "id": "c_half"}}
     records = [*_records(), {"id": "c_half", "samples": [{"text": "r", "accuracy": float(k < 4)} for k in range(8)]}]
-    drawn = Counter(row["family"] for row in learnability_pool(records, prompts, size=20_000, seed=1, by_family=True))
+    rates = pass_rates(records)
+    drawn = Counter(row["family"] for row in learnability_pool(rates, prompts, size=20_000, seed=1, by_family=True))
     # union holds 3 of the 5 prompts, count 2 (one of them never learnable): shares 0.6 / 0.4
     assert drawn["union"] / 20_000 == pytest.approx(0.6, abs=0.015)
     # the whole-pool weighting gives count only c_half's weight: 0.25 / (0.25 + 0.25 + 0.1875) = 0.364
-    drawn = Counter(row["family"] for row in learnability_pool(records, prompts, size=20_000, seed=1))
+    drawn = Counter(row["family"] for row in learnability_pool(rates, prompts, size=20_000, seed=1))
     assert drawn["count"] / 20_000 == pytest.approx(0.25 / 0.6875, abs=0.015)

@@ -43,7 +43,7 @@ CHECK_SEEDS ?= 1 2
 # on the 1,280 test questions with the blank-image control, mean +- std over seeds 0-2
 # ($(CHECK)/ablate/results.md); the sampled panel of seed 0's SFT and RL policies
 # ($(CHECK)/panel); the acceptance lines of the demo (tools/demo_acceptance.py, docs/results.md;
-# it exits 1 when one fails). 67 min measured on 2 cores shared with other work (2026-12-06).
+# it exits 1 when one fails). 36 min measured alone on 2 cores after `make demo` (2026-12-06).
 demo-check: setup
 	@test -f $(RUN)/sft/hf/config.json || { echo "demo-check: no $(RUN)/sft/hf: run make demo first"; exit 2; }
 	mkdir -p $(CHECK)/seed0 && ln -sfn $(abspath $(RUN))/sft $(CHECK)/seed0/sft

@@ -49,8 +49,12 @@ def test_two_rl_steps_with_sglang_rollouts(tiny_models, synthetic_dir, tmp_path,
 
 
 def test_async_rl_with_sglang_rollouts(tiny_models, synthetic_dir, tmp_path):
+    # 256-token responses, so that the server's generation outlasts the trainer's step and the
+    # pushes cut responses in two (with RL_OVERRIDES' 24 tokens an idle machine finished each
+    # batch before the push: no partial response)
     steps = run_with_a_server(tiny_models["qwen2_5_vl"], synthetic_dir, tmp_path, 3, [
-        "rollout.weight_transport=tensor", "rollout.mode=async", "rollout.max_staleness=1"])
+        "rollout.weight_transport=tensor", "rollout.mode=async", "rollout.max_staleness=1",
+        "rollout.max_new_tokens=256", "trainer.max_tokens_per_micro_batch=4096"])
     assert sorted(steps) == [1, 2, 3]
     for step, record in steps.items():
         assert all(step - 1 - v <= 1 for v in record["rollout/group_versions"])
